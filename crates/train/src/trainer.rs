@@ -1,0 +1,195 @@
+//! One training run: model, optimizer, data and schedule, stepped one optimizer step at a time,
+//! with checkpoint save and resume. Knows nothing of clusters or processes.
+
+use crate::checkpoint::{self, Snapshot};
+use crate::config::{ModelConfig, TrainConfig};
+use crate::data::{DataSpec, TokenSource};
+use crate::error::{Error, Result};
+use crate::kernels;
+use crate::model::Gpt;
+use crate::optim::AdamW;
+use crate::rng::Rng;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepStats {
+    /// Optimizer steps completed, this one included.
+    pub step: u64,
+    /// Mean loss over the step's micro-batches.
+    pub loss: f32,
+    pub lr: f32,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f32,
+    pub tokens: usize,
+    pub step_ms: f64,
+}
+
+pub struct Trainer {
+    pub model: Gpt,
+    pub opt: AdamW,
+    pub cfg: TrainConfig,
+    data: Box<dyn TokenSource>,
+    rng: Rng,
+    /// Optimizer steps completed.
+    pub step: u64,
+    window: Vec<u32>,
+}
+
+impl Trainer {
+    /// A fresh run from seeded initial weights.
+    pub fn new(model_cfg: ModelConfig, cfg: TrainConfig, data: &DataSpec) -> Result<Self> {
+        model_cfg.validate()?;
+        cfg.validate(&model_cfg)?;
+        let source = open_source(data, &model_cfg, &cfg)?;
+        let model = Gpt::new(model_cfg, cfg.seed);
+        let n = model.num_params();
+        Ok(Trainer {
+            model,
+            opt: AdamW::new(n),
+            rng: Rng::new(cfg.seed ^ 0x7472_6169_6e), // "train"
+            window: vec![0; cfg.batch * cfg.seq_len + 1],
+            cfg,
+            data: source,
+            step: 0,
+        })
+    }
+
+    /// Continues the run saved in checkpoint directory `dir`. `steps` may extend the run's length.
+    pub fn resume(dir: &Path, data: &DataSpec, steps: Option<u64>) -> Result<Self> {
+        let loaded = checkpoint::load(dir)?;
+        let m = loaded.manifest;
+        let mut cfg = m.train.clone();
+        if let Some(steps) = steps {
+            cfg.steps = steps;
+        }
+        cfg.validate(&m.model)?;
+        let mut source = open_source(data, &m.model, &cfg)?;
+        source.restore(&m.data_cursor)?;
+        let mut model = Gpt::new(m.model.clone(), cfg.seed);
+        model.params = loaded.params;
+        let opt = AdamW {
+            m: loaded.exp_avg,
+            v: loaded.exp_avg_sq,
+            t: m.adam_t,
+        };
+        Ok(Trainer {
+            model,
+            opt,
+            rng: Rng::from_state(m.rng_state),
+            window: vec![0; cfg.batch * cfg.seq_len + 1],
+            cfg,
+            data: source,
+            step: m.step,
+        })
+    }
+
+    pub fn data_description(&self) -> String {
+        self.data.describe()
+    }
+
+    pub fn entropy_floor(&self) -> Option<f64> {
+        self.data.entropy_floor()
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches of forward and backward, gradient clipping,
+    /// AdamW. A non-finite loss stops the run before the weights are touched.
+    pub fn train_step(&mut self) -> Result<StepStats> {
+        let start = Instant::now();
+        let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
+        self.model.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for _ in 0..accum {
+            self.data.next_window(&mut self.window);
+            let (inputs, targets) = (&self.window[..b * t], &self.window[1..]);
+            let loss = self
+                .model
+                .forward(inputs, targets, b, t, 1.0 / accum as f32);
+            if !loss.is_finite() {
+                return Err(Error::NonFiniteLoss {
+                    step: self.step + 1,
+                    loss,
+                });
+            }
+            self.model.backward();
+            loss_sum += loss as f64;
+        }
+        let grad_norm = kernels::sum_squares(&self.model.grads).sqrt() as f32;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFiniteLoss {
+                step: self.step + 1,
+                loss: grad_norm,
+            });
+        }
+        let clip = self.cfg.grad_clip;
+        let scale = if clip > 0.0 && grad_norm > clip {
+            clip / grad_norm
+        } else {
+            1.0
+        };
+        let lr = self.cfg.lr_at(self.step);
+        self.opt.update(
+            &mut self.model.params,
+            &self.model.grads,
+            &self.model.specs,
+            &self.cfg,
+            lr,
+            scale,
+        );
+        self.step += 1;
+        Ok(StepStats {
+            step: self.step,
+            loss: (loss_sum / accum as f64) as f32,
+            lr,
+            grad_norm,
+            tokens: self.cfg.tokens_per_step(),
+            step_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// Saves the run under `root/step_N`; returns that directory.
+    pub fn save(&self, root: &Path) -> Result<PathBuf> {
+        checkpoint::save(
+            root,
+            &Snapshot {
+                step: self.step,
+                data_cursor: self.data.cursor(),
+                rng_state: self.rng.state(),
+                adam_t: self.opt.t,
+                model: &self.model.cfg,
+                train: &self.cfg,
+                params: &self.model.params,
+                exp_avg: &self.opt.m,
+                exp_avg_sq: &self.opt.v,
+            },
+        )
+    }
+}
+
+fn open_source(
+    data: &DataSpec,
+    model: &ModelConfig,
+    cfg: &TrainConfig,
+) -> Result<Box<dyn TokenSource>> {
+    let spec = match data {
+        // The chain covers the model's real vocabulary unless told otherwise.
+        DataSpec::Synthetic { vocab: 0, seed } => DataSpec::Synthetic {
+            vocab: model.vocab_size,
+            seed: *seed,
+        },
+        other => other.clone(),
+    };
+    let source = spec.open(cfg.batch * cfg.seq_len + 1)?;
+    if source.vocab_bound() > model.vocab_size {
+        let reason = format!(
+            "holds token ids up to {} but the model's vocabulary is {} (use a preset with a larger vocabulary)",
+            source.vocab_bound() - 1,
+            model.vocab_size
+        );
+        return Err(match &spec {
+            DataSpec::File(path) => Error::data(path, reason),
+            DataSpec::Synthetic { .. } => Error::Config(format!("synthetic data {reason}")),
+        });
+    }
+    Ok(source)
+}
