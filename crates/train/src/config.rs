@@ -68,7 +68,7 @@ impl ModelConfig {
                 self.n_layer, self.n_head, self.n_embd
             ));
         }
-        if self.n_embd % self.n_head != 0 {
+        if !self.n_embd.is_multiple_of(self.n_head) {
             return bad(format!(
                 "n_head ({}) must divide n_embd ({})",
                 self.n_head, self.n_embd

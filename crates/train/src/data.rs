@@ -327,9 +327,9 @@ impl TokenSource for MarkovChain {
     }
     fn next_window(&mut self, window: &mut [u32]) {
         window[0] = self.token;
-        for i in 1..window.len() {
+        for slot in window[1..].iter_mut() {
             self.token = self.step();
-            window[i] = self.token;
+            *slot = self.token;
         }
     }
     fn cursor(&self) -> DataCursor {

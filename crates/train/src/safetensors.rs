@@ -36,7 +36,7 @@ pub fn serialize(
     }
     let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
     // The data section starts 8-byte aligned, as the format recommends.
-    while header_bytes.len() % 8 != 0 {
+    while !header_bytes.len().is_multiple_of(8) {
         header_bytes.push(b' ');
     }
     let mut out = Vec::with_capacity(8 + header_bytes.len() + offset);

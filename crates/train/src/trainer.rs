@@ -47,7 +47,7 @@ impl Trainer {
         Ok(Trainer {
             model,
             opt: AdamW::new(n),
-            rng: Rng::new(cfg.seed ^ 0x7472_6169_6e), // "train"
+            rng: Rng::new(cfg.seed ^ 0x0074_7261_696e), // "train"
             window: vec![0; cfg.batch * cfg.seq_len + 1],
             cfg,
             data: source,
