@@ -18,14 +18,18 @@ pub const LN_EPS: f32 = 1e-5;
 // Vectorisable math. Branch-free so LLVM turns the loops that call them into SIMD code.
 
 /// e^x with relative error below 2e-7 on [-87, 88]; saturates outside. Cody-Waite reduction to
-/// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial.
+/// r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial. Rounding uses the 1.5·2^23 trick and the
+/// exponent is built with integer bit operations, so there is no saturating float→int cast and
+/// loops calling this vectorise cleanly.
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer in the low bits
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E).round_ties_even();
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
@@ -33,8 +37,94 @@ pub fn fast_exp(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The low mantissa bits of `shifted` hold n in two's complement; move n + 127 into the
+    // exponent field (the shift discards everything above it).
+    let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
     p * scale
+}
+
+/// Independent accumulators per reduction: lets LLVM keep a vector of partial results (and keeps
+/// the combination order fixed, so results stay deterministic).
+const LANES: usize = 16;
+
+#[inline(always)]
+fn fold_lanes(acc: [f32; LANES], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut a = acc;
+    let mut w = LANES / 2;
+    while w > 0 {
+        for i in 0..w {
+            a[i] = f(a[i], a[i + w]);
+        }
+        w /= 2;
+    }
+    a[0]
+}
+
+#[inline(always)]
+pub fn max_of(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..LANES {
+            acc[i] = if ch[i] > acc[i] { ch[i] } else { acc[i] };
+        }
+    }
+    for (i, &v) in rest.iter().enumerate() {
+        acc[i] = if v > acc[i] { v } else { acc[i] };
+    }
+    fold_lanes(acc, |a, b| if a > b { a } else { b })
+}
+
+#[inline(always)]
+pub fn sum_of(x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for ch in chunks {
+        for i in 0..LANES {
+            acc[i] += ch[i];
+        }
+    }
+    for (i, &v) in rest.iter().enumerate() {
+        acc[i] += v;
+    }
+    fold_lanes(acc, |a, b| a + b)
+}
+
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    debug_assert_eq!(x.len(), y.len());
+    let mut acc = [0f32; LANES];
+    let (cx, cy) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let (rx, ry) = (cx.remainder(), cy.remainder());
+    for (a, b) in cx.zip(cy) {
+        for i in 0..LANES {
+            acc[i] += a[i] * b[i];
+        }
+    }
+    for (i, (a, b)) in rx.iter().zip(ry).enumerate() {
+        acc[i] += a * b;
+    }
+    fold_lanes(acc, |a, b| a + b)
+}
+
+/// x[i] = exp(x[i] - shift) in place; returns the sum of the results.
+#[inline(always)]
+pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = x.chunks_exact_mut(LANES);
+    for ch in &mut chunks {
+        for i in 0..LANES {
+            ch[i] = fast_exp(ch[i] - shift);
+            acc[i] += ch[i];
+        }
+    }
+    for (i, v) in chunks.into_remainder().iter_mut().enumerate() {
+        *v = fast_exp(*v - shift);
+        acc[i] += *v;
+    }
+    fold_lanes(acc, |a, b| a + b)
 }
 
 #[inline(always)]
@@ -292,8 +382,12 @@ pub fn layernorm_forward(
         .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
         .with_min_len(ROWS_PER_TASK)
         .for_each(|((o, xr), (m, rs))| {
-            let mu = xr.iter().sum::<f32>() / c as f32;
-            let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / c as f32;
+            let mu = sum_of(xr) / c as f32;
+            let mut sq = [0f32; LANES];
+            for (i, v) in xr.iter().enumerate() {
+                sq[i % LANES] += (v - mu) * (v - mu);
+            }
+            let var = fold_lanes(sq, |a, b| a + b) / c as f32;
             let r = 1.0 / (var + LN_EPS).sqrt();
             for (((o, v), w), b) in o.iter_mut().zip(xr).zip(w).zip(b) {
                 *o = (v - mu) * r * w + b;
@@ -331,16 +425,16 @@ pub fn layernorm_backward(
                 let row = task * ROWS_PER_TASK + r;
                 let (xr, dor) = (&x[row * c..][..c], &dout[row * c..][..c]);
                 let (mu, rs) = (mean[row], rstd[row]);
-                let mut dnorm_mean = 0.0;
-                let mut dnorm_norm_mean = 0.0;
+                let mut acc_d = [0f32; LANES];
+                let mut acc_dn = [0f32; LANES];
                 for i in 0..c {
                     let norm = (xr[i] - mu) * rs;
                     let dnorm = dor[i] * w[i];
-                    dnorm_mean += dnorm;
-                    dnorm_norm_mean += dnorm * norm;
+                    acc_d[i % LANES] += dnorm;
+                    acc_dn[i % LANES] += dnorm * norm;
                 }
-                dnorm_mean /= c as f32;
-                dnorm_norm_mean /= c as f32;
+                let dnorm_mean = fold_lanes(acc_d, |a, b| a + b) / c as f32;
+                let dnorm_norm_mean = fold_lanes(acc_dn, |a, b| a + b) / c as f32;
                 for i in 0..c {
                     let norm = (xr[i] - mu) * rs;
                     let dnorm = dor[i] * w[i];
@@ -412,6 +506,10 @@ pub struct AttnShape {
     pub nh: usize,
 }
 
+/// Query rows per causal block: a block of rows only multiplies the keys at or before its last
+/// row, which skips most of the masked upper triangle (5/8 of the work of full T×T at T = 4 blocks).
+const ATT_BLOCK: usize = 64;
+
 /// qkv(B,T,3C) → y(B,T,C); att(B,NH,T,T) keeps the softmax probabilities for backward
 /// (zero above the diagonal). One task per (batch, head), each running small GEMMs.
 pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnShape) {
@@ -421,63 +519,53 @@ pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnSha
     assert_eq!(y.len(), b * t * c);
     assert_eq!(att.len(), b * nh * t * t);
     let scale = 1.0 / (hs as f32).sqrt();
+    let (c3, ci, ti) = (3 * c as isize, c as isize, t as isize);
     let yp = SendPtr(y.as_mut_ptr());
     att.par_chunks_mut(t * t).enumerate().for_each(|(bh, p)| {
         let (bi, h) = (bh / nh, bh % nh);
         let base = qkv[bi * t * 3 * c..].as_ptr();
-        // SAFETY: q, k, v views stay inside this batch row's (T, 3C) block; y's (T, hs) head
-        // block is written by this task only.
+        // SAFETY: q, k, v views stay inside this batch row's (T, 3C) block, and rows [r0, r1)
+        // of P and of y's head block are written by this task only.
         unsafe {
-            let q = View {
-                ptr: base.add(h * hs),
-                rs: 3 * c as isize,
-                cs: 1,
-            };
+            let yh = yp.get().add(bi * t * c + h * hs);
             let kt = View {
                 ptr: base.add(c + h * hs),
                 rs: 1,
-                cs: 3 * c as isize,
+                cs: c3,
             };
             let v = View {
                 ptr: base.add(2 * c + h * hs),
-                rs: 3 * c as isize,
+                rs: c3,
                 cs: 1,
             };
-            gemm_raw(
-                t,
-                t,
-                hs,
-                p.as_mut_ptr(),
-                t as isize,
-                q,
-                kt,
-                scale,
-                false,
-                false,
-            );
-            causal_softmax_rows(p, t);
-            let pv = View {
-                ptr: p.as_ptr(),
-                rs: t as isize,
-                cs: 1,
-            };
-            let yh = yp.get().add(bi * t * c + h * hs);
-            gemm_raw(t, hs, t, yh, c as isize, pv, v, 1.0, false, false);
+            for r0 in (0..t).step_by(ATT_BLOCK) {
+                let r1 = (r0 + ATT_BLOCK).min(t);
+                let rows = r1 - r0;
+                let q = View {
+                    ptr: base.add(r0 * 3 * c + h * hs),
+                    rs: c3,
+                    cs: 1,
+                };
+                let pb = p.as_mut_ptr().add(r0 * t);
+                gemm_raw(rows, r1, hs, pb, ti, q, kt, scale, false, false);
+                causal_softmax_rows(&mut p[r0 * t..r1 * t], t, r0);
+                let pv = View {
+                    ptr: p.as_ptr().add(r0 * t),
+                    rs: ti,
+                    cs: 1,
+                };
+                gemm_raw(rows, hs, r1, yh.add(r0 * c), ci, pv, v, 1.0, false, false);
+            }
         }
     });
 }
 
-/// Row i keeps columns 0..=i: softmax over them, zeros after.
-fn causal_softmax_rows(p: &mut [f32], t: usize) {
-    for (i, row) in p.chunks_exact_mut(t).enumerate() {
-        let (live, masked) = row.split_at_mut(i + 1);
-        let max = live.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-        let mut sum = 0.0;
-        for v in live.iter_mut() {
-            *v = fast_exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
+/// Rows of P starting at row `first`: row i keeps columns 0..=i (softmax over them), zeros after.
+fn causal_softmax_rows(p: &mut [f32], t: usize, first: usize) {
+    for (r, row) in p.chunks_exact_mut(t).enumerate() {
+        let (live, masked) = row.split_at_mut(first + r + 1);
+        let max = max_of(live);
+        let inv = 1.0 / exp_shifted_sum(live, max);
         for v in live.iter_mut() {
             *v *= inv;
         }
@@ -493,6 +581,7 @@ pub fn attention_backward(dqkv: &mut [f32], dy: &[f32], qkv: &[f32], att: &[f32]
     assert_eq!(dy.len(), b * t * c);
     assert_eq!(att.len(), b * nh * t * t);
     let scale = 1.0 / (hs as f32).sqrt();
+    let (c3, ci, ti) = (3 * c as isize, c as isize, t as isize);
     let dp = SendPtr(dqkv.as_mut_ptr());
     att.par_chunks(t * t).enumerate().for_each_init(
         || vec![0f32; t * t],
@@ -501,96 +590,118 @@ pub fn attention_backward(dqkv: &mut [f32], dy: &[f32], qkv: &[f32], att: &[f32]
             let base = qkv[bi * t * 3 * c..].as_ptr();
             let dyh = dy[bi * t * c + h * hs..].as_ptr();
             // SAFETY: all views stay inside this batch row's blocks; the (T, hs) blocks of dq,
-            // dk, dv for head h are written by this task only.
+            // dk, dv for head h are written by this task only. P and dS are zero above the
+            // diagonal, so the blocks below only skip products that are exactly zero.
             unsafe {
                 let dbase = dp.get().add(bi * t * 3 * c + h * hs);
-                let dyv = View {
-                    ptr: dyh,
-                    rs: c as isize,
-                    cs: 1,
-                };
-                let pt = View {
-                    ptr: p.as_ptr(),
-                    rs: 1,
-                    cs: t as isize,
-                };
-                let q = View {
-                    ptr: base.add(h * hs),
-                    rs: 3 * c as isize,
-                    cs: 1,
-                };
-                let k = View {
-                    ptr: base.add(c + h * hs),
-                    rs: 3 * c as isize,
-                    cs: 1,
-                };
                 let vt = View {
                     ptr: base.add(2 * c + h * hs),
                     rs: 1,
-                    cs: 3 * c as isize,
+                    cs: c3,
                 };
-                // dv = P^T dy
-                gemm_raw(
-                    t,
-                    hs,
-                    t,
-                    dbase.add(2 * c),
-                    3 * c as isize,
-                    pt,
-                    dyv,
-                    1.0,
-                    false,
-                    false,
-                );
-                // dP = dy V^T, then the softmax backward turns it into dS (scaled by 1/sqrt(hs)).
-                gemm_raw(
-                    t,
-                    t,
-                    hs,
-                    ds.as_mut_ptr(),
-                    t as isize,
-                    dyv,
-                    vt,
-                    1.0,
-                    false,
-                    false,
-                );
-                for (i, (dsr, pr)) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
-                    let live = i + 1;
-                    let dot: f32 = dsr[..live]
-                        .iter()
-                        .zip(&pr[..live])
-                        .map(|(a, b)| a * b)
-                        .sum();
-                    for (d, &pv) in dsr[..live].iter_mut().zip(&pr[..live]) {
-                        *d = pv * (*d - dot) * scale;
-                    }
-                    dsr[live..].fill(0.0);
-                }
-                let dsv = View {
-                    ptr: ds.as_ptr(),
-                    rs: t as isize,
+                let k = View {
+                    ptr: base.add(c + h * hs),
+                    rs: c3,
                     cs: 1,
                 };
-                let dst = View {
-                    ptr: ds.as_ptr(),
-                    rs: 1,
-                    cs: t as isize,
-                };
-                // dq = dS K, dk = dS^T Q
-                gemm_raw(t, hs, t, dbase, 3 * c as isize, dsv, k, 1.0, false, false);
-                gemm_raw(
-                    t,
-                    hs,
-                    t,
-                    dbase.add(c),
-                    3 * c as isize,
-                    dst,
-                    q,
-                    1.0,
-                    false,
-                    false,
-                );
+                // Per query block: dP = dy V^T, softmax backward into dS, dq = dS K.
+                for r0 in (0..t).step_by(ATT_BLOCK) {
+                    let r1 = (r0 + ATT_BLOCK).min(t);
+                    let rows = r1 - r0;
+                    let dyv = View {
+                        ptr: dyh.add(r0 * c),
+                        rs: ci,
+                        cs: 1,
+                    };
+                    gemm_raw(
+                        rows,
+                        r1,
+                        hs,
+                        ds.as_mut_ptr().add(r0 * t),
+                        ti,
+                        dyv,
+                        vt,
+                        1.0,
+                        false,
+                        false,
+                    );
+                    for i in r0..r1 {
+                        let (dsr, pr) = (&mut ds[i * t..(i + 1) * t], &p[i * t..(i + 1) * t]);
+                        let live = i + 1;
+                        let dot = dot(&dsr[..live], &pr[..live]);
+                        for (d, &pv) in dsr[..live].iter_mut().zip(&pr[..live]) {
+                            *d = pv * (*d - dot) * scale;
+                        }
+                        dsr[live..].fill(0.0);
+                    }
+                    let dsv = View {
+                        ptr: ds.as_ptr().add(r0 * t),
+                        rs: ti,
+                        cs: 1,
+                    };
+                    gemm_raw(
+                        rows,
+                        hs,
+                        r1,
+                        dbase.add(r0 * 3 * c),
+                        c3,
+                        dsv,
+                        k,
+                        1.0,
+                        false,
+                        false,
+                    );
+                }
+                // Per key block j0..j1: only query rows i >= j0 attend to it.
+                // dk = dS^T q and dv = P^T dy over those rows.
+                for j0 in (0..t).step_by(ATT_BLOCK) {
+                    let j1 = (j0 + ATT_BLOCK).min(t);
+                    let (cols, rows) = (j1 - j0, t - j0);
+                    let dst = View {
+                        ptr: ds.as_ptr().add(j0 * t + j0),
+                        rs: 1,
+                        cs: ti,
+                    };
+                    let q = View {
+                        ptr: base.add(j0 * 3 * c + h * hs),
+                        rs: c3,
+                        cs: 1,
+                    };
+                    gemm_raw(
+                        cols,
+                        hs,
+                        rows,
+                        dbase.add(j0 * 3 * c + c),
+                        c3,
+                        dst,
+                        q,
+                        1.0,
+                        false,
+                        false,
+                    );
+                    let pt = View {
+                        ptr: p.as_ptr().add(j0 * t + j0),
+                        rs: 1,
+                        cs: ti,
+                    };
+                    let dyv = View {
+                        ptr: dyh.add(j0 * c),
+                        rs: ci,
+                        cs: 1,
+                    };
+                    gemm_raw(
+                        cols,
+                        hs,
+                        rows,
+                        dbase.add(j0 * 3 * c + 2 * c),
+                        c3,
+                        pt,
+                        dyv,
+                        1.0,
+                        false,
+                        false,
+                    );
+                }
             }
         },
     );
@@ -618,13 +729,9 @@ pub fn softmax_xent_fused(
         .for_each(|((row, loss), &tgt)| {
             let tgt = tgt as usize;
             let (live, pad) = row.split_at_mut(v);
-            let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let max = max_of(live);
             let target_logit = live[tgt];
-            let mut sum = 0.0f32;
-            for x in live.iter_mut() {
-                *x = fast_exp(*x - max);
-                sum += *x;
-            }
+            let sum = exp_shifted_sum(live, max);
             *loss = sum.ln() + max - target_logit;
             let k = dloss / sum;
             for x in live.iter_mut() {
@@ -642,7 +749,19 @@ pub fn softmax_xent_fused(
 pub fn sum_squares(x: &[f32]) -> f64 {
     let partial: Vec<f64> = x
         .par_chunks(ELEMS_PER_TASK)
-        .map(|ch| ch.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .map(|ch| {
+            let mut acc = [0f64; 8];
+            let lanes = ch.chunks_exact(8);
+            for (i, &v) in lanes.remainder().iter().enumerate() {
+                acc[i] += (v as f64) * (v as f64);
+            }
+            for l in lanes {
+                for i in 0..8 {
+                    acc[i] += (l[i] as f64) * (l[i] as f64);
+                }
+            }
+            acc.iter().sum::<f64>()
+        })
         .collect();
     partial.iter().sum()
 }
@@ -764,12 +883,22 @@ mod tests {
 
     #[test]
     fn attention_matches_reference() {
-        let s = AttnShape {
+        attention_case(AttnShape {
             b: 2,
             t: 7,
             c: 12,
             nh: 3,
-        };
+        });
+        // Several causal blocks, the last one partial.
+        attention_case(AttnShape {
+            b: 1,
+            t: 2 * ATT_BLOCK + 5,
+            c: 8,
+            nh: 2,
+        });
+    }
+
+    fn attention_case(s: AttnShape) {
         let qkv = randn(s.b * s.t * 3 * s.c, 3);
         let mut y = vec![0f32; s.b * s.t * s.c];
         let mut att = vec![0f32; s.b * s.nh * s.t * s.t];
@@ -783,6 +912,35 @@ mod tests {
         for row in att.chunks_exact(s.t) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
+
+        // Backward: the directional derivative of L = <y, R> along D, by central differences of
+        // the naive f64 forward, equals <dqkv, D>.
+        let r = randn(y.len(), 5);
+        let d = randn(qkv.len(), 6);
+        let mut dqkv = vec![0f32; qkv.len()];
+        attention_backward(&mut dqkv, &r, &qkv, &att, s);
+        let loss = |x: &[f32]| -> f64 {
+            let y = reference::attention(x, s.b, s.t, s.c, s.nh);
+            y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        let h = 1e-3f32;
+        let shifted = |sign: f32| -> Vec<f32> {
+            qkv.iter()
+                .zip(&d)
+                .map(|(x, dd)| x + sign * h * dd)
+                .collect()
+        };
+        let fd = (loss(&shifted(1.0)) - loss(&shifted(-1.0))) / (2.0 * h as f64);
+        let analytic: f64 = dqkv
+            .iter()
+            .zip(&d)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        let rel = (fd - analytic).abs() / fd.abs().max(analytic.abs());
+        assert!(
+            rel < 1e-3,
+            "attention backward {analytic} vs finite differences {fd} (rel {rel:.2e})"
+        );
     }
 
     #[test]
