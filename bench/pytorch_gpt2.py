@@ -4,7 +4,7 @@
 Trains the same GPT-2-style model as `myriad train` (nanoGPT layout, FP32,
 no dropout, tied LM head) with the same training step (zero_grad, forward,
 cross-entropy, backward, clip_grad_norm_(1.0), AdamW) on the CPU, and reports
-throughput and MFU under the project's definition (see shared/DESIGN.md):
+throughput and MFU under the project's definition (see README.md):
 
     model FLOPs per token = 6 * (params - position-embedding params) + 12 * L * C * T
 

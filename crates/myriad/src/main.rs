@@ -25,6 +25,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    train::memory::tune_allocator();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),

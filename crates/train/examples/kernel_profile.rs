@@ -29,6 +29,7 @@ fn time<F: FnMut()>(name: &str, count: usize, flops: f64, mut f: F, total: &mut 
 }
 
 fn main() {
+    train::memory::tune_allocator();
     let args: Vec<String> = std::env::args().collect();
     let cfg = ModelConfig::preset(args.get(1).map_or("gpt2-124m", |s| s)).unwrap();
     let b: usize = args.get(2).map_or(8, |s| s.parse().unwrap());

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod kernels;
+pub mod memory;
 pub mod model;
 pub mod optim;
 pub mod params;

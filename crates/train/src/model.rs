@@ -46,7 +46,7 @@ struct Activations {
 impl Activations {
     fn new(cfg: &ModelConfig, b: usize, t: usize) -> Self {
         let (c, bt, nh) = (cfg.n_embd, b * t, cfg.n_head);
-        let z = |n: usize| vec![0f32; n];
+        let z = crate::memory::zeroed;
         let layers = (0..cfg.n_layer)
             .map(|_| LayerActs {
                 ln1: z(bt * c),
@@ -99,7 +99,7 @@ impl Gpt {
         cfg.validate().expect("Gpt::new takes a validated config");
         let specs = p::param_specs(&cfg);
         let n = specs.iter().map(|s| s.numel()).sum();
-        let mut params = vec![0f32; n];
+        let mut params = crate::memory::zeroed(n);
         let resid_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
         for (ti, (spec, buf)) in specs
             .iter()
@@ -141,7 +141,7 @@ impl Gpt {
         Gpt {
             cfg,
             specs,
-            grads: vec![0f32; n],
+            grads: crate::memory::zeroed(n),
             params,
             acts: None,
         }

@@ -19,8 +19,8 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 impl AdamW {
     pub fn new(n: usize) -> Self {
         AdamW {
-            m: vec![0.0; n],
-            v: vec![0.0; n],
+            m: crate::memory::zeroed(n),
+            v: crate::memory::zeroed(n),
             t: 0,
         }
     }
