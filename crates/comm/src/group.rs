@@ -1,0 +1,579 @@
+//! The process group: a ring of TCP connections (each rank sends to rank+1 and receives from
+//! rank−1) built by rendezvous through rank 0's store, and the collectives over it.
+//!
+//! Every blocking socket call runs under the collective's deadline. On any failure the group
+//! shuts its sockets down, so its ring neighbours fail at once instead of at their own deadline,
+//! and the error travels around the ring in milliseconds: no surviving rank hangs.
+
+use crate::error::{CommError, Result};
+use crate::store::{StoreClient, StoreServer};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Largest slice handed to one read or write call: bounds how stale a deadline check can get and
+/// lets reduction of a received chunk overlap the next chunk's arrival.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Default deadline of a collective and of rendezvous (the ceiling).
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const HELLO_MAGIC: u32 = 0x4d59_5244; // "MYRD"
+
+#[derive(Clone, Debug)]
+pub struct GroupConfig {
+    pub rank: usize,
+    pub world_size: usize,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Deadline of rendezvous and of every collective.
+    pub timeout: Duration,
+}
+
+impl GroupConfig {
+    /// Reads torchrun's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT. Returns None when
+    /// WORLD_SIZE is unset (a plain single-process run).
+    pub fn from_env() -> Result<Option<Self>> {
+        let var = |name: &str| std::env::var(name).ok();
+        let Some(world) = var("WORLD_SIZE") else {
+            return Ok(None);
+        };
+        let parse = |name: &str, v: Option<String>| -> Result<usize> {
+            let v =
+                v.ok_or_else(|| CommError::Config(format!("{name} is not set (WORLD_SIZE is)")))?;
+            v.trim().parse().map_err(|_| {
+                CommError::Config(format!("{name}={v:?} is not a non-negative integer"))
+            })
+        };
+        let world_size = parse("WORLD_SIZE", Some(world))?;
+        let rank = if world_size == 1 {
+            parse("RANK", var("RANK")).unwrap_or(0)
+        } else {
+            parse("RANK", var("RANK"))?
+        };
+        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
+        let port = var("MASTER_PORT").unwrap_or_else(|| "29500".into());
+        let master_port = port
+            .trim()
+            .parse()
+            .map_err(|_| CommError::Config(format!("MASTER_PORT={port:?} is not a port number")))?;
+        let timeout = match var("MYRIAD_COMM_TIMEOUT_S") {
+            Some(s) => Duration::from_secs_f64(
+                s.parse::<f64>()
+                    .ok()
+                    .filter(|v| *v > 0.0 && v.is_finite())
+                    .ok_or_else(|| {
+                        CommError::Config(format!(
+                            "MYRIAD_COMM_TIMEOUT_S={s:?} is not a positive number"
+                        ))
+                    })?,
+            ),
+            None => DEFAULT_TIMEOUT,
+        };
+        let cfg = GroupConfig {
+            rank,
+            world_size,
+            master_addr,
+            master_port,
+            timeout,
+        };
+        cfg.validate()?;
+        Ok(Some(cfg))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.world_size == 0 {
+            return Err(CommError::Config("WORLD_SIZE must be at least 1".into()));
+        }
+        if self.rank >= self.world_size {
+            return Err(CommError::Config(format!(
+                "RANK {} is not below WORLD_SIZE {}",
+                self.rank, self.world_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Unblocks a collective running on another thread: its sockets are shut down and it returns
+/// [`CommError::Aborted`].
+#[derive(Clone)]
+pub struct AbortHandle {
+    streams: Arc<Vec<TcpStream>>,
+    aborted: Arc<AtomicBool>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+        for s in self.streams.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+pub struct ProcessGroup {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    /// Connection to rank+1 (we write) and from rank−1 (we read); None when world is 1.
+    next: Option<TcpStream>,
+    prev: Option<TcpStream>,
+    aborted: Arc<AtomicBool>,
+    abort_streams: Arc<Vec<TcpStream>>,
+    broken: Mutex<Option<String>>,
+    _store: Option<StoreServer>,
+}
+
+fn io_err(op: &'static str, peer: usize, e: std::io::Error) -> CommError {
+    match e.kind() {
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => CommError::Timeout {
+            op,
+            peer,
+            timeout: Duration::ZERO,
+        },
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::BrokenPipe
+        | ErrorKind::ConnectionAborted => CommError::PeerClosed { op, peer },
+        _ => CommError::Io {
+            op,
+            peer,
+            source: e,
+        },
+    }
+}
+
+impl ProcessGroup {
+    /// Rendezvous: rank 0 serves the store; every rank publishes its ring listener, connects to
+    /// rank+1 and accepts rank−1, checking world size and rank on both ends.
+    pub fn connect(cfg: &GroupConfig) -> Result<Self> {
+        cfg.validate()?;
+        let deadline = Instant::now() + cfg.timeout;
+        let (rank, world) = (cfg.rank, cfg.world_size);
+        if world == 1 {
+            return Ok(ProcessGroup {
+                rank,
+                world,
+                timeout: cfg.timeout,
+                next: None,
+                prev: None,
+                aborted: Arc::new(AtomicBool::new(false)),
+                abort_streams: Arc::new(Vec::new()),
+                broken: Mutex::new(None),
+                _store: None,
+            });
+        }
+        let master = format!("{}:{}", cfg.master_addr, cfg.master_port);
+        let store = if rank == 0 {
+            let listener = TcpListener::bind(("0.0.0.0", cfg.master_port)).map_err(|e| {
+                CommError::Rendezvous(format!(
+                    "rank 0 cannot serve the store on port {}: {e}",
+                    cfg.master_port
+                ))
+            })?;
+            Some(StoreServer::start(listener)?)
+        } else {
+            None
+        };
+        let mut client = StoreClient::connect(&master, deadline)?;
+        let rv = |m: String| CommError::Rendezvous(m);
+
+        // World size: rank 0 states it, everyone else must agree.
+        if rank == 0 {
+            client.set("world_size", &world.to_string(), deadline)?;
+        } else {
+            let theirs = client.wait("world_size", deadline)?.ok_or_else(|| {
+                rv(format!(
+                    "rank 0 did not publish its world size at {master} before the deadline"
+                ))
+            })?;
+            if theirs != world.to_string() {
+                return Err(rv(format!(
+                    "this rank has WORLD_SIZE {world} but rank 0 has {theirs}"
+                )));
+            }
+        }
+
+        let listener =
+            TcpListener::bind(("0.0.0.0", 0)).map_err(|e| rv(format!("ring listener: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| rv(format!("ring listener: {e}")))?
+            .port();
+        let ip = client
+            .local_ip()
+            .ok_or_else(|| rv("cannot tell this host's address".into()))?;
+        if !client.set(
+            &format!("rank/{rank}"),
+            &SocketAddr::new(ip, port).to_string(),
+            deadline,
+        )? {
+            return Err(rv(format!(
+                "RANK {rank} joined twice (another process already registered it)"
+            )));
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr: SocketAddr = client
+            .wait(&format!("rank/{next_rank}"), deadline)?
+            .ok_or_else(|| rv(format!("rank {next_rank} did not join before the deadline")))?
+            .parse()
+            .map_err(|e| rv(format!("rank {next_rank} published a bad address: {e}")))?;
+
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let mut next = TcpStream::connect_timeout(&next_addr, left).map_err(|e| {
+            rv(format!(
+                "cannot connect to rank {next_rank} at {next_addr}: {e}"
+            ))
+        })?;
+        next.set_nodelay(true).ok();
+        let mut hello = Vec::with_capacity(12);
+        for v in [HELLO_MAGIC, world as u32, rank as u32] {
+            hello.extend_from_slice(&v.to_le_bytes());
+        }
+        next.set_write_timeout(Some(left)).ok();
+        next.write_all(&hello)
+            .map_err(|e| rv(format!("hello to rank {next_rank}: {e}")))?;
+
+        // Accept rank−1 with a deadline (std's accept has none, so poll a non-blocking listener).
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| rv(format!("ring listener: {e}")))?;
+        let mut prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(rv(format!(
+                            "rank {prev_rank} did not connect before the deadline"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(rv(format!("accepting rank {prev_rank}: {e}"))),
+            }
+        };
+        prev.set_nonblocking(false).ok();
+        prev.set_nodelay(true).ok();
+        prev.set_read_timeout(Some(
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1)),
+        ))
+        .ok();
+        let mut got = [0u8; 12];
+        prev.read_exact(&mut got)
+            .map_err(|e| rv(format!("hello from rank {prev_rank}: {e}")))?;
+        let word = |i: usize| u32::from_le_bytes(got[4 * i..4 * i + 4].try_into().unwrap());
+        if word(0) != HELLO_MAGIC {
+            return Err(rv(format!(
+                "rank {prev_rank}'s connection did not speak the myriad ring protocol"
+            )));
+        }
+        if word(1) as usize != world || word(2) as usize != prev_rank {
+            return Err(rv(format!(
+                "expected rank {prev_rank} of {world} before this rank, got rank {} of {}",
+                word(2),
+                word(1)
+            )));
+        }
+        let abort_streams = Arc::new(vec![
+            next.try_clone().map_err(|e| rv(e.to_string()))?,
+            prev.try_clone().map_err(|e| rv(e.to_string()))?,
+        ]);
+        let group = ProcessGroup {
+            rank,
+            world,
+            timeout: cfg.timeout,
+            next: Some(next),
+            prev: Some(prev),
+            aborted: Arc::new(AtomicBool::new(false)),
+            abort_streams,
+            broken: Mutex::new(None),
+            _store: store,
+        };
+        // Nobody returns before everyone is connected, so the store may go away after this.
+        group.barrier()?;
+        Ok(group)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Changes the deadline of later collectives (e.g. derived from the observed step time).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        assert!(!timeout.is_zero());
+        self.timeout = timeout;
+    }
+
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            streams: self.abort_streams.clone(),
+            aborted: self.aborted.clone(),
+        }
+    }
+
+    fn check_usable(&self) -> Result<()> {
+        if let Some(first) = self.broken.lock().unwrap().as_ref() {
+            return Err(CommError::Broken(first.clone()));
+        }
+        Ok(())
+    }
+
+    /// Records the first failure and shuts the sockets, so neighbours fail now, not at a deadline.
+    fn fail(&self, op: &'static str, e: CommError) -> CommError {
+        let e = match e {
+            _ if self.aborted.load(Ordering::Acquire) => CommError::Aborted { op },
+            CommError::Timeout { op, peer, .. } => CommError::Timeout {
+                op,
+                peer,
+                timeout: self.timeout,
+            },
+            other => other,
+        };
+        let mut broken = self.broken.lock().unwrap();
+        if broken.is_none() {
+            *broken = Some(e.to_string());
+        }
+        for s in self.abort_streams.iter() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+        e
+    }
+
+    fn next_rank(&self) -> usize {
+        (self.rank + 1) % self.world
+    }
+    fn prev_rank(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    fn write_all(&self, op: &'static str, bytes: &[u8], deadline: Instant) -> Result<()> {
+        let mut s = self.next.as_ref().expect("ring stream");
+        for chunk in bytes.chunks(CHUNK_BYTES) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CommError::Timeout {
+                    op,
+                    peer: self.next_rank(),
+                    timeout: Duration::ZERO,
+                });
+            }
+            s.set_write_timeout(Some(left))
+                .map_err(|e| io_err(op, self.next_rank(), e))?;
+            s.write_all(chunk)
+                .map_err(|e| io_err(op, self.next_rank(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads `out.len()` bytes from rank−1, calling `on_chunk(offset, bytes)` as each arrives.
+    fn read_chunks(
+        &self,
+        op: &'static str,
+        out: &mut [u8],
+        deadline: Instant,
+        mut on_chunk: impl FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        let mut s = self.prev.as_ref().expect("ring stream");
+        let mut offset = 0;
+        for chunk in out.chunks_mut(CHUNK_BYTES) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CommError::Timeout {
+                    op,
+                    peer: self.prev_rank(),
+                    timeout: Duration::ZERO,
+                });
+            }
+            s.set_read_timeout(Some(left))
+                .map_err(|e| io_err(op, self.prev_rank(), e))?;
+            s.read_exact(chunk)
+                .map_err(|e| io_err(op, self.prev_rank(), e))?;
+            on_chunk(offset, chunk);
+            offset += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Sends `send` to rank+1 while receiving `recv.len()` bytes from rank−1 (a writer thread
+    /// keeps the exchange full-duplex, so neither side waits on the other's socket buffer).
+    fn exchange(
+        &self,
+        op: &'static str,
+        send: &[u8],
+        recv: &mut [u8],
+        deadline: Instant,
+        on_chunk: impl FnMut(usize, &[u8]),
+    ) -> Result<()> {
+        std::thread::scope(|scope| {
+            let writer = scope.spawn(|| self.write_all(op, send, deadline));
+            let read = self.read_chunks(op, recv, deadline, on_chunk);
+            if read.is_err() {
+                // Unblock our own writer too; the group is unusable after this anyway.
+                if let Some(s) = &self.next {
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+            }
+            let write = writer.join().expect("ring writer thread panicked");
+            read.and(write)
+        })
+    }
+
+    fn guarded<T>(&self, op: &'static str, f: impl FnOnce(Instant) -> Result<T>) -> Result<T> {
+        self.check_usable()?;
+        if self.aborted.load(Ordering::Acquire) {
+            return Err(self.fail(op, CommError::Aborted { op }));
+        }
+        f(Instant::now() + self.timeout).map_err(|e| self.fail(op, e))
+    }
+
+    /// Sums `buf` elementwise over all ranks, in place (ring reduce-scatter then all-gather).
+    /// Each element is summed in an order fixed by its position, so every rank and every run
+    /// gets the same bits.
+    pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded("all_reduce", |deadline| {
+            self.reduce_scatter_inner(buf, deadline)?;
+            self.all_gather_inner(buf, deadline)
+        })
+    }
+
+    /// Reduce-scatter in place: afterwards this rank's segment ([`segment`]) of `buf` holds the
+    /// sum over ranks; the other segments hold partial sums.
+    pub fn reduce_scatter_sum(&self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded("reduce_scatter", |deadline| {
+            self.reduce_scatter_inner(buf, deadline)
+        })
+    }
+
+    /// All-gather in place: every rank's segment ([`segment`]) of `buf` is copied to all ranks.
+    pub fn all_gather(&self, buf: &mut [f32]) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded("all_gather", |deadline| {
+            self.all_gather_inner(buf, deadline)
+        })
+    }
+
+    fn reduce_scatter_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
+        let (n, r) = (self.world, self.rank);
+        let mut send = Vec::new();
+        let mut recv = Vec::new();
+        for step in 0..n - 1 {
+            let send_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
+            let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 2) % n);
+            send.clear();
+            send.extend_from_slice(as_bytes(&buf[send_seg]));
+            recv.resize(recv_seg.len() * 4, 0u8);
+            let dst = &mut buf[recv_seg];
+            self.exchange(
+                "reduce_scatter",
+                &send,
+                &mut recv,
+                deadline,
+                |offset, bytes| {
+                    let base = offset / 4;
+                    for (i, b) in bytes.chunks_exact(4).enumerate() {
+                        dst[base + i] += f32::from_le_bytes(b.try_into().unwrap());
+                    }
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    fn all_gather_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
+        let (n, r) = (self.world, self.rank);
+        let mut send = Vec::new();
+        let mut recv = Vec::new();
+        for step in 0..n - 1 {
+            let send_seg = segment(buf.len(), n, (r + n - step) % n);
+            let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
+            send.clear();
+            send.extend_from_slice(as_bytes(&buf[send_seg]));
+            recv.resize(recv_seg.len() * 4, 0u8);
+            let dst = &mut buf[recv_seg];
+            self.exchange("all_gather", &send, &mut recv, deadline, |offset, bytes| {
+                let base = offset / 4;
+                for (i, b) in bytes.chunks_exact(4).enumerate() {
+                    dst[base + i] = f32::from_le_bytes(b.try_into().unwrap());
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` from rank `root` to every rank (pipelined along the ring in chunks).
+    pub fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        assert!(
+            root < self.world,
+            "broadcast root {root} outside world {}",
+            self.world
+        );
+        if self.world == 1 {
+            return Ok(());
+        }
+        self.guarded("broadcast", |deadline| {
+            if self.rank == root {
+                return self.write_all("broadcast", as_bytes(buf), deadline);
+            }
+            let forward = self.next_rank() != root;
+            let mut bytes = vec![0u8; buf.len() * 4];
+            let mut write_err = None;
+            self.read_chunks("broadcast", &mut bytes, deadline, |_, chunk| {
+                if forward && write_err.is_none() {
+                    write_err = self.write_all("broadcast", chunk, deadline).err();
+                }
+            })?;
+            if let Some(e) = write_err {
+                return Err(e);
+            }
+            for (x, b) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes(b.try_into().unwrap());
+            }
+            Ok(())
+        })
+    }
+
+    /// Returns once every rank has called it (each rank's token travels the whole ring).
+    pub fn barrier(&self) -> Result<()> {
+        let mut tokens = vec![0f32; self.world];
+        tokens[self.rank] = 1.0;
+        self.all_gather(&mut tokens)?;
+        debug_assert!(tokens.iter().all(|&t| t == 1.0));
+        Ok(())
+    }
+}
+
+/// The index range of segment `i` when `len` elements are split over `n` ranks (the first
+/// `len % n` segments are one longer).
+pub fn segment(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
+    let (base, extra) = (len / n, len % n);
+    let start = i * base + i.min(extra);
+    start..start + base + usize::from(i < extra)
+}
+
+fn as_bytes(x: &[f32]) -> &[u8] {
+    // The wire format is little-endian f32; on little-endian hosts that is the memory layout.
+    #[cfg(not(target_endian = "little"))]
+    compile_error!("the ring wire format assumes a little-endian host");
+    // SAFETY: f32 has no padding or invalid bit patterns; the byte view has the same lifetime.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}

@@ -1,0 +1,13 @@
+//! Myriad's process group: rendezvous from torchrun's variables through a store on rank 0, and
+//! ring collectives (all-reduce, reduce-scatter, all-gather, broadcast, barrier) over TCP on f32
+//! buffers. Every collective has a deadline and can be aborted from another thread; a dead,
+//! stopped or partitioned peer becomes an error on every surviving rank, never a hang.
+//!
+//! This crate knows nothing of models or training; `train` uses it for data parallelism.
+
+pub mod error;
+pub mod group;
+pub mod store;
+
+pub use error::{CommError, Result};
+pub use group::{segment, AbortHandle, GroupConfig, ProcessGroup, DEFAULT_TIMEOUT};

@@ -1,0 +1,232 @@
+//! Collectives between ranks on this machine: results against a sequential reference, bitwise
+//! agreement across ranks and runs, bad configurations, and failures that must not hang.
+
+use comm::{CommError, GroupConfig, ProcessGroup};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(rank: usize, world: usize, port: u16, timeout_ms: u64) -> GroupConfig {
+    GroupConfig {
+        rank,
+        world_size: world,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        timeout: Duration::from_millis(timeout_ms),
+    }
+}
+
+/// Runs `f(group)` on `world` ranks, one thread each, and returns their results in rank order.
+fn on_ranks<T: Send>(world: usize, f: impl Fn(ProcessGroup) -> T + Sync) -> Vec<T> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let f = &f;
+                s.spawn(move || {
+                    f(ProcessGroup::connect(&config(r, world, port, 10_000)).expect("rendezvous"))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn rank_data(rank: usize, len: usize) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i * 7919 + rank * 104_729) % 1000) as f32 * 1e-3 - 0.5 + rank as f32 * 0.1)
+        .collect()
+}
+
+#[test]
+fn all_reduce_matches_a_sequential_sum_bitwise_on_every_rank() {
+    for world in [1, 2, 3, 4] {
+        // Lengths that do and do not divide by the world size, and one shorter than it.
+        for len in [1usize, 2, 1000, 300_001] {
+            let results = on_ranks(world, |pg| {
+                let mut buf = rank_data(pg.rank(), len);
+                pg.all_reduce_sum(&mut buf).unwrap();
+                buf
+            });
+            let inputs: Vec<Vec<f32>> = (0..world).map(|r| rank_data(r, len)).collect();
+            let want: Vec<f32> = (0..len)
+                .map(|i| inputs.iter().map(|x| x[i] as f64).sum::<f64>() as f32)
+                .collect();
+            for (r, got) in results.iter().enumerate() {
+                assert_eq!(got.len(), len);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                        "world {world} len {len} rank {r}: {a} vs {b}"
+                    );
+                }
+                let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(got),
+                    bits(&results[0]),
+                    "ranks disagree bitwise (world {world}, len {len})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn all_reduce_is_bitwise_reproducible_across_runs() {
+    let run = || {
+        on_ranks(4, |pg| {
+            let mut buf = rank_data(pg.rank(), 10_007);
+            pg.all_reduce_sum(&mut buf).unwrap();
+            buf.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn reduce_scatter_then_all_gather_and_broadcast() {
+    let len = 1003;
+    let results = on_ranks(3, |pg| {
+        let mut buf = rank_data(pg.rank(), len);
+        pg.reduce_scatter_sum(&mut buf).unwrap();
+        let own = comm::segment(len, 3, pg.rank());
+        let mut gathered = vec![0f32; len];
+        gathered[own.clone()].copy_from_slice(&buf[own]);
+        pg.all_gather(&mut gathered).unwrap();
+        let mut b = if pg.rank() == 2 {
+            rank_data(9, 77)
+        } else {
+            vec![0f32; 77]
+        };
+        pg.broadcast(&mut b, 2).unwrap();
+        pg.barrier().unwrap();
+        (gathered, b)
+    });
+    let mut reduced = rank_data(0, len);
+    let pg = on_ranks(3, |pg| {
+        let mut buf = rank_data(pg.rank(), len);
+        pg.all_reduce_sum(&mut buf).unwrap();
+        buf
+    });
+    reduced.copy_from_slice(&pg[0]);
+    for (gathered, b) in &results {
+        assert_eq!(
+            gathered, &reduced,
+            "reduce-scatter + all-gather differs from all-reduce"
+        );
+        assert_eq!(b, &rank_data(9, 77));
+    }
+}
+
+#[test]
+fn mismatched_world_sizes_fail_clearly() {
+    let port = free_port();
+    let errs: Vec<String> = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            ProcessGroup::connect(&config(0, 2, port, 3000))
+                .err()
+                .map(|e| e.to_string())
+        });
+        let b = s.spawn(|| {
+            ProcessGroup::connect(&config(1, 3, port, 3000))
+                .err()
+                .map(|e| e.to_string())
+        });
+        vec![a.join().unwrap().unwrap(), b.join().unwrap().unwrap()]
+    });
+    assert!(
+        errs[1].contains("WORLD_SIZE 3 but rank 0 has 2"),
+        "{}",
+        errs[1]
+    );
+    assert!(errs[0].contains("rendezvous failed"), "{}", errs[0]);
+}
+
+#[test]
+fn rank_not_below_world_size_is_refused() {
+    let err = ProcessGroup::connect(&config(2, 2, 1, 1000))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("RANK 2 is not below WORLD_SIZE 2"), "{err}");
+}
+
+#[test]
+fn unreachable_master_fails_within_the_deadline() {
+    let port = free_port(); // nothing listens here
+    let start = Instant::now();
+    let err = ProcessGroup::connect(&config(1, 2, port, 1500))
+        .err()
+        .unwrap()
+        .to_string();
+    let took = start.elapsed();
+    assert!(err.contains("could not reach the master store"), "{err}");
+    assert!(took < Duration::from_millis(1500 + 1000), "took {took:?}");
+}
+
+#[test]
+fn a_silent_peer_times_out_and_abort_unblocks() {
+    let port = free_port();
+    std::thread::scope(|s| {
+        // Rank 1 connects, then never joins the collective (as if stopped) until rank 0 is done.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        s.spawn(move || {
+            let pg = ProcessGroup::connect(&config(1, 2, port, 5000)).unwrap();
+            rx.recv_timeout(Duration::from_secs(20)).ok();
+            drop(pg);
+        });
+        let mut pg = ProcessGroup::connect(&config(0, 2, port, 5000)).unwrap();
+        pg.set_timeout(Duration::from_millis(700));
+        let start = Instant::now();
+        let err = pg.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err();
+        let took = start.elapsed();
+        assert!(matches!(err, CommError::Timeout { peer: 1, .. }), "{err}");
+        assert!(
+            took >= Duration::from_millis(650) && took < Duration::from_millis(2000),
+            "took {took:?}"
+        );
+        // Broken for good, and says why.
+        let again = pg
+            .all_reduce_sum(&mut [1.0; 4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            again.contains("unusable") && again.contains("rank 1"),
+            "{again}"
+        );
+        tx.send(()).unwrap();
+    });
+
+    // Abort from another thread ends a collective that would otherwise wait the full deadline.
+    let port = free_port();
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        s.spawn(move || {
+            let pg = ProcessGroup::connect(&config(1, 2, port, 5000)).unwrap();
+            rx.recv_timeout(Duration::from_secs(20)).ok();
+            drop(pg);
+        });
+        let pg = ProcessGroup::connect(&config(0, 2, port, 30_000)).unwrap();
+        let handle = pg.abort_handle();
+        let start = Instant::now();
+        let aborter = s.spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            handle.abort();
+        });
+        let err = pg.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err();
+        assert!(matches!(err, CommError::Aborted { .. }), "{err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "abort took {:?}",
+            start.elapsed()
+        );
+        aborter.join().unwrap();
+        tx.send(()).unwrap();
+    });
+}
