@@ -15,9 +15,14 @@ pub enum CommError {
         timeout: Duration,
     },
     /// A peer closed its connection: it exited, crashed or gave up on an earlier error.
-    PeerClosed { op: &'static str, peer: usize },
+    PeerClosed {
+        op: &'static str,
+        peer: usize,
+    },
     /// Another thread called [`crate::AbortHandle::abort`].
-    Aborted { op: &'static str },
+    Aborted {
+        op: &'static str,
+    },
     /// An earlier collective failed; the group cannot be used again.
     Broken(String),
     Io {

@@ -39,11 +39,10 @@ impl GroupConfig {
             return Ok(None);
         };
         let parse = |name: &str, v: Option<String>| -> Result<usize> {
-            let v =
-                v.ok_or_else(|| CommError::Config(format!("{name} is not set (WORLD_SIZE is)")))?;
-            v.trim().parse().map_err(|_| {
-                CommError::Config(format!("{name}={v:?} is not a non-negative integer"))
-            })
+            let v = v.ok_or_else(|| CommError::Config(format!("{name} is not set (WORLD_SIZE is)")))?;
+            v.trim()
+                .parse()
+                .map_err(|_| CommError::Config(format!("{name}={v:?} is not a non-negative integer")))
         };
         let world_size = parse("WORLD_SIZE", Some(world))?;
         let rank = if world_size == 1 {
@@ -59,24 +58,13 @@ impl GroupConfig {
             .map_err(|_| CommError::Config(format!("MASTER_PORT={port:?} is not a port number")))?;
         let timeout = match var("MYRIAD_COMM_TIMEOUT_S") {
             Some(s) => Duration::from_secs_f64(
-                s.parse::<f64>()
-                    .ok()
-                    .filter(|v| *v > 0.0 && v.is_finite())
-                    .ok_or_else(|| {
-                        CommError::Config(format!(
-                            "MYRIAD_COMM_TIMEOUT_S={s:?} is not a positive number"
-                        ))
-                    })?,
+                s.parse::<f64>().ok().filter(|v| *v > 0.0 && v.is_finite()).ok_or_else(|| {
+                    CommError::Config(format!("MYRIAD_COMM_TIMEOUT_S={s:?} is not a positive number"))
+                })?,
             ),
             None => DEFAULT_TIMEOUT,
         };
-        let cfg = GroupConfig {
-            rank,
-            world_size,
-            master_addr,
-            master_port,
-            timeout,
-        };
+        let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout };
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -127,20 +115,14 @@ pub struct ProcessGroup {
 
 fn io_err(op: &'static str, peer: usize, e: std::io::Error) -> CommError {
     match e.kind() {
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => CommError::Timeout {
-            op,
-            peer,
-            timeout: Duration::ZERO,
-        },
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => {
+            CommError::Timeout { op, peer, timeout: Duration::ZERO }
+        }
         ErrorKind::UnexpectedEof
         | ErrorKind::ConnectionReset
         | ErrorKind::BrokenPipe
         | ErrorKind::ConnectionAborted => CommError::PeerClosed { op, peer },
-        _ => CommError::Io {
-            op,
-            peer,
-            source: e,
-        },
+        _ => CommError::Io { op, peer, source: e },
     }
 }
 
@@ -184,34 +166,18 @@ impl ProcessGroup {
             client.set("world_size", &world.to_string(), deadline)?;
         } else {
             let theirs = client.wait("world_size", deadline)?.ok_or_else(|| {
-                rv(format!(
-                    "rank 0 did not publish its world size at {master} before the deadline"
-                ))
+                rv(format!("rank 0 did not publish its world size at {master} before the deadline"))
             })?;
             if theirs != world.to_string() {
-                return Err(rv(format!(
-                    "this rank has WORLD_SIZE {world} but rank 0 has {theirs}"
-                )));
+                return Err(rv(format!("this rank has WORLD_SIZE {world} but rank 0 has {theirs}")));
             }
         }
 
-        let listener =
-            TcpListener::bind(("0.0.0.0", 0)).map_err(|e| rv(format!("ring listener: {e}")))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| rv(format!("ring listener: {e}")))?
-            .port();
-        let ip = client
-            .local_ip()
-            .ok_or_else(|| rv("cannot tell this host's address".into()))?;
-        if !client.set(
-            &format!("rank/{rank}"),
-            &SocketAddr::new(ip, port).to_string(),
-            deadline,
-        )? {
-            return Err(rv(format!(
-                "RANK {rank} joined twice (another process already registered it)"
-            )));
+        let listener = TcpListener::bind(("0.0.0.0", 0)).map_err(|e| rv(format!("ring listener: {e}")))?;
+        let port = listener.local_addr().map_err(|e| rv(format!("ring listener: {e}")))?.port();
+        let ip = client.local_ip().ok_or_else(|| rv("cannot tell this host's address".into()))?;
+        if !client.set(&format!("rank/{rank}"), &SocketAddr::new(ip, port).to_string(), deadline)? {
+            return Err(rv(format!("RANK {rank} joined twice (another process already registered it)")));
         }
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
@@ -221,35 +187,25 @@ impl ProcessGroup {
             .parse()
             .map_err(|e| rv(format!("rank {next_rank} published a bad address: {e}")))?;
 
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        let mut next = TcpStream::connect_timeout(&next_addr, left).map_err(|e| {
-            rv(format!(
-                "cannot connect to rank {next_rank} at {next_addr}: {e}"
-            ))
-        })?;
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        let mut next = TcpStream::connect_timeout(&next_addr, left)
+            .map_err(|e| rv(format!("cannot connect to rank {next_rank} at {next_addr}: {e}")))?;
         next.set_nodelay(true).ok();
         let mut hello = Vec::with_capacity(12);
         for v in [HELLO_MAGIC, world as u32, rank as u32] {
             hello.extend_from_slice(&v.to_le_bytes());
         }
         next.set_write_timeout(Some(left)).ok();
-        next.write_all(&hello)
-            .map_err(|e| rv(format!("hello to rank {next_rank}: {e}")))?;
+        next.write_all(&hello).map_err(|e| rv(format!("hello to rank {next_rank}: {e}")))?;
 
         // Accept rank−1 with a deadline (std's accept has none, so poll a non-blocking listener).
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| rv(format!("ring listener: {e}")))?;
+        listener.set_nonblocking(true).map_err(|e| rv(format!("ring listener: {e}")))?;
         let mut prev = loop {
             match listener.accept() {
                 Ok((s, _)) => break s,
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        return Err(rv(format!(
-                            "rank {prev_rank} did not connect before the deadline"
-                        )));
+                        return Err(rv(format!("rank {prev_rank} did not connect before the deadline")));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -259,19 +215,14 @@ impl ProcessGroup {
         prev.set_nonblocking(false).ok();
         prev.set_nodelay(true).ok();
         prev.set_read_timeout(Some(
-            deadline
-                .saturating_duration_since(Instant::now())
-                .max(Duration::from_millis(1)),
+            deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
         ))
         .ok();
         let mut got = [0u8; 12];
-        prev.read_exact(&mut got)
-            .map_err(|e| rv(format!("hello from rank {prev_rank}: {e}")))?;
+        prev.read_exact(&mut got).map_err(|e| rv(format!("hello from rank {prev_rank}: {e}")))?;
         let word = |i: usize| u32::from_le_bytes(got[4 * i..4 * i + 4].try_into().unwrap());
         if word(0) != HELLO_MAGIC {
-            return Err(rv(format!(
-                "rank {prev_rank}'s connection did not speak the myriad ring protocol"
-            )));
+            return Err(rv(format!("rank {prev_rank}'s connection did not speak the myriad ring protocol")));
         }
         if word(1) as usize != world || word(2) as usize != prev_rank {
             return Err(rv(format!(
@@ -317,10 +268,7 @@ impl ProcessGroup {
     }
 
     pub fn abort_handle(&self) -> AbortHandle {
-        AbortHandle {
-            streams: self.abort_streams.clone(),
-            aborted: self.aborted.clone(),
-        }
+        AbortHandle { streams: self.abort_streams.clone(), aborted: self.aborted.clone() }
     }
 
     fn check_usable(&self) -> Result<()> {
@@ -334,11 +282,7 @@ impl ProcessGroup {
     fn fail(&self, op: &'static str, e: CommError) -> CommError {
         let e = match e {
             _ if self.aborted.load(Ordering::Acquire) => CommError::Aborted { op },
-            CommError::Timeout { op, peer, .. } => CommError::Timeout {
-                op,
-                peer,
-                timeout: self.timeout,
-            },
+            CommError::Timeout { op, peer, .. } => CommError::Timeout { op, peer, timeout: self.timeout },
             other => other,
         };
         let mut broken = self.broken.lock().unwrap();
@@ -363,16 +307,10 @@ impl ProcessGroup {
         for chunk in bytes.chunks(CHUNK_BYTES) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(CommError::Timeout {
-                    op,
-                    peer: self.next_rank(),
-                    timeout: Duration::ZERO,
-                });
+                return Err(CommError::Timeout { op, peer: self.next_rank(), timeout: Duration::ZERO });
             }
-            s.set_write_timeout(Some(left))
-                .map_err(|e| io_err(op, self.next_rank(), e))?;
-            s.write_all(chunk)
-                .map_err(|e| io_err(op, self.next_rank(), e))?;
+            s.set_write_timeout(Some(left)).map_err(|e| io_err(op, self.next_rank(), e))?;
+            s.write_all(chunk).map_err(|e| io_err(op, self.next_rank(), e))?;
         }
         Ok(())
     }
@@ -390,16 +328,10 @@ impl ProcessGroup {
         for chunk in out.chunks_mut(CHUNK_BYTES) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(CommError::Timeout {
-                    op,
-                    peer: self.prev_rank(),
-                    timeout: Duration::ZERO,
-                });
+                return Err(CommError::Timeout { op, peer: self.prev_rank(), timeout: Duration::ZERO });
             }
-            s.set_read_timeout(Some(left))
-                .map_err(|e| io_err(op, self.prev_rank(), e))?;
-            s.read_exact(chunk)
-                .map_err(|e| io_err(op, self.prev_rank(), e))?;
+            s.set_read_timeout(Some(left)).map_err(|e| io_err(op, self.prev_rank(), e))?;
+            s.read_exact(chunk).map_err(|e| io_err(op, self.prev_rank(), e))?;
             on_chunk(offset, chunk);
             offset += chunk.len();
         }
@@ -457,9 +389,7 @@ impl ProcessGroup {
         if self.world == 1 {
             return Ok(());
         }
-        self.guarded("reduce_scatter", |deadline| {
-            self.reduce_scatter_inner(buf, deadline)
-        })
+        self.guarded("reduce_scatter", |deadline| self.reduce_scatter_inner(buf, deadline))
     }
 
     /// All-gather in place: every rank's segment ([`segment`]) of `buf` is copied to all ranks.
@@ -467,9 +397,7 @@ impl ProcessGroup {
         if self.world == 1 {
             return Ok(());
         }
-        self.guarded("all_gather", |deadline| {
-            self.all_gather_inner(buf, deadline)
-        })
+        self.guarded("all_gather", |deadline| self.all_gather_inner(buf, deadline))
     }
 
     fn reduce_scatter_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
@@ -483,18 +411,12 @@ impl ProcessGroup {
             send.extend_from_slice(as_bytes(&buf[send_seg]));
             recv.resize(recv_seg.len() * 4, 0u8);
             let dst = &mut buf[recv_seg];
-            self.exchange(
-                "reduce_scatter",
-                &send,
-                &mut recv,
-                deadline,
-                |offset, bytes| {
-                    let base = offset / 4;
-                    for (i, b) in bytes.chunks_exact(4).enumerate() {
-                        dst[base + i] += f32::from_le_bytes(b.try_into().unwrap());
-                    }
-                },
-            )?;
+            self.exchange("reduce_scatter", &send, &mut recv, deadline, |offset, bytes| {
+                let base = offset / 4;
+                for (i, b) in bytes.chunks_exact(4).enumerate() {
+                    dst[base + i] += f32::from_le_bytes(b.try_into().unwrap());
+                }
+            })?;
         }
         Ok(())
     }
@@ -522,11 +444,7 @@ impl ProcessGroup {
 
     /// Copies `buf` from rank `root` to every rank (pipelined along the ring in chunks).
     pub fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        assert!(
-            root < self.world,
-            "broadcast root {root} outside world {}",
-            self.world
-        );
+        assert!(root < self.world, "broadcast root {root} outside world {}", self.world);
         if self.world == 1 {
             return Ok(());
         }

@@ -30,9 +30,7 @@ pub struct StoreServer {
 
 impl StoreServer {
     pub fn start(listener: TcpListener) -> Result<Self> {
-        let addr = listener
-            .local_addr()
-            .map_err(|e| CommError::Rendezvous(format!("store address: {e}")))?;
+        let addr = listener.local_addr().map_err(|e| CommError::Rendezvous(format!("store address: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
         let stop2 = stop.clone();
@@ -51,11 +49,7 @@ impl StoreServer {
                 }
             })
             .map_err(|e| CommError::Rendezvous(format!("store thread: {e}")))?;
-        Ok(StoreServer {
-            addr,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(StoreServer { addr, stop, thread: Some(thread) })
     }
 }
 
@@ -79,10 +73,7 @@ fn serve(conn: TcpStream, shared: &Shared) {
     let mut line = String::new();
     loop {
         line.clear();
-        match (&mut reader)
-            .take(MAX_LINE_BYTES as u64)
-            .read_line(&mut line)
-        {
+        match (&mut reader).take(MAX_LINE_BYTES as u64).read_line(&mut line) {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }
@@ -149,15 +140,12 @@ impl StoreClient {
                 }
             };
             for addr in &addrs {
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(10));
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
                 match TcpStream::connect_timeout(addr, left.min(Duration::from_secs(2))) {
                     Ok(s) => {
                         let _ = s.set_nodelay(true);
-                        let writer = s
-                            .try_clone()
-                            .map_err(|e| CommError::Rendezvous(format!("store socket: {e}")))?;
+                        let writer =
+                            s.try_clone().map_err(|e| CommError::Rendezvous(format!("store socket: {e}")))?;
                         return Ok(StoreClient {
                             reader: BufReader::new(s),
                             writer,
@@ -184,23 +172,14 @@ impl StoreClient {
     }
 
     fn request(&mut self, line: &str, deadline: Instant) -> Result<String> {
-        let err =
-            |e: std::io::Error| CommError::Rendezvous(format!("store at {}: {e}", self.master));
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
+        let err = |e: std::io::Error| CommError::Rendezvous(format!("store at {}: {e}", self.master));
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
         self.writer.set_write_timeout(Some(left)).map_err(err)?;
-        self.reader
-            .get_ref()
-            .set_read_timeout(Some(left + Duration::from_secs(1)))
-            .map_err(err)?;
+        self.reader.get_ref().set_read_timeout(Some(left + Duration::from_secs(1))).map_err(err)?;
         self.writer.write_all(line.as_bytes()).map_err(err)?;
         let mut reply = String::new();
         match self.reader.read_line(&mut reply) {
-            Ok(0) => Err(CommError::Rendezvous(format!(
-                "store at {} closed the connection",
-                self.master
-            ))),
+            Ok(0) => Err(CommError::Rendezvous(format!("store at {} closed the connection", self.master))),
             Ok(_) => Ok(reply.trim_end().to_string()),
             Err(e) => Err(err(e)),
         }
@@ -209,30 +188,21 @@ impl StoreClient {
     /// Sets `key` once; returns false if it was already set.
     pub fn set(&mut self, key: &str, value: &str, deadline: Instant) -> Result<bool> {
         assert!(!key.contains(' ') && !key.contains('\n') && !value.contains('\n'));
-        match self
-            .request(&format!("SET {key} {value}\n"), deadline)?
-            .as_str()
-        {
+        match self.request(&format!("SET {key} {value}\n"), deadline)?.as_str() {
             "OK" => Ok(true),
             "EXISTS" => Ok(false),
-            other => Err(CommError::Rendezvous(format!(
-                "store refused SET {key}: {other}"
-            ))),
+            other => Err(CommError::Rendezvous(format!("store refused SET {key}: {other}"))),
         }
     }
 
     /// Waits until `key` is set, or the deadline passes.
     pub fn wait(&mut self, key: &str, deadline: Instant) -> Result<Option<String>> {
-        let ms = deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis();
+        let ms = deadline.saturating_duration_since(Instant::now()).as_millis();
         let reply = self.request(&format!("WAIT {key} {ms}\n"), deadline)?;
         match reply.strip_prefix("VAL ") {
             Some(v) => Ok(Some(v.to_string())),
             None if reply == "TIMEOUT" => Ok(None),
-            None => Err(CommError::Rendezvous(format!(
-                "store refused WAIT {key}: {reply}"
-            ))),
+            None => Err(CommError::Rendezvous(format!("store refused WAIT {key}: {reply}"))),
         }
     }
 }

@@ -5,11 +5,7 @@ use comm::{CommError, GroupConfig, ProcessGroup};
 use std::time::{Duration, Instant};
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn config(rank: usize, world: usize, port: u16, timeout_ms: u64) -> GroupConfig {
@@ -29,9 +25,9 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(ProcessGroup) -> T + Sync) -> Vec<
         let handles: Vec<_> = (0..world)
             .map(|r| {
                 let f = &f;
-                s.spawn(move || {
-                    f(ProcessGroup::connect(&config(r, world, port, 10_000)).expect("rendezvous"))
-                })
+                s.spawn(
+                    move || f(ProcessGroup::connect(&config(r, world, port, 10_000)).expect("rendezvous")),
+                )
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -39,9 +35,7 @@ fn on_ranks<T: Send>(world: usize, f: impl Fn(ProcessGroup) -> T + Sync) -> Vec<
 }
 
 fn rank_data(rank: usize, len: usize) -> Vec<f32> {
-    (0..len)
-        .map(|i| ((i * 7919 + rank * 104_729) % 1000) as f32 * 1e-3 - 0.5 + rank as f32 * 0.1)
-        .collect()
+    (0..len).map(|i| ((i * 7919 + rank * 104_729) % 1000) as f32 * 1e-3 - 0.5 + rank as f32 * 0.1).collect()
 }
 
 #[test]
@@ -55,9 +49,8 @@ fn all_reduce_matches_a_sequential_sum_bitwise_on_every_rank() {
                 buf
             });
             let inputs: Vec<Vec<f32>> = (0..world).map(|r| rank_data(r, len)).collect();
-            let want: Vec<f32> = (0..len)
-                .map(|i| inputs.iter().map(|x| x[i] as f64).sum::<f64>() as f32)
-                .collect();
+            let want: Vec<f32> =
+                (0..len).map(|i| inputs.iter().map(|x| x[i] as f64).sum::<f64>() as f32).collect();
             for (r, got) in results.iter().enumerate() {
                 assert_eq!(got.len(), len);
                 for (a, b) in got.iter().zip(&want) {
@@ -67,11 +60,7 @@ fn all_reduce_matches_a_sequential_sum_bitwise_on_every_rank() {
                     );
                 }
                 let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(got),
-                    bits(&results[0]),
-                    "ranks disagree bitwise (world {world}, len {len})"
-                );
+                assert_eq!(bits(got), bits(&results[0]), "ranks disagree bitwise (world {world}, len {len})");
             }
         }
     }
@@ -99,11 +88,7 @@ fn reduce_scatter_then_all_gather_and_broadcast() {
         let mut gathered = vec![0f32; len];
         gathered[own.clone()].copy_from_slice(&buf[own]);
         pg.all_gather(&mut gathered).unwrap();
-        let mut b = if pg.rank() == 2 {
-            rank_data(9, 77)
-        } else {
-            vec![0f32; 77]
-        };
+        let mut b = if pg.rank() == 2 { rank_data(9, 77) } else { vec![0f32; 77] };
         pg.broadcast(&mut b, 2).unwrap();
         pg.barrier().unwrap();
         (gathered, b)
@@ -116,10 +101,7 @@ fn reduce_scatter_then_all_gather_and_broadcast() {
     });
     reduced.copy_from_slice(&pg[0]);
     for (gathered, b) in &results {
-        assert_eq!(
-            gathered, &reduced,
-            "reduce-scatter + all-gather differs from all-reduce"
-        );
+        assert_eq!(gathered, &reduced, "reduce-scatter + all-gather differs from all-reduce");
         assert_eq!(b, &rank_data(9, 77));
     }
 }
@@ -128,32 +110,17 @@ fn reduce_scatter_then_all_gather_and_broadcast() {
 fn mismatched_world_sizes_fail_clearly() {
     let port = free_port();
     let errs: Vec<String> = std::thread::scope(|s| {
-        let a = s.spawn(|| {
-            ProcessGroup::connect(&config(0, 2, port, 3000))
-                .err()
-                .map(|e| e.to_string())
-        });
-        let b = s.spawn(|| {
-            ProcessGroup::connect(&config(1, 3, port, 3000))
-                .err()
-                .map(|e| e.to_string())
-        });
+        let a = s.spawn(|| ProcessGroup::connect(&config(0, 2, port, 3000)).err().map(|e| e.to_string()));
+        let b = s.spawn(|| ProcessGroup::connect(&config(1, 3, port, 3000)).err().map(|e| e.to_string()));
         vec![a.join().unwrap().unwrap(), b.join().unwrap().unwrap()]
     });
-    assert!(
-        errs[1].contains("WORLD_SIZE 3 but rank 0 has 2"),
-        "{}",
-        errs[1]
-    );
+    assert!(errs[1].contains("WORLD_SIZE 3 but rank 0 has 2"), "{}", errs[1]);
     assert!(errs[0].contains("rendezvous failed"), "{}", errs[0]);
 }
 
 #[test]
 fn rank_not_below_world_size_is_refused() {
-    let err = ProcessGroup::connect(&config(2, 2, 1, 1000))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = ProcessGroup::connect(&config(2, 2, 1, 1000)).err().unwrap().to_string();
     assert!(err.contains("RANK 2 is not below WORLD_SIZE 2"), "{err}");
 }
 
@@ -161,10 +128,7 @@ fn rank_not_below_world_size_is_refused() {
 fn unreachable_master_fails_within_the_deadline() {
     let port = free_port(); // nothing listens here
     let start = Instant::now();
-    let err = ProcessGroup::connect(&config(1, 2, port, 1500))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = ProcessGroup::connect(&config(1, 2, port, 1500)).err().unwrap().to_string();
     let took = start.elapsed();
     assert!(err.contains("could not reach the master store"), "{err}");
     assert!(took < Duration::from_millis(1500 + 1000), "took {took:?}");
@@ -187,19 +151,10 @@ fn a_silent_peer_times_out_and_abort_unblocks() {
         let err = pg.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err();
         let took = start.elapsed();
         assert!(matches!(err, CommError::Timeout { peer: 1, .. }), "{err}");
-        assert!(
-            took >= Duration::from_millis(650) && took < Duration::from_millis(2000),
-            "took {took:?}"
-        );
+        assert!(took >= Duration::from_millis(650) && took < Duration::from_millis(2000), "took {took:?}");
         // Broken for good, and says why.
-        let again = pg
-            .all_reduce_sum(&mut [1.0; 4])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            again.contains("unusable") && again.contains("rank 1"),
-            "{again}"
-        );
+        let again = pg.all_reduce_sum(&mut [1.0; 4]).unwrap_err().to_string();
+        assert!(again.contains("unusable") && again.contains("rank 1"), "{again}");
         tx.send(()).unwrap();
     });
 
@@ -221,11 +176,7 @@ fn a_silent_peer_times_out_and_abort_unblocks() {
         });
         let err = pg.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err();
         assert!(matches!(err, CommError::Aborted { .. }), "{err}");
-        assert!(
-            start.elapsed() < Duration::from_secs(5),
-            "abort took {:?}",
-            start.elapsed()
-        );
+        assert!(start.elapsed() < Duration::from_secs(5), "abort took {:?}", start.elapsed());
         aborter.join().unwrap();
         tx.send(()).unwrap();
     });

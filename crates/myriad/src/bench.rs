@@ -76,12 +76,8 @@ fn bench_train(a: TrainBenchArgs) -> Result<(), String> {
         warmup_steps: 1,
         ..Default::default()
     };
-    let mut trainer = Trainer::new(
-        model.clone(),
-        cfg,
-        &DataSpec::Synthetic { vocab: 0, seed: 0 },
-    )
-    .map_err(|e| e.to_string())?;
+    let mut trainer = Trainer::new(model.clone(), cfg, &DataSpec::Synthetic { vocab: 0, seed: 0 })
+        .map_err(|e| e.to_string())?;
     let peak = match a.peak_gflops {
         Some(g) => g,
         None => train::peak::measure_peak(threads, 300).gflops,
@@ -91,13 +87,7 @@ fn bench_train(a: TrainBenchArgs) -> Result<(), String> {
     let mut times_ms = Vec::new();
     for i in 0..a.steps {
         let s = trainer.train_step().map_err(|e| e.to_string())?;
-        eprintln!(
-            "step {}/{}: {:.1} ms, loss {:.4}",
-            i + 1,
-            a.steps,
-            s.step_ms,
-            s.loss
-        );
+        eprintln!("step {}/{}: {:.1} ms, loss {:.4}", i + 1, a.steps, s.step_ms, s.loss);
         times_ms.push(s.step_ms);
     }
     times_ms.sort_by(f64::total_cmp);

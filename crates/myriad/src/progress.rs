@@ -23,30 +23,18 @@ impl Progress {
 
     /// Shows `message` for step `done` of `total`; `eta_s` is the estimated time left.
     pub fn update(&mut self, done: u64, message: &str, eta_s: f64) {
-        let frac = if self.total == 0 {
-            1.0
-        } else {
-            done as f64 / self.total as f64
-        };
+        let frac = if self.total == 0 { 1.0 } else { done as f64 / self.total as f64 };
         let width = 24;
         let filled = ((frac * width as f64) as usize).min(width);
         let bar: String = "#".repeat(filled) + &".".repeat(width - filled);
-        let line = format!(
-            "step {done}/{} [{bar}] {message} | ETA {}",
-            self.total,
-            format_duration(eta_s)
-        );
+        let line = format!("step {done}/{} [{bar}] {message} | ETA {}", self.total, format_duration(eta_s));
         let mut err = std::io::stderr().lock();
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{line}");
             if done == self.total {
                 let _ = writeln!(err);
             }
-        } else if done == self.total
-            || self
-                .last_line
-                .is_none_or(|t| t.elapsed() >= self.line_every)
-        {
+        } else if done == self.total || self.last_line.is_none_or(|t| t.elapsed() >= self.line_every) {
             let _ = writeln!(err, "{line}");
             self.last_line = Some(Instant::now());
         }

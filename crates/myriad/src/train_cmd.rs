@@ -75,18 +75,12 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let threads = crate::init_threads(a.threads)?;
     let data = match &a.data {
         Some(path) => DataSpec::File(path.clone()),
-        None => DataSpec::Synthetic {
-            vocab: 0,
-            seed: a.data_seed,
-        },
+        None => DataSpec::Synthetic { vocab: 0, seed: a.data_seed },
     };
     let mut trainer = match &a.resume {
         Some(which) => {
             let dir = if which == "latest" {
-                let root = a
-                    .checkpoint_dir
-                    .as_ref()
-                    .ok_or("--resume latest needs --checkpoint-dir")?;
+                let root = a.checkpoint_dir.as_ref().ok_or("--resume latest needs --checkpoint-dir")?;
                 train::checkpoint::latest(root)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("no checkpoint under {}", root.display()))?
@@ -116,16 +110,27 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             Trainer::new(model, cfg, &data).map_err(|e| e.to_string())?
         }
     };
+    // torchrun's variables make this process one rank of a data-parallel group.
+    if let Some(group_cfg) = comm::GroupConfig::from_env().map_err(|e| e.to_string())? {
+        if group_cfg.world_size > 1 {
+            let group = comm::ProcessGroup::connect(&group_cfg).map_err(|e| e.to_string())?;
+            trainer.attach_group(group).map_err(|e| e.to_string())?;
+        }
+    }
+    // Rank 0 speaks for the group; the others report only errors.
+    let leader = trainer.rank() == 0;
     let peak = match a.peak_gflops {
         Some(g) if g > 0.0 && g.is_finite() => g,
         Some(g) => return Err(format!("--peak-gflops {g} must be a positive number")),
-        None => train::peak::measure_peak(threads, 100).gflops,
+        // Each rank measures its own share of the machine; the group's peak is their sum.
+        None => train::peak::measure_peak(threads, 100).gflops * trainer.world_size() as f64,
     };
     let cfg = trainer.cfg.clone();
     let model_cfg = trainer.model.cfg.clone();
     let flops_per_token = model_cfg.flops_per_token(cfg.seq_len);
     let last_step = a.until_step.unwrap_or(cfg.steps).min(cfg.steps);
-    eprintln!(
+    if leader {
+        eprintln!(
         "myriad train: {} parameters ({} layers, {} heads, width {}), batch {}x{} x{} accum, {} threads, peak {:.0} GFLOP/s",
         trainer.model.num_params(),
         model_cfg.n_layer,
@@ -137,9 +142,17 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         threads,
         peak
     );
-    eprintln!("data: {}", trainer.data_description());
-    if trainer.step > 0 {
-        eprintln!("resumed at step {}", trainer.step);
+        eprintln!("data: {}", trainer.data_description());
+        if trainer.world_size() > 1 {
+            eprintln!(
+                "data parallel: {} ranks, {} sequences each",
+                trainer.world_size(),
+                cfg.batch / trainer.world_size()
+            );
+        }
+        if trainer.step > 0 {
+            eprintln!("resumed at step {}", trainer.step);
+        }
     }
 
     let mut progress = Progress::new(last_step);
@@ -157,7 +170,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         last_loss = s.loss;
         let tokens_per_s = s.tokens as f64 / (s.step_ms / 1e3);
         let mfu = tokens_per_s * flops_per_token / (peak * 1e9);
-        if a.json {
+        if a.json && leader {
             println!(
                 "{}",
                 json!({"step": s.step, "loss": s.loss, "tokens_per_s": tokens_per_s, "mfu": mfu,
@@ -166,16 +179,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         }
         let done = s.step - start_step;
         let eta_s = run_start.elapsed().as_secs_f64() / done as f64 * (last_step - s.step) as f64;
-        progress.update(
-            s.step,
-            &format!(
-                "loss {:.4} | {:.0} tok/s | MFU {:.1}%",
-                s.loss,
-                tokens_per_s,
-                100.0 * mfu
-            ),
-            eta_s,
-        );
+        if leader {
+            progress.update(
+                s.step,
+                &format!("loss {:.4} | {:.0} tok/s | MFU {:.1}%", s.loss, tokens_per_s, 100.0 * mfu),
+                eta_s,
+            );
+        }
         if let Some(root) = &a.checkpoint_dir {
             let due = a.checkpoint_every > 0 && s.step % a.checkpoint_every == 0;
             if due || s.step == last_step {
@@ -183,15 +193,14 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             }
         }
     }
-    let floor = trainer
-        .entropy_floor()
-        .map(|f| format!(", entropy floor {f:.4}"))
-        .unwrap_or_default();
-    eprintln!(
-        "done: step {}, loss {:.4}{floor}, {:.1}s",
-        trainer.step,
-        last_loss,
-        run_start.elapsed().as_secs_f64()
-    );
+    let floor = trainer.entropy_floor().map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
+    if leader {
+        eprintln!(
+            "done: step {}, loss {:.4}{floor}, {:.1}s",
+            trainer.step,
+            last_loss,
+            run_start.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }

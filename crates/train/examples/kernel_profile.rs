@@ -16,16 +16,8 @@ fn time<F: FnMut()>(name: &str, count: usize, flops: f64, mut f: F, total: &mut 
     }
     let per_step = best * count as f64;
     *total += per_step;
-    let gf = if flops > 0.0 {
-        format!("{:7.1} GFLOP/s", flops / best / 1e9)
-    } else {
-        String::new()
-    };
-    println!(
-        "{name:28} {:8.2} ms x{count:3} = {:8.1} ms/step {gf}",
-        best * 1e3,
-        per_step * 1e3
-    );
+    let gf = if flops > 0.0 { format!("{:7.1} GFLOP/s", flops / best / 1e9) } else { String::new() };
+    println!("{name:28} {:8.2} ms x{count:3} = {:8.1} ms/step {gf}", best * 1e3, per_step * 1e3);
 }
 
 fn main() {
@@ -157,18 +149,10 @@ fn main() {
     let gemm_total = total;
 
     let s = AttnShape { b, t, c, nh };
-    let qkv: Vec<f32> = (0..bt * 3 * c)
-        .map(|i| ((i % 97) as f32 - 48.0) * 0.01)
-        .collect();
+    let qkv: Vec<f32> = (0..bt * 3 * c).map(|i| ((i % 97) as f32 - 48.0) * 0.01).collect();
     let mut att = z(b * nh * t * t);
     let attn_flops = 2.0 * 2.0 * (b * nh * t * t * (c / nh)) as f64;
-    time(
-        "attention fwd",
-        l,
-        attn_flops,
-        || k::attention_forward(&mut y, &mut att, &qkv, s),
-        &mut total,
-    );
+    time("attention fwd", l, attn_flops, || k::attention_forward(&mut y, &mut att, &qkv, s), &mut total);
     let mut dqkv = z(bt * 3 * c);
     time(
         "attention bwd",
@@ -195,66 +179,18 @@ fn main() {
         &mut total,
     );
     let y4c = y4.clone();
-    time(
-        "gelu fwd",
-        l,
-        0.0,
-        || k::gelu_forward(&mut y4, &y4c),
-        &mut total,
-    );
-    time(
-        "gelu bwd",
-        l,
-        0.0,
-        || k::gelu_backward_inplace(&mut y4, &y4c),
-        &mut total,
-    );
+    time("gelu fwd", l, 0.0, || k::gelu_forward(&mut y4, &y4c), &mut total);
+    time("gelu bwd", l, 0.0, || k::gelu_backward_inplace(&mut y4, &y4c), &mut total);
     let b3 = z(3 * c);
-    time(
-        "seed bias qkv",
-        l,
-        0.0,
-        || k::seed_rows(&mut y3, None, &b3),
-        &mut total,
-    );
-    time(
-        "seed bias+res",
-        2 * l,
-        0.0,
-        || k::seed_rows(&mut y, Some(&x), &lb),
-        &mut total,
-    );
+    time("seed bias qkv", l, 0.0, || k::seed_rows(&mut y3, None, &b3), &mut total);
+    time("seed bias+res", 2 * l, 0.0, || k::seed_rows(&mut y, Some(&x), &lb), &mut total);
     let b4 = z(4 * c);
-    time(
-        "seed bias fc",
-        l,
-        0.0,
-        || k::seed_rows(&mut y4, None, &b4),
-        &mut total,
-    );
+    time("seed bias fc", l, 0.0, || k::seed_rows(&mut y4, None, &b4), &mut total);
     let mut gb3 = z(3 * c);
-    time(
-        "bias bwd qkv",
-        l,
-        0.0,
-        || k::bias_backward(&mut gb3, &y3),
-        &mut total,
-    );
-    time(
-        "bias bwd c (x2)",
-        2 * l,
-        0.0,
-        || k::bias_backward(&mut gb1, &y),
-        &mut total,
-    );
+    time("bias bwd qkv", l, 0.0, || k::bias_backward(&mut gb3, &y3), &mut total);
+    time("bias bwd c (x2)", 2 * l, 0.0, || k::bias_backward(&mut gb1, &y), &mut total);
     let mut gb4 = z(4 * c);
-    time(
-        "bias bwd fc",
-        l,
-        0.0,
-        || k::bias_backward(&mut gb4, &y4),
-        &mut total,
-    );
+    time("bias bwd fc", l, 0.0, || k::bias_backward(&mut gb4, &y4), &mut total);
     let targets: Vec<u32> = (0..bt as u32).map(|i| i % cfg.vocab_size as u32).collect();
     let mut losses = z(bt);
     let logits0 = logits.clone();
@@ -283,13 +219,7 @@ fn main() {
     let mut params = z(n);
     let mut opt = train::optim::AdamW::new(n);
     let tc = train::TrainConfig::default();
-    time(
-        "adamw",
-        1,
-        0.0,
-        || opt.update(&mut params, &grads, &specs, &tc, 1e-4, 1.0),
-        &mut total,
-    );
+    time("adamw", 1, 0.0, || opt.update(&mut params, &grads, &specs, &tc, 1e-4, 1.0), &mut total);
     println!(
         "-- non-GEMM {:.1} ms; total {:.1} ms/step; model {:.1} GFLOP/s if nothing else",
         (total - gemm_total) * 1e3,

@@ -94,36 +94,20 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 /// once the new one is complete.
 pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let specs = param_specs(snap.model);
-    assert_eq!(
-        snap.params.len(),
-        specs.iter().map(TensorSpec::numel).sum::<usize>()
-    );
+    assert_eq!(snap.params.len(), specs.iter().map(TensorSpec::numel).sum::<usize>());
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
     let final_dir = root.join(step_dir_name(snap.step));
-    let tmp_dir = root.join(format!(
-        ".{}.tmp-{}",
-        step_dir_name(snap.step),
-        std::process::id()
-    ));
+    let tmp_dir = root.join(format!(".{}.tmp-{}", step_dir_name(snap.step), std::process::id()));
     if tmp_dir.exists() {
         std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
     }
     std::fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
 
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let weights: Vec<(&str, &[usize], &[f32])> = specs
-        .iter()
-        .map(|s| (s.name.as_str(), s.shape.as_slice(), &snap.params[s.range()]))
-        .collect();
-    let moment_names: Vec<(String, String)> = specs
-        .iter()
-        .map(|s| {
-            (
-                format!("exp_avg.{}", s.name),
-                format!("exp_avg_sq.{}", s.name),
-            )
-        })
-        .collect();
+    let weights: Vec<(&str, &[usize], &[f32])> =
+        specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice(), &snap.params[s.range()])).collect();
+    let moment_names: Vec<(String, String)> =
+        specs.iter().map(|s| (format!("exp_avg.{}", s.name), format!("exp_avg_sq.{}", s.name))).collect();
     let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::with_capacity(2 * specs.len());
     for (s, (m_name, v_name)) in specs.iter().zip(&moment_names) {
         moments.push((m_name, &s.shape, &snap.exp_avg[s.range()]));
@@ -133,11 +117,7 @@ pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     for (name, tensors) in [(MODEL_FILE, weights), (OPTIMIZER_FILE, moments)] {
         let bytes = safetensors::serialize(&tensors, &meta);
         write_synced(&tmp_dir.join(name), &bytes)?;
-        files.push(FileEntry {
-            name: name.into(),
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(&bytes),
-        });
+        files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
     }
     let manifest = Manifest {
         format: FORMAT.into(),
@@ -151,19 +131,12 @@ pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
         files,
     };
     let body = serde_json::to_vec(&manifest).expect("manifest serialises");
-    let file = ManifestFile {
-        manifest_sha256: sha256_hex(&body),
-        manifest,
-    };
+    let file = ManifestFile { manifest_sha256: sha256_hex(&body), manifest };
     let text = serde_json::to_vec_pretty(&file).expect("manifest serialises");
     write_synced(&tmp_dir.join(MANIFEST), &text)?;
 
     if final_dir.exists() {
-        let old = root.join(format!(
-            ".{}.old-{}",
-            step_dir_name(snap.step),
-            std::process::id()
-        ));
+        let old = root.join(format!(".{}.old-{}", step_dir_name(snap.step), std::process::id()));
         std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
         std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -190,10 +163,7 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         .map_err(|e| Error::checkpoint(&path, format!("is not a valid manifest: {e}")))?;
     let body = serde_json::to_vec(&file.manifest).expect("manifest serialises");
     if sha256_hex(&body) != file.manifest_sha256 {
-        return Err(Error::checkpoint(
-            &path,
-            "is corrupt: its contents do not match manifest_sha256",
-        ));
+        return Err(Error::checkpoint(&path, "is corrupt: its contents do not match manifest_sha256"));
     }
     if file.manifest.format != FORMAT {
         return Err(Error::checkpoint(
@@ -217,40 +187,29 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         if bytes.len() as u64 != entry.bytes {
             return Err(Error::checkpoint(
                 &path,
-                format!(
-                    "is {} bytes, the manifest says {} (truncated?)",
-                    bytes.len(),
-                    entry.bytes
-                ),
+                format!("is {} bytes, the manifest says {} (truncated?)", bytes.len(), entry.bytes),
             ));
         }
         if sha256_hex(&bytes) != entry.sha256 {
-            return Err(Error::checkpoint(
-                &path,
-                "is corrupt: SHA-256 does not match the manifest",
-            ));
+            return Err(Error::checkpoint(&path, "is corrupt: SHA-256 does not match the manifest"));
         }
         contents.insert(entry.name.clone(), (path, bytes));
     }
     let take = |name: &str, prefix: &str| -> Result<Vec<f32>> {
-        let (path, bytes) = contents.get(name).ok_or_else(|| {
-            Error::checkpoint(dir.join(MANIFEST), format!("does not list {name}"))
-        })?;
+        let (path, bytes) = contents
+            .get(name)
+            .ok_or_else(|| Error::checkpoint(dir.join(MANIFEST), format!("does not list {name}")))?;
         let tensors = safetensors::deserialize(bytes, path)?;
         let n: usize = specs.iter().map(TensorSpec::numel).sum();
         let mut flat = vec![0f32; n];
         for s in &specs {
             let key = format!("{prefix}{}", s.name);
-            let t = tensors
-                .get(&key)
-                .ok_or_else(|| Error::checkpoint(path, format!("has no tensor {key}")))?;
+            let t =
+                tensors.get(&key).ok_or_else(|| Error::checkpoint(path, format!("has no tensor {key}")))?;
             if t.shape != s.shape {
                 return Err(Error::checkpoint(
                     path,
-                    format!(
-                        "tensor {key} has shape {:?}, expected {:?}",
-                        t.shape, s.shape
-                    ),
+                    format!("tensor {key} has shape {:?}, expected {:?}", t.shape, s.shape),
                 ));
             }
             flat[s.range()].copy_from_slice(&t.data);
@@ -260,13 +219,7 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     let params = take(MODEL_FILE, "")?;
     let exp_avg = take(OPTIMIZER_FILE, "exp_avg.")?;
     let exp_avg_sq = take(OPTIMIZER_FILE, "exp_avg_sq.")?;
-    Ok(Loaded {
-        dir: dir.to_path_buf(),
-        manifest,
-        params,
-        exp_avg,
-        exp_avg_sq,
-    })
+    Ok(Loaded { dir: dir.to_path_buf(), manifest, params, exp_avg, exp_avg_sq })
 }
 
 /// The newest `step_N` directory under `root` that has a manifest (unverified), if any.
@@ -280,10 +233,8 @@ pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
     for entry in entries {
         let entry = entry.map_err(|e| Error::io(root, e))?;
         let name = entry.file_name();
-        let Some(step) = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("step_"))
-            .and_then(|s| s.parse::<u64>().ok())
+        let Some(step) =
+            name.to_str().and_then(|n| n.strip_prefix("step_")).and_then(|s| s.parse::<u64>().ok())
         else {
             continue;
         };

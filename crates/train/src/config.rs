@@ -69,10 +69,7 @@ impl ModelConfig {
             ));
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
-            return bad(format!(
-                "n_head ({}) must divide n_embd ({})",
-                self.n_head, self.n_embd
-            ));
+            return bad(format!("n_head ({}) must divide n_embd ({})", self.n_head, self.n_embd));
         }
         if self.vocab_size == 0 || self.padded_vocab_size < self.vocab_size {
             return bad(format!(
@@ -92,10 +89,7 @@ impl ModelConfig {
 
     /// Parameter count, counting the tied embedding once and the padded vocabulary in full.
     pub fn num_params(&self) -> usize {
-        crate::params::param_specs(self)
-            .iter()
-            .map(|s| s.numel())
-            .sum()
+        crate::params::param_specs(self).iter().map(|s| s.numel()).sum()
     }
 
     /// Model FLOPs per token as DESIGN.md defines them (PaLM / nanoGPT rule): 6 × (parameters −
@@ -170,16 +164,10 @@ impl TrainConfig {
             return bad(format!("lr ({}) must be a positive number", self.lr));
         }
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
-            return bad(format!(
-                "min_lr_ratio ({}) must be in [0, 1]",
-                self.min_lr_ratio
-            ));
+            return bad(format!("min_lr_ratio ({}) must be in [0, 1]", self.min_lr_ratio));
         }
         if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
-            return bad(format!(
-                "beta1 ({}) and beta2 ({}) must be in [0, 1)",
-                self.beta1, self.beta2
-            ));
+            return bad(format!("beta1 ({}) and beta2 ({}) must be in [0, 1)", self.beta1, self.beta2));
         }
         if !(self.grad_clip >= 0.0 && self.weight_decay >= 0.0 && self.eps > 0.0) {
             return bad("grad_clip and weight_decay must be >= 0 and eps > 0".into());
@@ -218,10 +206,7 @@ mod tests {
         let tiny = ModelConfig::preset("tiny").unwrap().num_params();
         assert!((800_000..1_300_000).contains(&tiny), "tiny has {tiny}");
         let small = ModelConfig::preset("small").unwrap().num_params();
-        assert!(
-            (8_000_000..13_000_000).contains(&small),
-            "small has {small}"
-        );
+        assert!((8_000_000..13_000_000).contains(&small), "small has {small}");
         // GPT-2 small: 124,439,808 parameters with the 50257 vocabulary; padding adds 47 × 768.
         let gpt2 = ModelConfig::preset("gpt2-124m").unwrap().num_params();
         assert_eq!(gpt2, 124_439_808 + 47 * 768);
@@ -238,26 +223,15 @@ mod tests {
     #[test]
     fn seq_longer_than_context_is_refused() {
         let cfg = ModelConfig::preset("tiny").unwrap();
-        let train = TrainConfig {
-            seq_len: 257,
-            ..TrainConfig::default()
-        };
+        let train = TrainConfig { seq_len: 257, ..TrainConfig::default() };
         let err = train.validate(&cfg).unwrap_err().to_string();
-        assert!(
-            err.contains("seq (257) is longer than the model's context (256)"),
-            "{err}"
-        );
+        assert!(err.contains("seq (257) is longer than the model's context (256)"), "{err}");
     }
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {
-        let t = TrainConfig {
-            lr: 1.0,
-            warmup_steps: 10,
-            steps: 110,
-            min_lr_ratio: 0.1,
-            ..Default::default()
-        };
+        let t =
+            TrainConfig { lr: 1.0, warmup_steps: 10, steps: 110, min_lr_ratio: 0.1, ..Default::default() };
         assert!((t.lr_at(0) - 0.1).abs() < 1e-6);
         assert!((t.lr_at(9) - 1.0).abs() < 1e-6);
         assert!((t.lr_at(10) - 1.0).abs() < 1e-6);

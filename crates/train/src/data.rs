@@ -90,10 +90,7 @@ impl FileTokens {
         if let Err(e) = std::str::from_utf8(&bytes) {
             return Err(Error::data(
                 path,
-                format!(
-                    "is not UTF-8 text (invalid byte at offset {})",
-                    e.valid_up_to()
-                ),
+                format!("is not UTF-8 text (invalid byte at offset {})", e.valid_up_to()),
             ));
         }
         let tokens = bytes.iter().map(|&b| b as u32).collect();
@@ -108,43 +105,29 @@ impl FileTokens {
         if bytes.len() < header_bytes {
             return Err(Error::data(
                 path,
-                format!(
-                    "is {} bytes, shorter than the {header_bytes}-byte shard header",
-                    bytes.len()
-                ),
+                format!("is {} bytes, shorter than the {header_bytes}-byte shard header", bytes.len()),
             ));
         }
         let int = |i: usize| i32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap());
         if int(0) != SHARD_MAGIC {
             return Err(Error::data(
                 path,
-                format!(
-                    "wrong magic number {} (a token shard starts with {SHARD_MAGIC})",
-                    int(0)
-                ),
+                format!("wrong magic number {} (a token shard starts with {SHARD_MAGIC})", int(0)),
             ));
         }
         if int(1) != SHARD_VERSION {
-            return Err(Error::data(
-                path,
-                format!("unsupported shard version {} (expected 1)", int(1)),
-            ));
+            return Err(Error::data(path, format!("unsupported shard version {} (expected 1)", int(1))));
         }
         let count = int(2);
         let body = &bytes[header_bytes..];
         if count < 0 || body.len() != count as usize * 2 {
             return Err(Error::data(
                 path,
-                format!(
-                    "header says {count} tokens but the file holds {} bytes of tokens",
-                    body.len()
-                ),
+                format!("header says {count} tokens but the file holds {} bytes of tokens", body.len()),
             ));
         }
-        let tokens: Vec<u32> = body
-            .chunks_exact(2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as u32)
-            .collect();
+        let tokens: Vec<u32> =
+            body.chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]]) as u32).collect();
         let bound = tokens.iter().max().map_or(0, |&m| m as usize + 1);
         Self::new(path, "token shard", tokens, bound, window)
     }
@@ -159,31 +142,16 @@ impl FileTokens {
         if tokens.len() < window {
             return Err(Error::data(
                 path,
-                format!(
-                    "has {} tokens but one batch needs {window} (batch × seq + 1)",
-                    tokens.len()
-                ),
+                format!("has {} tokens but one batch needs {window} (batch × seq + 1)", tokens.len()),
             ));
         }
-        Ok(FileTokens {
-            path: path.to_path_buf(),
-            kind,
-            tokens,
-            vocab_bound,
-            position: 0,
-            window,
-        })
+        Ok(FileTokens { path: path.to_path_buf(), kind, tokens, vocab_bound, position: 0, window })
     }
 }
 
 impl TokenSource for FileTokens {
     fn describe(&self) -> String {
-        format!(
-            "{} {} ({} tokens)",
-            self.kind,
-            self.path.display(),
-            self.tokens.len()
-        )
+        format!("{} {} ({} tokens)", self.kind, self.path.display(), self.tokens.len())
     }
     fn vocab_bound(&self) -> usize {
         self.vocab_bound
@@ -198,9 +166,7 @@ impl TokenSource for FileTokens {
         self.position += n - 1;
     }
     fn cursor(&self) -> DataCursor {
-        DataCursor::File {
-            position: self.position as u64,
-        }
+        DataCursor::File { position: self.position as u64 }
     }
     fn restore(&mut self, cursor: &DataCursor) -> Result<()> {
         match *cursor {
@@ -210,10 +176,7 @@ impl TokenSource for FileTokens {
             }
             _ => Err(Error::data(
                 &self.path,
-                format!(
-                    "checkpoint cursor {cursor:?} does not fit this file (window {})",
-                    self.window
-                ),
+                format!("checkpoint cursor {cursor:?} does not fit this file (window {})", self.window),
             )),
         }
     }
@@ -263,17 +226,9 @@ impl MarkovChain {
             successors.push((next, cdf));
         }
         let pi = stationary(&successors, &probs);
-        let entropy_rate = pi
-            .iter()
-            .zip(&probs)
-            .map(|(pi_i, p)| pi_i * p.iter().map(|&q| -q * q.ln()).sum::<f64>())
-            .sum();
-        let mut chain = MarkovChain {
-            successors,
-            entropy_rate,
-            rng: Rng::new(seed),
-            token: 0,
-        };
+        let entropy_rate =
+            pi.iter().zip(&probs).map(|(pi_i, p)| pi_i * p.iter().map(|&q| -q * q.ln()).sum::<f64>()).sum();
+        let mut chain = MarkovChain { successors, entropy_rate, rng: Rng::new(seed), token: 0 };
         // Burn in so the stream starts near the stationary distribution the floor assumes.
         for _ in 0..10 * vocab {
             chain.token = chain.step();
@@ -333,10 +288,7 @@ impl TokenSource for MarkovChain {
         }
     }
     fn cursor(&self) -> DataCursor {
-        DataCursor::Markov {
-            rng_state: self.rng.state(),
-            token: self.token,
-        }
+        DataCursor::Markov { rng_state: self.rng.state(), token: self.token }
     }
     fn restore(&mut self, cursor: &DataCursor) -> Result<()> {
         match *cursor {
@@ -361,8 +313,8 @@ pub fn write_shard(path: &Path, tokens: &[u16]) -> Result<()> {
     let mut header = [0i32; SHARD_HEADER_INTS];
     header[0] = SHARD_MAGIC;
     header[1] = SHARD_VERSION;
-    header[2] = i32::try_from(tokens.len())
-        .map_err(|_| Error::data(path, "too many tokens for one shard"))?;
+    header[2] =
+        i32::try_from(tokens.len()).map_err(|_| Error::data(path, "too many tokens for one shard"))?;
     for h in header {
         bytes.extend_from_slice(&h.to_le_bytes());
     }
@@ -392,18 +344,12 @@ mod tests {
         let mut nll = 0.0;
         for w in window.windows(2) {
             let (to, cdf) = &chain.successors[w[0] as usize];
-            let k = to
-                .iter()
-                .position(|&s| s == w[1])
-                .expect("transition outside the table");
+            let k = to.iter().position(|&s| s == w[1]).expect("transition outside the table");
             let p = cdf[k] - if k == 0 { 0.0 } else { cdf[k - 1] };
             nll -= p.ln();
         }
         let empirical = nll / 200_000.0;
-        assert!(
-            (empirical - floor).abs() < 0.02,
-            "empirical {empirical} vs floor {floor}"
-        );
+        assert!((empirical - floor).abs() < 0.02, "empirical {empirical} vs floor {floor}");
     }
 
     #[test]
@@ -431,20 +377,14 @@ mod tests {
         let mut w = vec![0u32; 65];
         src.next_window(&mut w);
         assert_eq!(w[..3], [0, 7, 14]);
-        assert_eq!(
-            src.vocab_bound(),
-            *tokens.iter().max().unwrap() as usize + 1
-        );
+        assert_eq!(src.vocab_bound(), *tokens.iter().max().unwrap() as usize + 1);
 
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[0] ^= 0xff;
         let bad = dir.join("bad.bin");
         std::fs::write(&bad, bytes).unwrap();
         let err = FileTokens::open_shard(&bad, 65).err().unwrap().to_string();
-        assert!(
-            err.contains("bad.bin") && err.contains("wrong magic"),
-            "{err}"
-        );
+        assert!(err.contains("bad.bin") && err.contains("wrong magic"), "{err}");
     }
 
     #[test]
@@ -452,17 +392,11 @@ mod tests {
         let dir = tmp("text");
         let missing = dir.join("nope.txt");
         let err = DataSpec::File(missing).open(10).err().unwrap().to_string();
-        assert!(
-            err.contains("nope.txt") && err.contains("does not exist"),
-            "{err}"
-        );
+        assert!(err.contains("nope.txt") && err.contains("does not exist"), "{err}");
         let empty = dir.join("empty.txt");
         std::fs::write(&empty, "").unwrap();
         let err = DataSpec::File(empty).open(10).err().unwrap().to_string();
-        assert!(
-            err.contains("empty.txt") && err.contains("is empty"),
-            "{err}"
-        );
+        assert!(err.contains("empty.txt") && err.contains("is empty"), "{err}");
         let short = dir.join("short.txt");
         std::fs::write(&short, "hello").unwrap();
         let err = DataSpec::File(short).open(10).err().unwrap().to_string();
@@ -470,9 +404,6 @@ mod tests {
         let latin1 = dir.join("latin1.txt");
         std::fs::write(&latin1, [b'a', 0xe9, b'b']).unwrap();
         let err = DataSpec::File(latin1).open(2).err().unwrap().to_string();
-        assert!(
-            err.contains("not UTF-8") && err.contains("offset 1"),
-            "{err}"
-        );
+        assert!(err.contains("not UTF-8") && err.contains("offset 1"), "{err}");
     }
 }

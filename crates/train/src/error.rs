@@ -13,34 +13,30 @@ pub enum Error {
     /// A checkpoint file is missing, corrupt or does not match the run.
     Checkpoint { path: PathBuf, reason: String },
     /// An operating-system IO error on a named path.
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// Training diverged: the loss became NaN or infinite.
     NonFiniteLoss { step: u64, loss: f32 },
+    /// A collective with the other ranks failed (a peer died, hung or disagreed).
+    Comm(comm::CommError),
+}
+
+impl From<comm::CommError> for Error {
+    fn from(e: comm::CommError) -> Self {
+        Error::Comm(e)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
     pub fn data(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Data {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::Data { path: path.into(), reason: reason.into() }
     }
     pub fn checkpoint(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        Error::Checkpoint { path: path.into(), reason: reason.into() }
     }
 }
 
@@ -57,6 +53,7 @@ impl fmt::Display for Error {
                 f,
                 "training diverged: loss is {loss} at step {step} (try a lower --lr or stronger clipping)"
             ),
+            Error::Comm(e) => write!(f, "data parallelism: {e}"),
         }
     }
 }

@@ -35,8 +35,7 @@ pub fn fast_exp(x: f32) -> f32 {
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     // The low mantissa bits of `shifted` hold n in two's complement; move n + 127 into the
     // exponent field (the shift discards everything above it).
     let scale = f32::from_bits(shifted.to_bits().wrapping_add(127) << 23);
@@ -215,46 +214,17 @@ pub fn matmul(
     assert_eq!(a.len(), m * k, "matmul: A is not {m}x{k}");
     assert_eq!(b.len(), k * n, "matmul: B is not {k}x{n}");
     let av = if a_t {
-        View {
-            ptr: a.as_ptr(),
-            rs: 1,
-            cs: m as isize,
-        }
+        View { ptr: a.as_ptr(), rs: 1, cs: m as isize }
     } else {
-        View {
-            ptr: a.as_ptr(),
-            rs: k as isize,
-            cs: 1,
-        }
+        View { ptr: a.as_ptr(), rs: k as isize, cs: 1 }
     };
     let bv = if b_t {
-        View {
-            ptr: b.as_ptr(),
-            rs: 1,
-            cs: k as isize,
-        }
+        View { ptr: b.as_ptr(), rs: 1, cs: k as isize }
     } else {
-        View {
-            ptr: b.as_ptr(),
-            rs: n as isize,
-            cs: 1,
-        }
+        View { ptr: b.as_ptr(), rs: n as isize, cs: 1 }
     };
     // SAFETY: the asserts above bound every view to its slice; `c` is a distinct &mut.
-    unsafe {
-        gemm_raw(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            n as isize,
-            av,
-            bv,
-            1.0,
-            accumulate,
-            true,
-        )
-    }
+    unsafe { gemm_raw(m, n, k, c.as_mut_ptr(), n as isize, av, bv, 1.0, accumulate, true) }
 }
 
 /// out(rows, cols) = base(rows, cols) + bias(cols) broadcast over rows; `base` None means zero.
@@ -262,22 +232,20 @@ pub fn matmul(
 pub fn seed_rows(out: &mut [f32], base: Option<&[f32]>, bias: &[f32]) {
     let cols = bias.len();
     assert_eq!(out.len() % cols, 0);
-    out.par_chunks_mut(cols * ROWS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            for (r, row) in chunk.chunks_exact_mut(cols).enumerate() {
-                match base {
-                    Some(base) => {
-                        let start = (task * ROWS_PER_TASK + r) * cols;
-                        let src = &base[start..start + cols];
-                        for ((o, s), b) in row.iter_mut().zip(src).zip(bias) {
-                            *o = s + b;
-                        }
+    out.par_chunks_mut(cols * ROWS_PER_TASK).enumerate().for_each(|(task, chunk)| {
+        for (r, row) in chunk.chunks_exact_mut(cols).enumerate() {
+            match base {
+                Some(base) => {
+                    let start = (task * ROWS_PER_TASK + r) * cols;
+                    let src = &base[start..start + cols];
+                    for ((o, s), b) in row.iter_mut().zip(src).zip(bias) {
+                        *o = s + b;
                     }
-                    None => row.copy_from_slice(bias),
                 }
+                None => row.copy_from_slice(bias),
             }
-        });
+        }
+    });
 }
 
 /// dbias(cols) += column sums of dout(rows, cols). Parallel over column blocks; each column is
@@ -286,47 +254,34 @@ pub fn bias_backward(dbias: &mut [f32], dout: &[f32]) {
     const COLS_PER_TASK: usize = 64;
     let cols = dbias.len();
     assert_eq!(dout.len() % cols, 0);
-    dbias
-        .par_chunks_mut(COLS_PER_TASK)
-        .enumerate()
-        .for_each(|(task, db)| {
-            let c0 = task * COLS_PER_TASK;
-            let mut acc = [0f32; COLS_PER_TASK];
-            let acc = &mut acc[..db.len()];
-            for row in dout.chunks_exact(cols) {
-                for (a, x) in acc.iter_mut().zip(&row[c0..c0 + db.len()]) {
-                    *a += x;
-                }
+    dbias.par_chunks_mut(COLS_PER_TASK).enumerate().for_each(|(task, db)| {
+        let c0 = task * COLS_PER_TASK;
+        let mut acc = [0f32; COLS_PER_TASK];
+        let acc = &mut acc[..db.len()];
+        for row in dout.chunks_exact(cols) {
+            for (a, x) in acc.iter_mut().zip(&row[c0..c0 + db.len()]) {
+                *a += x;
             }
-            for (d, a) in db.iter_mut().zip(acc.iter()) {
-                *d += a;
-            }
-        });
+        }
+        for (d, a) in db.iter_mut().zip(acc.iter()) {
+            *d += a;
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
 // Embeddings.
 
 /// out(B*T, C) = wte[tokens] + wpe[position].
-pub fn encoder_forward(
-    out: &mut [f32],
-    tokens: &[u32],
-    wte: &[f32],
-    wpe: &[f32],
-    t: usize,
-    c: usize,
-) {
-    out.par_chunks_mut(c)
-        .zip(tokens.par_iter())
-        .enumerate()
-        .for_each(|(bt, (row, &tok))| {
-            let pos = bt % t;
-            let e = &wte[tok as usize * c..][..c];
-            let p = &wpe[pos * c..][..c];
-            for ((o, a), b) in row.iter_mut().zip(e).zip(p) {
-                *o = a + b;
-            }
-        });
+pub fn encoder_forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], t: usize, c: usize) {
+    out.par_chunks_mut(c).zip(tokens.par_iter()).enumerate().for_each(|(bt, (row, &tok))| {
+        let pos = bt % t;
+        let e = &wte[tok as usize * c..][..c];
+        let p = &wpe[pos * c..][..c];
+        for ((o, a), b) in row.iter_mut().zip(e).zip(p) {
+            *o = a + b;
+        }
+    });
 }
 
 /// dwte[tokens] += dout, dwpe[position] += dout. Parallel over column blocks so repeated tokens
@@ -415,11 +370,8 @@ pub fn layernorm_backward(
     let tasks = rows.div_ceil(ROWS_PER_TASK);
     // Per-task partial sums of dw and db, combined in task order below.
     let mut partial = vec![0f32; tasks * 2 * c];
-    partial
-        .par_chunks_mut(2 * c)
-        .zip(dx.par_chunks_mut(c * ROWS_PER_TASK))
-        .enumerate()
-        .for_each(|(task, (part, dxs))| {
+    partial.par_chunks_mut(2 * c).zip(dx.par_chunks_mut(c * ROWS_PER_TASK)).enumerate().for_each(
+        |(task, (part, dxs))| {
             let (pw, pb) = part.split_at_mut(c);
             for (r, dxr) in dxs.chunks_exact_mut(c).enumerate() {
                 let row = task * ROWS_PER_TASK + r;
@@ -443,7 +395,8 @@ pub fn layernorm_backward(
                     pb[i] += dor[i];
                 }
             }
-        });
+        },
+    );
     for part in partial.chunks_exact(2 * c) {
         for i in 0..c {
             dw[i] += part[i];
@@ -456,31 +409,25 @@ pub fn layernorm_backward(
 // GELU (tanh approximation, as GPT-2).
 
 pub fn gelu_forward(out: &mut [f32], x: &[f32]) {
-    out.par_chunks_mut(ELEMS_PER_TASK)
-        .zip(x.par_chunks(ELEMS_PER_TASK))
-        .for_each(|(o, x)| {
-            for (o, &v) in o.iter_mut().zip(x) {
-                let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
-                *o = 0.5 * v * (1.0 + fast_tanh(u));
-            }
-        });
+    out.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(o, x)| {
+        for (o, &v) in o.iter_mut().zip(x) {
+            let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
+            *o = 0.5 * v * (1.0 + fast_tanh(u));
+        }
+    });
 }
 
 /// dx = dout * gelu'(x), written over `dout` in place (the caller no longer needs dout).
 pub fn gelu_backward_inplace(dout_dx: &mut [f32], x: &[f32]) {
-    dout_dx
-        .par_chunks_mut(ELEMS_PER_TASK)
-        .zip(x.par_chunks(ELEMS_PER_TASK))
-        .for_each(|(d, x)| {
-            for (d, &v) in d.iter_mut().zip(x) {
-                let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
-                let th = fast_tanh(u);
-                let sech2 = 1.0 - th * th;
-                let grad = 0.5 * (1.0 + th)
-                    + 0.5 * v * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * v * v);
-                *d *= grad;
-            }
-        });
+    dout_dx.par_chunks_mut(ELEMS_PER_TASK).zip(x.par_chunks(ELEMS_PER_TASK)).for_each(|(d, x)| {
+        for (d, &v) in d.iter_mut().zip(x) {
+            let u = GELU_SCALE * (v + GELU_CUBIC * v * v * v);
+            let th = fast_tanh(u);
+            let sech2 = 1.0 - th * th;
+            let grad = 0.5 * (1.0 + th) + 0.5 * v * sech2 * GELU_SCALE * (1.0 + 3.0 * GELU_CUBIC * v * v);
+            *d *= grad;
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,32 +475,16 @@ pub fn attention_forward(y: &mut [f32], att: &mut [f32], qkv: &[f32], s: AttnSha
         // of P and of y's head block are written by this task only.
         unsafe {
             let yh = yp.get().add(bi * t * c + h * hs);
-            let kt = View {
-                ptr: base.add(c + h * hs),
-                rs: 1,
-                cs: c3,
-            };
-            let v = View {
-                ptr: base.add(2 * c + h * hs),
-                rs: c3,
-                cs: 1,
-            };
+            let kt = View { ptr: base.add(c + h * hs), rs: 1, cs: c3 };
+            let v = View { ptr: base.add(2 * c + h * hs), rs: c3, cs: 1 };
             for r0 in (0..t).step_by(ATT_BLOCK) {
                 let r1 = (r0 + ATT_BLOCK).min(t);
                 let rows = r1 - r0;
-                let q = View {
-                    ptr: base.add(r0 * 3 * c + h * hs),
-                    rs: c3,
-                    cs: 1,
-                };
+                let q = View { ptr: base.add(r0 * 3 * c + h * hs), rs: c3, cs: 1 };
                 let pb = p.as_mut_ptr().add(r0 * t);
                 gemm_raw(rows, r1, hs, pb, ti, q, kt, scale, false, false);
                 causal_softmax_rows(&mut p[r0 * t..r1 * t], t, r0);
-                let pv = View {
-                    ptr: p.as_ptr().add(r0 * t),
-                    rs: ti,
-                    cs: 1,
-                };
+                let pv = View { ptr: p.as_ptr().add(r0 * t), rs: ti, cs: 1 };
                 gemm_raw(rows, hs, r1, yh.add(r0 * c), ci, pv, v, 1.0, false, false);
             }
         }
@@ -594,37 +525,14 @@ pub fn attention_backward(dqkv: &mut [f32], dy: &[f32], qkv: &[f32], att: &[f32]
             // diagonal, so the blocks below only skip products that are exactly zero.
             unsafe {
                 let dbase = dp.get().add(bi * t * 3 * c + h * hs);
-                let vt = View {
-                    ptr: base.add(2 * c + h * hs),
-                    rs: 1,
-                    cs: c3,
-                };
-                let k = View {
-                    ptr: base.add(c + h * hs),
-                    rs: c3,
-                    cs: 1,
-                };
+                let vt = View { ptr: base.add(2 * c + h * hs), rs: 1, cs: c3 };
+                let k = View { ptr: base.add(c + h * hs), rs: c3, cs: 1 };
                 // Per query block: dP = dy V^T, softmax backward into dS, dq = dS K.
                 for r0 in (0..t).step_by(ATT_BLOCK) {
                     let r1 = (r0 + ATT_BLOCK).min(t);
                     let rows = r1 - r0;
-                    let dyv = View {
-                        ptr: dyh.add(r0 * c),
-                        rs: ci,
-                        cs: 1,
-                    };
-                    gemm_raw(
-                        rows,
-                        r1,
-                        hs,
-                        ds.as_mut_ptr().add(r0 * t),
-                        ti,
-                        dyv,
-                        vt,
-                        1.0,
-                        false,
-                        false,
-                    );
+                    let dyv = View { ptr: dyh.add(r0 * c), rs: ci, cs: 1 };
+                    gemm_raw(rows, r1, hs, ds.as_mut_ptr().add(r0 * t), ti, dyv, vt, 1.0, false, false);
                     for i in r0..r1 {
                         let (dsr, pr) = (&mut ds[i * t..(i + 1) * t], &p[i * t..(i + 1) * t]);
                         let live = i + 1;
@@ -634,73 +542,20 @@ pub fn attention_backward(dqkv: &mut [f32], dy: &[f32], qkv: &[f32], att: &[f32]
                         }
                         dsr[live..].fill(0.0);
                     }
-                    let dsv = View {
-                        ptr: ds.as_ptr().add(r0 * t),
-                        rs: ti,
-                        cs: 1,
-                    };
-                    gemm_raw(
-                        rows,
-                        hs,
-                        r1,
-                        dbase.add(r0 * 3 * c),
-                        c3,
-                        dsv,
-                        k,
-                        1.0,
-                        false,
-                        false,
-                    );
+                    let dsv = View { ptr: ds.as_ptr().add(r0 * t), rs: ti, cs: 1 };
+                    gemm_raw(rows, hs, r1, dbase.add(r0 * 3 * c), c3, dsv, k, 1.0, false, false);
                 }
                 // Per key block j0..j1: only query rows i >= j0 attend to it.
                 // dk = dS^T q and dv = P^T dy over those rows.
                 for j0 in (0..t).step_by(ATT_BLOCK) {
                     let j1 = (j0 + ATT_BLOCK).min(t);
                     let (cols, rows) = (j1 - j0, t - j0);
-                    let dst = View {
-                        ptr: ds.as_ptr().add(j0 * t + j0),
-                        rs: 1,
-                        cs: ti,
-                    };
-                    let q = View {
-                        ptr: base.add(j0 * 3 * c + h * hs),
-                        rs: c3,
-                        cs: 1,
-                    };
-                    gemm_raw(
-                        cols,
-                        hs,
-                        rows,
-                        dbase.add(j0 * 3 * c + c),
-                        c3,
-                        dst,
-                        q,
-                        1.0,
-                        false,
-                        false,
-                    );
-                    let pt = View {
-                        ptr: p.as_ptr().add(j0 * t + j0),
-                        rs: 1,
-                        cs: ti,
-                    };
-                    let dyv = View {
-                        ptr: dyh.add(j0 * c),
-                        rs: ci,
-                        cs: 1,
-                    };
-                    gemm_raw(
-                        cols,
-                        hs,
-                        rows,
-                        dbase.add(j0 * 3 * c + 2 * c),
-                        c3,
-                        pt,
-                        dyv,
-                        1.0,
-                        false,
-                        false,
-                    );
+                    let dst = View { ptr: ds.as_ptr().add(j0 * t + j0), rs: 1, cs: ti };
+                    let q = View { ptr: base.add(j0 * 3 * c + h * hs), rs: c3, cs: 1 };
+                    gemm_raw(cols, hs, rows, dbase.add(j0 * 3 * c + c), c3, dst, q, 1.0, false, false);
+                    let pt = View { ptr: p.as_ptr().add(j0 * t + j0), rs: 1, cs: ti };
+                    let dyv = View { ptr: dyh.add(j0 * c), rs: ci, cs: 1 };
+                    gemm_raw(cols, hs, rows, dbase.add(j0 * 3 * c + 2 * c), c3, pt, dyv, 1.0, false, false);
                 }
             }
         },
@@ -721,12 +576,8 @@ pub fn softmax_xent_fused(
     dloss: f32,
 ) {
     assert_eq!(logits.len(), targets.len() * vp);
-    logits
-        .par_chunks_mut(vp)
-        .zip(losses.par_iter_mut())
-        .zip(targets.par_iter())
-        .with_min_len(4)
-        .for_each(|((row, loss), &tgt)| {
+    logits.par_chunks_mut(vp).zip(losses.par_iter_mut()).zip(targets.par_iter()).with_min_len(4).for_each(
+        |((row, loss), &tgt)| {
             let tgt = tgt as usize;
             let (live, pad) = row.split_at_mut(v);
             let max = max_of(live);
@@ -739,7 +590,8 @@ pub fn softmax_xent_fused(
             }
             live[tgt] -= dloss;
             pad.fill(0.0);
-        });
+        },
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -794,12 +646,7 @@ pub mod reference {
                     let mut w = vec![0f64; i + 1];
                     for (j, wj) in w.iter_mut().enumerate() {
                         let k = &qkv[(bi * t + j) * 3 * c + c + h * hs..][..hs];
-                        *wj = q
-                            .iter()
-                            .zip(k)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale;
+                        *wj = q.iter().zip(k).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() * scale;
                     }
                     let max = w.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let sum: f64 = w.iter().map(|x| (x - max).exp()).sum();
@@ -883,19 +730,9 @@ mod tests {
 
     #[test]
     fn attention_matches_reference() {
-        attention_case(AttnShape {
-            b: 2,
-            t: 7,
-            c: 12,
-            nh: 3,
-        });
+        attention_case(AttnShape { b: 2, t: 7, c: 12, nh: 3 });
         // Several causal blocks, the last one partial.
-        attention_case(AttnShape {
-            b: 1,
-            t: 2 * ATT_BLOCK + 5,
-            c: 8,
-            nh: 2,
-        });
+        attention_case(AttnShape { b: 1, t: 2 * ATT_BLOCK + 5, c: 8, nh: 2 });
     }
 
     fn attention_case(s: AttnShape) {
@@ -904,11 +741,7 @@ mod tests {
         let mut att = vec![0f32; s.b * s.nh * s.t * s.t];
         attention_forward(&mut y, &mut att, &qkv, s);
         let want = reference::attention(&qkv, s.b, s.t, s.c, s.nh);
-        assert!(
-            max_rel_diff(&y, &want) < 1e-5,
-            "{}",
-            max_rel_diff(&y, &want)
-        );
+        assert!(max_rel_diff(&y, &want) < 1e-5, "{}", max_rel_diff(&y, &want));
         for row in att.chunks_exact(s.t) {
             assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
         }
@@ -924,23 +757,12 @@ mod tests {
             y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
         };
         let h = 1e-3f32;
-        let shifted = |sign: f32| -> Vec<f32> {
-            qkv.iter()
-                .zip(&d)
-                .map(|(x, dd)| x + sign * h * dd)
-                .collect()
-        };
+        let shifted =
+            |sign: f32| -> Vec<f32> { qkv.iter().zip(&d).map(|(x, dd)| x + sign * h * dd).collect() };
         let fd = (loss(&shifted(1.0)) - loss(&shifted(-1.0))) / (2.0 * h as f64);
-        let analytic: f64 = dqkv
-            .iter()
-            .zip(&d)
-            .map(|(a, b)| *a as f64 * *b as f64)
-            .sum();
+        let analytic: f64 = dqkv.iter().zip(&d).map(|(a, b)| *a as f64 * *b as f64).sum();
         let rel = (fd - analytic).abs() / fd.abs().max(analytic.abs());
-        assert!(
-            rel < 1e-3,
-            "attention backward {analytic} vs finite differences {fd} (rel {rel:.2e})"
-        );
+        assert!(rel < 1e-3, "attention backward {analytic} vs finite differences {fd} (rel {rel:.2e})");
     }
 
     #[test]

@@ -18,11 +18,7 @@ pub fn zeroed(n: usize) -> Vec<f32> {
                 // SAFETY: [aligned, end) lies inside the allocation just made; madvise only
                 // changes how its (still untouched) pages are backed. Failure is harmless.
                 unsafe {
-                    libc::madvise(
-                        aligned as *mut libc::c_void,
-                        end - aligned,
-                        libc::MADV_HUGEPAGE,
-                    );
+                    libc::madvise(aligned as *mut libc::c_void, end - aligned, libc::MADV_HUGEPAGE);
                 }
             }
             v.resize(n, 0.0);

@@ -101,50 +101,29 @@ impl Gpt {
         let n = specs.iter().map(|s| s.numel()).sum();
         let mut params = crate::memory::zeroed(n);
         let resid_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
-        for (ti, (spec, buf)) in specs
-            .iter()
-            .zip(p::split_mut(&mut params, &specs))
-            .enumerate()
-        {
+        for (ti, (spec, buf)) in specs.iter().zip(p::split_mut(&mut params, &specs)).enumerate() {
             let name = spec.name.as_str();
             let std = if name.ends_with("c_proj.weight") {
                 resid_std
             } else if spec.decay {
                 0.02
-            } else if name.ends_with("ln_1.weight")
-                || name.ends_with("ln_2.weight")
-                || name == "ln_f.weight"
+            } else if name.ends_with("ln_1.weight") || name.ends_with("ln_2.weight") || name == "ln_f.weight"
             {
                 buf.fill(1.0);
                 continue;
             } else {
                 continue; // biases stay zero
             };
-            let live = if ti == p::WTE {
-                cfg.vocab_size * cfg.n_embd
-            } else {
-                buf.len()
-            };
+            let live = if ti == p::WTE { cfg.vocab_size * cfg.n_embd } else { buf.len() };
             const CHUNK: usize = 1 << 16;
-            buf[..live]
-                .par_chunks_mut(CHUNK)
-                .enumerate()
-                .for_each(|(ci, chunk)| {
-                    let mut rng = Rng::new(
-                        seed ^ ((ti as u64) << 40) ^ (ci as u64).wrapping_mul(0x9E37_79B9),
-                    );
-                    for x in chunk {
-                        *x = (rng.normal() * std) as f32;
-                    }
-                });
+            buf[..live].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
+                let mut rng = Rng::new(seed ^ ((ti as u64) << 40) ^ (ci as u64).wrapping_mul(0x9E37_79B9));
+                for x in chunk {
+                    *x = (rng.normal() * std) as f32;
+                }
+            });
         }
-        Gpt {
-            cfg,
-            specs,
-            grads: crate::memory::zeroed(n),
-            params,
-            acts: None,
-        }
+        Gpt { cfg, specs, grads: crate::memory::zeroed(n), params, acts: None }
     }
 
     pub fn num_params(&self) -> usize {
@@ -158,48 +137,25 @@ impl Gpt {
     /// Forward pass over `inputs` (B×T token ids) with next-token `targets`; returns the mean loss.
     /// Leaves d(loss × dloss_scale × B×T)/d(logits) in place for [`Gpt::backward`]: `loss_scale` is
     /// the weight of this micro-batch's mean loss in the step's objective (1/accumulation steps).
-    pub fn forward(
-        &mut self,
-        inputs: &[u32],
-        targets: &[u32],
-        b: usize,
-        t: usize,
-        loss_scale: f32,
-    ) -> f32 {
+    pub fn forward(&mut self, inputs: &[u32], targets: &[u32], b: usize, t: usize, loss_scale: f32) -> f32 {
         let cfg = &self.cfg;
         let (c, bt, v, vp) = (cfg.n_embd, b * t, cfg.vocab_size, cfg.padded_vocab_size);
-        assert!(
-            t <= cfg.context_len,
-            "seq {t} exceeds context {}",
-            cfg.context_len
-        );
+        assert!(t <= cfg.context_len, "seq {t} exceeds context {}", cfg.context_len);
         assert_eq!(inputs.len(), bt);
         assert_eq!(targets.len(), bt);
-        assert!(
-            inputs.iter().chain(targets).all(|&x| (x as usize) < v),
-            "token id out of vocabulary"
-        );
+        assert!(inputs.iter().chain(targets).all(|&x| (x as usize) < v), "token id out of vocabulary");
         if self.acts.as_ref().is_none_or(|a| a.b != b || a.t != t) {
             self.acts = Some(Activations::new(cfg, b, t));
         }
         let acts = self.acts.as_mut().unwrap();
         acts.inputs.copy_from_slice(inputs);
         let w = p::split(&self.params, &self.specs);
-        let shape = AttnShape {
-            b,
-            t,
-            c,
-            nh: cfg.n_head,
-        };
+        let shape = AttnShape { b, t, c, nh: cfg.n_head };
 
         k::encoder_forward(&mut acts.encoded, inputs, w[p::WTE], w[p::WPE], t, c);
         for l in 0..cfg.n_layer {
             let (done, rest) = acts.layers.split_at_mut(l);
-            let residual: &[f32] = if l == 0 {
-                &acts.encoded
-            } else {
-                &done[l - 1].res3
-            };
+            let residual: &[f32] = if l == 0 { &acts.encoded } else { &done[l - 1].res3 };
             let a = &mut rest[0];
             let lw = &w[p::layer_base(l)..p::layer_base(l + 1)];
             k::layernorm_forward(
@@ -211,30 +167,10 @@ impl Gpt {
                 lw[p::LN1_B],
             );
             k::seed_rows(&mut a.qkv, None, lw[p::QKV_B]);
-            k::matmul(
-                &mut a.qkv,
-                &a.ln1,
-                false,
-                lw[p::QKV_W],
-                false,
-                bt,
-                3 * c,
-                c,
-                true,
-            );
+            k::matmul(&mut a.qkv, &a.ln1, false, lw[p::QKV_W], false, bt, 3 * c, c, true);
             k::attention_forward(&mut a.atty, &mut a.att, &a.qkv, shape);
             k::seed_rows(&mut a.res2, Some(residual), lw[p::ATTPROJ_B]);
-            k::matmul(
-                &mut a.res2,
-                &a.atty,
-                false,
-                lw[p::ATTPROJ_W],
-                false,
-                bt,
-                c,
-                c,
-                true,
-            );
+            k::matmul(&mut a.res2, &a.atty, false, lw[p::ATTPROJ_W], false, bt, c, c, true);
             k::layernorm_forward(
                 &mut a.ln2,
                 &mut a.ln2_mean,
@@ -244,52 +180,15 @@ impl Gpt {
                 lw[p::LN2_B],
             );
             k::seed_rows(&mut a.fch, None, lw[p::FC_B]);
-            k::matmul(
-                &mut a.fch,
-                &a.ln2,
-                false,
-                lw[p::FC_W],
-                false,
-                bt,
-                4 * c,
-                c,
-                true,
-            );
+            k::matmul(&mut a.fch, &a.ln2, false, lw[p::FC_W], false, bt, 4 * c, c, true);
             k::gelu_forward(&mut a.fch_gelu, &a.fch);
             k::seed_rows(&mut a.res3, Some(&a.res2), lw[p::FCPROJ_B]);
-            k::matmul(
-                &mut a.res3,
-                &a.fch_gelu,
-                false,
-                lw[p::FCPROJ_W],
-                false,
-                bt,
-                c,
-                4 * c,
-                true,
-            );
+            k::matmul(&mut a.res3, &a.fch_gelu, false, lw[p::FCPROJ_W], false, bt, c, 4 * c, true);
         }
         let last: &[f32] = acts.layers.last().map_or(&acts.encoded, |a| &a.res3);
         let lnf = p::lnf_w(cfg);
-        k::layernorm_forward(
-            &mut acts.lnf,
-            &mut acts.lnf_mean,
-            &mut acts.lnf_rstd,
-            last,
-            w[lnf],
-            w[lnf + 1],
-        );
-        k::matmul(
-            &mut acts.logits,
-            &acts.lnf,
-            false,
-            w[p::WTE],
-            true,
-            bt,
-            vp,
-            c,
-            false,
-        );
+        k::layernorm_forward(&mut acts.lnf, &mut acts.lnf_mean, &mut acts.lnf_rstd, last, w[lnf], w[lnf + 1]);
+        k::matmul(&mut acts.logits, &acts.lnf, false, w[p::WTE], true, bt, vp, c, false);
         let dloss = loss_scale / bt as f32;
         k::softmax_xent_fused(&mut acts.logits, &mut acts.losses, targets, v, vp, dloss);
         (acts.losses.iter().map(|&x| x as f64).sum::<f64>() / bt as f64) as f32
@@ -297,47 +196,36 @@ impl Gpt {
 
     /// Backward pass of the last [`Gpt::forward`]; adds into `grads` (zero them per step).
     pub fn backward(&mut self) {
+        self.backward_with(&mut |_| {});
+    }
+
+    /// Backward pass that hands each bucket of gradients to `ready` as soon as no later part of
+    /// the pass writes it: the final norm, then each block from the last to the first, then the
+    /// embeddings. A data-parallel trainer all-reduces a bucket while backward continues.
+    pub fn backward_with<'a>(&'a mut self, ready: &mut dyn FnMut(&'a mut [f32])) {
         let cfg = &self.cfg;
         let acts = self.acts.as_mut().expect("backward needs a forward first");
         let (b, t, c, vp) = (acts.b, acts.t, cfg.n_embd, cfg.padded_vocab_size);
         let bt = b * t;
         let w = p::split(&self.params, &self.specs);
-        let mut g = p::split_mut(&mut self.grads, &self.specs);
-        let shape = AttnShape {
-            b,
-            t,
-            c,
-            nh: cfg.n_head,
-        };
+        let specs = &self.specs;
+        let lnf = p::lnf_w(cfg);
+        let (head, rest) = self.grads.split_at_mut(specs[p::WPE].range().end);
+        let (layer_region, tail) = rest.split_at_mut(specs[lnf].offset - specs[p::WPE].range().end);
+        let layer_len = layer_region.len() / cfg.n_layer;
+        let mut layer_buckets: Vec<Option<&'a mut [f32]>> =
+            layer_region.chunks_mut(layer_len).map(Some).collect();
+        let mut gh = p::split_mut(&mut *head, &specs[..2]);
+        let mut gt = p::split_mut(&mut *tail, &specs[lnf..]);
+        let shape = AttnShape { b, t, c, nh: cfg.n_head };
 
         // LM head (tied to wte): logits = lnf · wteᵀ.
-        k::matmul(
-            &mut acts.dc,
-            &acts.logits,
-            false,
-            w[p::WTE],
-            false,
-            bt,
-            c,
-            vp,
-            false,
-        );
-        k::matmul(
-            g[p::WTE],
-            &acts.logits,
-            true,
-            &acts.lnf,
-            false,
-            vp,
-            c,
-            bt,
-            true,
-        );
+        k::matmul(&mut acts.dc, &acts.logits, false, w[p::WTE], false, bt, c, vp, false);
+        k::matmul(gh[p::WTE], &acts.logits, true, &acts.lnf, false, vp, c, bt, true);
         acts.dres.fill(0.0);
-        let lnf = p::lnf_w(cfg);
         let last: &[f32] = acts.layers.last().map_or(&acts.encoded, |a| &a.res3);
         {
-            let [gw, gb] = g.get_disjoint_mut([lnf, lnf + 1]).unwrap();
+            let [gw, gb] = gt.get_disjoint_mut([0, 1]).unwrap();
             k::layernorm_backward(
                 &mut acts.dres,
                 gw,
@@ -349,65 +237,25 @@ impl Gpt {
                 &acts.lnf_rstd,
             );
         }
+        drop(gt);
+        ready(tail);
 
         for l in (0..cfg.n_layer).rev() {
             let base = p::layer_base(l);
             let lw = &w[base..base + p::PER_LAYER];
-            let lg = &mut g[base..base + p::PER_LAYER];
-            let residual: &[f32] = if l == 0 {
-                &acts.encoded
-            } else {
-                &acts.layers[l - 1].res3
-            };
+            let bucket = layer_buckets[l].take().expect("each block's bucket is used once");
+            let mut lg_tensors = p::split_mut(&mut *bucket, &specs[base..base + p::PER_LAYER]);
+            let lg = &mut lg_tensors[..];
+            let residual: &[f32] = if l == 0 { &acts.encoded } else { &acts.layers[l - 1].res3 };
             let a = &acts.layers[l];
             // MLP projection: res3 = res2 + gelu(fch) · W + b; dres holds d(res3).
-            k::matmul(
-                &mut acts.dfch,
-                &acts.dres,
-                false,
-                lw[p::FCPROJ_W],
-                true,
-                bt,
-                4 * c,
-                c,
-                false,
-            );
-            k::matmul(
-                lg[p::FCPROJ_W],
-                &a.fch_gelu,
-                true,
-                &acts.dres,
-                false,
-                4 * c,
-                c,
-                bt,
-                true,
-            );
+            k::matmul(&mut acts.dfch, &acts.dres, false, lw[p::FCPROJ_W], true, bt, 4 * c, c, false);
+            k::matmul(lg[p::FCPROJ_W], &a.fch_gelu, true, &acts.dres, false, 4 * c, c, bt, true);
             k::bias_backward(lg[p::FCPROJ_B], &acts.dres);
             k::gelu_backward_inplace(&mut acts.dfch, &a.fch);
             // MLP input: fch = ln2 · W + b.
-            k::matmul(
-                &mut acts.dc,
-                &acts.dfch,
-                false,
-                lw[p::FC_W],
-                true,
-                bt,
-                c,
-                4 * c,
-                false,
-            );
-            k::matmul(
-                lg[p::FC_W],
-                &a.ln2,
-                true,
-                &acts.dfch,
-                false,
-                c,
-                4 * c,
-                bt,
-                true,
-            );
+            k::matmul(&mut acts.dc, &acts.dfch, false, lw[p::FC_W], true, bt, c, 4 * c, false);
+            k::matmul(lg[p::FC_W], &a.ln2, true, &acts.dfch, false, c, 4 * c, bt, true);
             k::bias_backward(lg[p::FC_B], &acts.dfch);
             {
                 let [gw, gb] = lg.get_disjoint_mut([p::LN2_W, p::LN2_B]).unwrap();
@@ -423,53 +271,13 @@ impl Gpt {
                 );
             }
             // Attention projection: res2 = residual + atty · W + b; dres now holds d(res2).
-            k::matmul(
-                &mut acts.dc,
-                &acts.dres,
-                false,
-                lw[p::ATTPROJ_W],
-                true,
-                bt,
-                c,
-                c,
-                false,
-            );
-            k::matmul(
-                lg[p::ATTPROJ_W],
-                &a.atty,
-                true,
-                &acts.dres,
-                false,
-                c,
-                c,
-                bt,
-                true,
-            );
+            k::matmul(&mut acts.dc, &acts.dres, false, lw[p::ATTPROJ_W], true, bt, c, c, false);
+            k::matmul(lg[p::ATTPROJ_W], &a.atty, true, &acts.dres, false, c, c, bt, true);
             k::bias_backward(lg[p::ATTPROJ_B], &acts.dres);
             k::attention_backward(&mut acts.dqkv, &acts.dc, &a.qkv, &a.att, shape);
             // QKV: qkv = ln1 · W + b.
-            k::matmul(
-                &mut acts.dc,
-                &acts.dqkv,
-                false,
-                lw[p::QKV_W],
-                true,
-                bt,
-                c,
-                3 * c,
-                false,
-            );
-            k::matmul(
-                lg[p::QKV_W],
-                &a.ln1,
-                true,
-                &acts.dqkv,
-                false,
-                c,
-                3 * c,
-                bt,
-                true,
-            );
+            k::matmul(&mut acts.dc, &acts.dqkv, false, lw[p::QKV_W], true, bt, c, 3 * c, false);
+            k::matmul(lg[p::QKV_W], &a.ln1, true, &acts.dqkv, false, c, 3 * c, bt, true);
             k::bias_backward(lg[p::QKV_B], &acts.dqkv);
             {
                 let [gw, gb] = lg.get_disjoint_mut([p::LN1_W, p::LN1_B]).unwrap();
@@ -484,8 +292,11 @@ impl Gpt {
                     &a.ln1_rstd,
                 );
             }
+            ready(bucket);
         }
-        let [gwte, gwpe] = g.get_disjoint_mut([p::WTE, p::WPE]).unwrap();
+        let [gwte, gwpe] = gh.get_disjoint_mut([p::WTE, p::WPE]).unwrap();
         k::encoder_backward(gwte, gwpe, &acts.dres, &acts.inputs, t, c);
+        drop(gh);
+        ready(head);
     }
 }

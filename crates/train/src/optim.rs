@@ -18,11 +18,7 @@ const ELEMS_PER_TASK: usize = 1 << 14;
 
 impl AdamW {
     pub fn new(n: usize) -> Self {
-        AdamW {
-            m: crate::memory::zeroed(n),
-            v: crate::memory::zeroed(n),
-            t: 0,
-        }
+        AdamW { m: crate::memory::zeroed(n), v: crate::memory::zeroed(n), t: 0 }
     }
 
     /// One update. `grad_scale` multiplies every gradient first (the clip factor).
@@ -43,11 +39,7 @@ impl AdamW {
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for spec in specs {
             let r = spec.range();
-            let decay = if spec.decay {
-                1.0 - lr * cfg.weight_decay
-            } else {
-                1.0
-            };
+            let decay = if spec.decay { 1.0 - lr * cfg.weight_decay } else { 1.0 };
             params[r.clone()]
                 .par_chunks_mut(ELEMS_PER_TASK)
                 .zip(grads[r.clone()].par_chunks(ELEMS_PER_TASK))
@@ -74,23 +66,10 @@ mod tests {
     #[test]
     fn matches_a_scalar_adamw_reference() {
         let specs = vec![
-            TensorSpec {
-                name: "w".into(),
-                shape: vec![3],
-                offset: 0,
-                decay: true,
-            },
-            TensorSpec {
-                name: "b".into(),
-                shape: vec![2],
-                offset: 3,
-                decay: false,
-            },
+            TensorSpec { name: "w".into(), shape: vec![3], offset: 0, decay: true },
+            TensorSpec { name: "b".into(), shape: vec![2], offset: 3, decay: false },
         ];
-        let cfg = TrainConfig {
-            weight_decay: 0.1,
-            ..Default::default()
-        };
+        let cfg = TrainConfig { weight_decay: 0.1, ..Default::default() };
         let mut p = vec![0.5f32, -1.0, 2.0, 0.3, -0.3];
         let g = [0.1f32, 0.2, -0.3, 0.4, -0.5];
         let mut want: Vec<f64> = p.iter().map(|&x| x as f64).collect();

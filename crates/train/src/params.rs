@@ -56,12 +56,7 @@ pub fn param_specs(cfg: &ModelConfig) -> Vec<TensorSpec> {
     let mut specs = Vec::with_capacity(4 + cfg.n_layer * PER_LAYER);
     let mut offset = 0;
     let mut push = |name: String, shape: Vec<usize>, decay: bool| {
-        let spec = TensorSpec {
-            name,
-            shape,
-            offset,
-            decay,
-        };
+        let spec = TensorSpec { name, shape, offset, decay };
         offset += spec.numel();
         specs.push(spec);
     };
@@ -120,10 +115,7 @@ mod tests {
         }
         assert_eq!(specs[layer_base(0) + QKV_W].name, "h.0.attn.c_attn.weight");
         assert_eq!(specs[layer_base(0) + QKV_W].shape, vec![768, 2304]);
-        assert_eq!(
-            specs[layer_base(11) + FCPROJ_B].name,
-            "h.11.mlp.c_proj.bias"
-        );
+        assert_eq!(specs[layer_base(11) + FCPROJ_B].name, "h.11.mlp.c_proj.bias");
         assert_eq!(specs[lnf_w(&cfg)].name, "ln_f.weight");
     }
 }

@@ -17,13 +17,7 @@ pub struct Peak {
 }
 
 /// Runs `threads` copies of `kernel(iters)` at once and returns GFLOP/s of the best of `repeats`.
-fn measure(
-    threads: usize,
-    repeats: usize,
-    iters: u64,
-    flops_per_iter: f64,
-    kernel: fn(u64) -> f32,
-) -> f64 {
+fn measure(threads: usize, repeats: usize, iters: u64, flops_per_iter: f64, kernel: fn(u64) -> f32) -> f64 {
     let mut best = 0f64;
     for _ in 0..repeats {
         let start = Instant::now();
@@ -121,27 +115,12 @@ pub fn measure_peak(threads: usize, budget_ms: u64) -> Peak {
             .then(|| measure(threads, repeats, iters, 16.0 * 8.0 * 2.0, x86::avx2));
         if is_x86_feature_detected!("avx512f") {
             let g = measure(threads, repeats, iters, 16.0 * 16.0 * 2.0, x86::avx512);
-            return Peak {
-                gflops: g,
-                isa: "avx512f",
-                threads,
-                gflops_avx2: avx2,
-            };
+            return Peak { gflops: g, isa: "avx512f", threads, gflops_avx2: avx2 };
         }
         if let Some(g) = avx2 {
-            return Peak {
-                gflops: g,
-                isa: "avx2+fma",
-                threads,
-                gflops_avx2: Some(g),
-            };
+            return Peak { gflops: g, isa: "avx2+fma", threads, gflops_avx2: Some(g) };
         }
     }
     let g = measure(threads, repeats, iters / 8, 16.0 * 2.0, fma_scalar);
-    Peak {
-        gflops: g,
-        isa: "scalar",
-        threads,
-        gflops_avx2: None,
-    }
+    Peak { gflops: g, isa: "scalar", threads, gflops_avx2: None }
 }

@@ -12,26 +12,16 @@ use std::path::Path;
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
 /// Serialises named tensors (in the given order) into safetensors bytes.
-pub fn serialize(
-    tensors: &[(&str, &[usize], &[f32])],
-    metadata: &BTreeMap<String, String>,
-) -> Vec<u8> {
+pub fn serialize(tensors: &[(&str, &[usize], &[f32])], metadata: &BTreeMap<String, String>) -> Vec<u8> {
     let mut header = Map::new();
     if !metadata.is_empty() {
         header.insert("__metadata__".into(), json!(metadata));
     }
     let mut offset = 0usize;
     for (name, shape, data) in tensors {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor {name}: shape and data disagree"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor {name}: shape and data disagree");
         let end = offset + data.len() * 4;
-        header.insert(
-            (*name).into(),
-            json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}),
-        );
+        header.insert((*name).into(), json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, end]}));
         offset = end;
     }
     let mut header_bytes = serde_json::to_vec(&Value::Object(header)).expect("header serialises");
@@ -59,17 +49,11 @@ pub struct Tensor {
 pub fn deserialize(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bad = |reason: String| Error::checkpoint(path, reason);
     if bytes.len() < 8 {
-        return Err(bad(format!(
-            "is {} bytes, too short for a safetensors header",
-            bytes.len()
-        )));
+        return Err(bad(format!("is {} bytes, too short for a safetensors header", bytes.len())));
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
     if n > MAX_HEADER_BYTES || 8 + n > bytes.len() as u64 {
-        return Err(bad(format!(
-            "header length {n} does not fit the {}-byte file",
-            bytes.len()
-        )));
+        return Err(bad(format!("header length {n} does not fit the {}-byte file", bytes.len())));
     }
     let data = &bytes[8 + n as usize..];
     let header: Map<String, Value> = serde_json::from_slice(&bytes[8..8 + n as usize])
@@ -82,9 +66,7 @@ pub fn deserialize(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>
         }
         let dtype = info.get("dtype").and_then(Value::as_str);
         if dtype != Some("F32") {
-            return Err(bad(format!(
-                "tensor {name} has dtype {dtype:?}; only F32 is supported"
-            )));
+            return Err(bad(format!("tensor {name} has dtype {dtype:?}; only F32 is supported")));
         }
         let shape: Vec<usize> = info
             .get("shape")
@@ -102,23 +84,12 @@ pub fn deserialize(bytes: &[u8], path: &Path) -> Result<BTreeMap<String, Tensor>
             )));
         }
         covered += end - begin;
-        let values = data[begin..end]
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
-        out.insert(
-            name,
-            Tensor {
-                shape,
-                data: values,
-            },
-        );
+        let values =
+            data[begin..end].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+        out.insert(name, Tensor { shape, data: values });
     }
     if covered != data.len() {
-        return Err(bad(format!(
-            "tensors cover {covered} of {} data bytes",
-            data.len()
-        )));
+        return Err(bad(format!("tensors cover {covered} of {} data bytes", data.len())));
     }
     Ok(out)
 }
@@ -133,10 +104,7 @@ mod tests {
         let b = [7.0f32];
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = serialize(&[("a", &[2, 3], &a), ("b", &[1], &b)], &meta);
-        assert_eq!(
-            (8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())) % 8,
-            0
-        );
+        assert_eq!((8 + u64::from_le_bytes(bytes[..8].try_into().unwrap())) % 8, 0);
         let back = deserialize(&bytes, Path::new("t.safetensors")).unwrap();
         assert_eq!(back["a"].shape, vec![2, 3]);
         assert_eq!(back["a"].data, a);
@@ -146,13 +114,8 @@ mod tests {
     #[test]
     fn truncated_file_is_refused_by_name() {
         let bytes = serialize(&[("a", &[4], &[1.0, 2.0, 3.0, 4.0])], &BTreeMap::new());
-        let err = deserialize(&bytes[..bytes.len() - 3], Path::new("x.safetensors"))
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("x.safetensors") && err.contains("tensor a"),
-            "{err}"
-        );
+        let err =
+            deserialize(&bytes[..bytes.len() - 3], Path::new("x.safetensors")).err().unwrap().to_string();
+        assert!(err.contains("x.safetensors") && err.contains("tensor a"), "{err}");
     }
 }

@@ -34,6 +34,8 @@ pub struct Trainer {
     /// Optimizer steps completed.
     pub step: u64,
     window: Vec<u32>,
+    /// Data-parallel peers; None for a single-process run.
+    group: Option<comm::ProcessGroup>,
 }
 
 impl Trainer {
@@ -52,6 +54,7 @@ impl Trainer {
             cfg,
             data: source,
             step: 0,
+            group: None,
         })
     }
 
@@ -68,11 +71,7 @@ impl Trainer {
         source.restore(&m.data_cursor)?;
         let mut model = Gpt::new(m.model.clone(), cfg.seed);
         model.params = loaded.params;
-        let opt = AdamW {
-            m: loaded.exp_avg,
-            v: loaded.exp_avg_sq,
-            t: m.adam_t,
-        };
+        let opt = AdamW { m: loaded.exp_avg, v: loaded.exp_avg_sq, t: m.adam_t };
         Ok(Trainer {
             model,
             opt,
@@ -81,7 +80,32 @@ impl Trainer {
             cfg,
             data: source,
             step: m.step,
+            group: None,
         })
+    }
+
+    /// Makes this run one rank of a data-parallel group: every rank reads the same global
+    /// batch and trains on its share of the rows; gradients are summed across ranks, bucket by
+    /// bucket, while backward still runs. Rank 0's weights are broadcast so all ranks start equal.
+    pub fn attach_group(&mut self, group: comm::ProcessGroup) -> Result<()> {
+        let world = group.world_size();
+        if !self.cfg.batch.is_multiple_of(world) {
+            return Err(Error::Config(format!(
+                "batch ({}) must split evenly over WORLD_SIZE ({world}) ranks",
+                self.cfg.batch
+            )));
+        }
+        group.broadcast(&mut self.model.params, 0)?;
+        self.group = Some(group);
+        Ok(())
+    }
+
+    pub fn rank(&self) -> usize {
+        self.group.as_ref().map_or(0, |g| g.rank())
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.group.as_ref().map_or(1, |g| g.world_size())
     }
 
     pub fn data_description(&self) -> String {
@@ -97,45 +121,40 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepStats> {
         let start = Instant::now();
         let (b, t, accum) = (self.cfg.batch, self.cfg.seq_len, self.cfg.grad_accum);
+        let (rank, world) = (self.rank(), self.world_size());
+        // Every rank reads the whole global batch and keeps its rows, so the data order is the
+        // same at every world size.
+        let rows = b / world;
+        let first = rank * rows * t;
         self.model.zero_grad();
         let mut loss_sum = 0.0f64;
-        for _ in 0..accum {
+        for micro in 0..accum {
             self.data.next_window(&mut self.window);
-            let (inputs, targets) = (&self.window[..b * t], &self.window[1..]);
-            let loss = self
-                .model
-                .forward(inputs, targets, b, t, 1.0 / accum as f32);
+            let inputs = &self.window[first..first + rows * t];
+            let targets = &self.window[first + 1..first + rows * t + 1];
+            let loss = self.model.forward(inputs, targets, rows, t, 1.0 / (accum * world) as f32);
             if !loss.is_finite() {
-                return Err(Error::NonFiniteLoss {
-                    step: self.step + 1,
-                    loss,
-                });
+                return Err(Error::NonFiniteLoss { step: self.step + 1, loss });
             }
-            self.model.backward();
+            match &self.group {
+                Some(group) if micro + 1 == accum => backward_all_reduce(&mut self.model, group)?,
+                _ => self.model.backward(),
+            }
             loss_sum += loss as f64;
+        }
+        if let Some(group) = &self.group {
+            let mut total = [loss_sum as f32];
+            group.all_reduce_sum(&mut total)?;
+            loss_sum = total[0] as f64 / world as f64;
         }
         let grad_norm = kernels::sum_squares(&self.model.grads).sqrt() as f32;
         if !grad_norm.is_finite() {
-            return Err(Error::NonFiniteLoss {
-                step: self.step + 1,
-                loss: grad_norm,
-            });
+            return Err(Error::NonFiniteLoss { step: self.step + 1, loss: grad_norm });
         }
         let clip = self.cfg.grad_clip;
-        let scale = if clip > 0.0 && grad_norm > clip {
-            clip / grad_norm
-        } else {
-            1.0
-        };
+        let scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
         let lr = self.cfg.lr_at(self.step);
-        self.opt.update(
-            &mut self.model.params,
-            &self.model.grads,
-            &self.model.specs,
-            &self.cfg,
-            lr,
-            scale,
-        );
+        self.opt.update(&mut self.model.params, &self.model.grads, &self.model.specs, &self.cfg, lr, scale);
         self.step += 1;
         Ok(StepStats {
             step: self.step,
@@ -147,8 +166,12 @@ impl Trainer {
         })
     }
 
-    /// Saves the run under `root/step_N`; returns that directory.
+    /// Saves the run under `root/step_N`; returns that directory. In a data-parallel run every
+    /// rank holds the same state, so rank 0 alone writes it.
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
+        if self.rank() != 0 {
+            return Ok(root.join(checkpoint::step_dir_name(self.step)));
+        }
         checkpoint::save(
             root,
             &Snapshot {
@@ -166,17 +189,33 @@ impl Trainer {
     }
 }
 
-fn open_source(
-    data: &DataSpec,
-    model: &ModelConfig,
-    cfg: &TrainConfig,
-) -> Result<Box<dyn TokenSource>> {
+/// Backward with each gradient bucket all-reduced on a second thread as soon as it is final,
+/// so communication overlaps the rest of the backward pass.
+fn backward_all_reduce(model: &mut Gpt, group: &comm::ProcessGroup) -> Result<()> {
+    std::thread::scope(|scope| {
+        // Bounded: one slot per bucket is all a step produces.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<&mut [f32]>(model.cfg.n_layer + 2);
+        let comm = scope.spawn(move || -> Result<()> {
+            for bucket in rx {
+                group.all_reduce_sum(bucket)?;
+            }
+            Ok(())
+        });
+        // If the reducer failed it dropped its receiver; backward finishes and the error surfaces.
+        model.backward_with(&mut |bucket| {
+            let _ = tx.send(bucket);
+        });
+        drop(tx);
+        comm.join().expect("gradient all-reduce thread panicked")
+    })
+}
+
+fn open_source(data: &DataSpec, model: &ModelConfig, cfg: &TrainConfig) -> Result<Box<dyn TokenSource>> {
     let spec = match data {
         // The chain covers the model's real vocabulary unless told otherwise.
-        DataSpec::Synthetic { vocab: 0, seed } => DataSpec::Synthetic {
-            vocab: model.vocab_size,
-            seed: *seed,
-        },
+        DataSpec::Synthetic { vocab: 0, seed } => {
+            DataSpec::Synthetic { vocab: model.vocab_size, seed: *seed }
+        }
         other => other.clone(),
     };
     let source = spec.open(cfg.batch * cfg.seq_len + 1)?;

@@ -15,14 +15,7 @@ fn scratch_dir(name: &str) -> PathBuf {
 
 /// A model small enough for finite differences over every parameter, with a padded vocabulary.
 fn micro_config() -> ModelConfig {
-    ModelConfig {
-        vocab_size: 11,
-        padded_vocab_size: 16,
-        context_len: 8,
-        n_layer: 2,
-        n_head: 2,
-        n_embd: 8,
-    }
+    ModelConfig { vocab_size: 11, padded_vocab_size: 16, context_len: 8, n_layer: 2, n_head: 2, n_embd: 8 }
 }
 
 #[test]
@@ -47,11 +40,7 @@ fn every_layer_backward_matches_finite_differences() {
     // everything else feeds a LayerNorm or softmax closely and needs a small step.
     let mut worst = 0f64;
     for spec in param_specs(&cfg) {
-        let h = if spec.name.contains("ln_") {
-            5e-2f32
-        } else {
-            1e-2
-        };
+        let h = if spec.name.contains("ln_") { 5e-2f32 } else { 1e-2 };
         let (mut diff2, mut fd2, mut an2) = (0f64, 0f64, 0f64);
         for i in spec.range() {
             let orig = model.params[i];
@@ -72,17 +61,8 @@ fn every_layer_backward_matches_finite_differences() {
             continue; // padded vocabulary rows: both zero
         }
         let rel = diff2.sqrt() / scale;
-        println!(
-            "{:28} |grad| {:.3e}  relative error {:.2e}",
-            spec.name,
-            an2.sqrt(),
-            rel
-        );
-        assert!(
-            rel <= 1e-2,
-            "{}: relative error {rel:.2e} against finite differences",
-            spec.name
-        );
+        println!("{:28} |grad| {:.3e}  relative error {:.2e}", spec.name, an2.sqrt(), rel);
+        assert!(rel <= 1e-2, "{}: relative error {rel:.2e} against finite differences", spec.name);
         worst = worst.max(rel);
     }
     println!("worst relative error {worst:.2e}");
@@ -90,14 +70,7 @@ fn every_layer_backward_matches_finite_differences() {
 
 fn tiny_run(steps: u64) -> (ModelConfig, TrainConfig, DataSpec) {
     let model = ModelConfig::preset("tiny").unwrap();
-    let cfg = TrainConfig {
-        batch: 4,
-        seq_len: 32,
-        steps,
-        warmup_steps: 3,
-        seed: 42,
-        ..Default::default()
-    };
+    let cfg = TrainConfig { batch: 4, seq_len: 32, steps, warmup_steps: 3, seed: 42, ..Default::default() };
     (model, cfg, DataSpec::Synthetic { vocab: 0, seed: 7 })
 }
 
@@ -108,19 +81,9 @@ fn same_seed_gives_bitwise_identical_runs() {
     let mut b = Trainer::new(m, c, &d).unwrap();
     for _ in 0..8 {
         let (sa, sb) = (a.train_step().unwrap(), b.train_step().unwrap());
-        assert_eq!(
-            sa.loss.to_bits(),
-            sb.loss.to_bits(),
-            "losses differ at step {}",
-            sa.step
-        );
+        assert_eq!(sa.loss.to_bits(), sb.loss.to_bits(), "losses differ at step {}", sa.step);
     }
-    assert!(a
-        .model
-        .params
-        .iter()
-        .zip(&b.model.params)
-        .all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(a.model.params.iter().zip(&b.model.params).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
 #[test]
@@ -140,10 +103,7 @@ fn resume_continues_bitwise_identically() {
     }
     let saved = first.save(&dir).unwrap();
     drop(first);
-    assert_eq!(
-        train::checkpoint::latest(&dir).unwrap().as_deref(),
-        Some(saved.as_path())
-    );
+    assert_eq!(train::checkpoint::latest(&dir).unwrap().as_deref(), Some(saved.as_path()));
     let mut second = Trainer::resume(&saved, &d, None).unwrap();
     assert_eq!(second.step, 15);
     for _ in 0..15 {
@@ -151,11 +111,7 @@ fn resume_continues_bitwise_identically() {
     }
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&losses), bits(&straight_losses));
-    assert_eq!(
-        bits(&second.model.params),
-        bits(&straight.model.params),
-        "weights differ after resume"
-    );
+    assert_eq!(bits(&second.model.params), bits(&straight.model.params), "weights differ after resume");
     assert_eq!(bits(&second.opt.m), bits(&straight.opt.m));
     assert_eq!(bits(&second.opt.v), bits(&straight.opt.v));
     std::fs::remove_dir_all(&dir).unwrap();
@@ -169,11 +125,7 @@ fn a_flipped_byte_anywhere_is_refused_naming_the_file() {
     let dir = scratch_dir("corrupt");
     let saved = t.save(&dir).unwrap();
     train::checkpoint::load(&saved).expect("an intact checkpoint loads");
-    for file in [
-        "model.safetensors",
-        "optimizer.safetensors",
-        "manifest.json",
-    ] {
+    for file in ["model.safetensors", "optimizer.safetensors", "manifest.json"] {
         let path = saved.join(file);
         let original = std::fs::read(&path).unwrap();
         // The header, the middle and the last byte of every file.
@@ -185,10 +137,7 @@ fn a_flipped_byte_anywhere_is_refused_naming_the_file() {
                 .err()
                 .unwrap_or_else(|| panic!("{file} byte {pos} flipped but loaded"))
                 .to_string();
-            assert!(
-                err.contains(file),
-                "error for {file} byte {pos} does not name it: {err}"
-            );
+            assert!(err.contains(file), "error for {file} byte {pos} does not name it: {err}");
         }
         // Truncation.
         std::fs::write(&path, &original[..original.len() - 100]).unwrap();
@@ -222,10 +171,7 @@ fn tiny_learns_the_markov_chain_to_its_entropy_floor() {
     }
     let tail = &losses[losses.len() - 30..];
     let final_loss = tail.iter().sum::<f64>() / tail.len() as f64;
-    println!(
-        "initial loss {:.4}, final loss {final_loss:.4}, entropy floor {floor:.4}",
-        losses[0]
-    );
+    println!("initial loss {:.4}, final loss {final_loss:.4}, entropy floor {floor:.4}", losses[0]);
     assert!(
         final_loss - floor <= 0.15,
         "final loss {final_loss:.4} is {:.4} nats above the floor {floor:.4}",
