@@ -110,6 +110,8 @@ pub struct ProcessGroup {
     aborted: Arc<AtomicBool>,
     abort_streams: Arc<Vec<TcpStream>>,
     broken: Mutex<Option<String>>,
+    /// Receive buffer reused across collectives (a fresh one per call costs page faults).
+    scratch: Mutex<Vec<f32>>,
     _store: Option<StoreServer>,
 }
 
@@ -143,6 +145,7 @@ impl ProcessGroup {
                 aborted: Arc::new(AtomicBool::new(false)),
                 abort_streams: Arc::new(Vec::new()),
                 broken: Mutex::new(None),
+                scratch: Mutex::new(Vec::new()),
                 _store: None,
             });
         }
@@ -244,6 +247,7 @@ impl ProcessGroup {
             aborted: Arc::new(AtomicBool::new(false)),
             abort_streams,
             broken: Mutex::new(None),
+            scratch: Mutex::new(Vec::new()),
             _store: store,
         };
         // Nobody returns before everyone is connected, so the store may go away after this.
@@ -315,41 +319,41 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Reads `out.len()` bytes from rank−1, calling `on_chunk(offset, bytes)` as each arrives.
+    /// Reads `out.len()` floats from rank−1, calling `on_chunk(first_index, floats)` as each
+    /// chunk arrives, so reducing one chunk overlaps the arrival of the next.
     fn read_chunks(
         &self,
         op: &'static str,
-        out: &mut [u8],
+        out: &mut [f32],
         deadline: Instant,
-        mut on_chunk: impl FnMut(usize, &[u8]),
+        mut on_chunk: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
         let mut s = self.prev.as_ref().expect("ring stream");
-        let mut offset = 0;
-        for chunk in out.chunks_mut(CHUNK_BYTES) {
+        let per_chunk = CHUNK_BYTES / 4;
+        for (i, chunk) in out.chunks_mut(per_chunk).enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(CommError::Timeout { op, peer: self.prev_rank(), timeout: Duration::ZERO });
             }
             s.set_read_timeout(Some(left)).map_err(|e| io_err(op, self.prev_rank(), e))?;
-            s.read_exact(chunk).map_err(|e| io_err(op, self.prev_rank(), e))?;
-            on_chunk(offset, chunk);
-            offset += chunk.len();
+            s.read_exact(as_bytes_mut(chunk)).map_err(|e| io_err(op, self.prev_rank(), e))?;
+            on_chunk(i * per_chunk, chunk);
         }
         Ok(())
     }
 
-    /// Sends `send` to rank+1 while receiving `recv.len()` bytes from rank−1 (a writer thread
+    /// Sends `send` to rank+1 while receiving `recv.len()` floats from rank−1 (a writer thread
     /// keeps the exchange full-duplex, so neither side waits on the other's socket buffer).
     fn exchange(
         &self,
         op: &'static str,
-        send: &[u8],
-        recv: &mut [u8],
+        send: &[f32],
+        recv: &mut [f32],
         deadline: Instant,
-        on_chunk: impl FnMut(usize, &[u8]),
+        on_chunk: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
         std::thread::scope(|scope| {
-            let writer = scope.spawn(|| self.write_all(op, send, deadline));
+            let writer = scope.spawn(|| self.write_all(op, as_bytes(send), deadline));
             let read = self.read_chunks(op, recv, deadline, on_chunk);
             if read.is_err() {
                 // Unblock our own writer too; the group is unusable after this anyway.
@@ -402,19 +406,15 @@ impl ProcessGroup {
 
     fn reduce_scatter_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
         let (n, r) = (self.world, self.rank);
-        let mut send = Vec::new();
-        let mut recv = Vec::new();
+        let mut scratch = self.scratch.lock().unwrap();
         for step in 0..n - 1 {
             let send_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
             let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 2) % n);
-            send.clear();
-            send.extend_from_slice(as_bytes(&buf[send_seg]));
-            recv.resize(recv_seg.len() * 4, 0u8);
-            let dst = &mut buf[recv_seg];
-            self.exchange("reduce_scatter", &send, &mut recv, deadline, |offset, bytes| {
-                let base = offset / 4;
-                for (i, b) in bytes.chunks_exact(4).enumerate() {
-                    dst[base + i] += f32::from_le_bytes(b.try_into().unwrap());
+            scratch.resize(recv_seg.len(), 0.0);
+            let (send, dst) = disjoint(buf, send_seg, recv_seg);
+            self.exchange("reduce_scatter", send, &mut scratch, deadline, |first, chunk| {
+                for (d, x) in dst[first..first + chunk.len()].iter_mut().zip(chunk) {
+                    *d += x;
                 }
             })?;
         }
@@ -423,21 +423,12 @@ impl ProcessGroup {
 
     fn all_gather_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
         let (n, r) = (self.world, self.rank);
-        let mut send = Vec::new();
-        let mut recv = Vec::new();
         for step in 0..n - 1 {
             let send_seg = segment(buf.len(), n, (r + n - step) % n);
             let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
-            send.clear();
-            send.extend_from_slice(as_bytes(&buf[send_seg]));
-            recv.resize(recv_seg.len() * 4, 0u8);
-            let dst = &mut buf[recv_seg];
-            self.exchange("all_gather", &send, &mut recv, deadline, |offset, bytes| {
-                let base = offset / 4;
-                for (i, b) in bytes.chunks_exact(4).enumerate() {
-                    dst[base + i] = f32::from_le_bytes(b.try_into().unwrap());
-                }
-            })?;
+            // Received floats land in place: no scratch, nothing to combine.
+            let (send, dst) = disjoint(buf, send_seg, recv_seg);
+            self.exchange("all_gather", send, dst, deadline, |_, _| {})?;
         }
         Ok(())
     }
@@ -453,20 +444,13 @@ impl ProcessGroup {
                 return self.write_all("broadcast", as_bytes(buf), deadline);
             }
             let forward = self.next_rank() != root;
-            let mut bytes = vec![0u8; buf.len() * 4];
             let mut write_err = None;
-            self.read_chunks("broadcast", &mut bytes, deadline, |_, chunk| {
+            self.read_chunks("broadcast", buf, deadline, |_, chunk| {
                 if forward && write_err.is_none() {
-                    write_err = self.write_all("broadcast", chunk, deadline).err();
+                    write_err = self.write_all("broadcast", as_bytes(chunk), deadline).err();
                 }
             })?;
-            if let Some(e) = write_err {
-                return Err(e);
-            }
-            for (x, b) in buf.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes(b.try_into().unwrap());
-            }
-            Ok(())
+            write_err.map_or(Ok(()), Err)
         })
     }
 
@@ -486,6 +470,23 @@ pub fn segment(len: usize, n: usize, i: usize) -> std::ops::Range<usize> {
     let (base, extra) = (len / n, len % n);
     let start = i * base + i.min(extra);
     start..start + base + usize::from(i < extra)
+}
+
+/// A shared view of range `a` and a mutable view of range `b` of one buffer (`a`, `b` disjoint).
+fn disjoint(buf: &mut [f32], a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&[f32], &mut [f32]) {
+    assert!(a.end <= b.start || b.end <= a.start, "ring segments overlap");
+    if a.start < b.start {
+        let (lo, hi) = buf.split_at_mut(b.start);
+        (&lo[a], &mut hi[..b.end - b.start])
+    } else {
+        let (lo, hi) = buf.split_at_mut(a.start);
+        (&hi[..a.end - a.start], &mut lo[b])
+    }
+}
+
+fn as_bytes_mut(x: &mut [f32]) -> &mut [u8] {
+    // SAFETY: every bit pattern is a valid f32; the byte view has the same lifetime and length.
+    unsafe { std::slice::from_raw_parts_mut(x.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
 }
 
 fn as_bytes(x: &[f32]) -> &[u8] {

@@ -11,6 +11,23 @@ pub enum BenchCommand {
     Peak(PeakArgs),
     /// Trainer throughput and MFU for one model and batch shape.
     Train(TrainBenchArgs),
+    /// Ring all-reduce bandwidth between ranks on this machine, beside raw loopback TCP.
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(Args)]
+pub struct AllreduceArgs {
+    /// Ranks (threads of this process, each with its own TCP connections).
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
+    /// Buffer size in bytes (f32 elements × 4).
+    #[arg(long, default_value_t = 64 << 20)]
+    bytes: usize,
+    /// Timed iterations (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    iters: usize,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -60,7 +77,121 @@ pub fn run(cmd: BenchCommand) -> Result<(), String> {
             Ok(())
         }
         BenchCommand::Train(a) => bench_train(a),
+        BenchCommand::Allreduce(a) => bench_allreduce(a),
     }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// nccl-tests' definitions: algbw = bytes / time; busbw = algbw × 2(n−1)/n for all-reduce.
+fn bench_allreduce(a: AllreduceArgs) -> Result<(), String> {
+    if a.ranks < 2 || a.ranks > 64 {
+        return Err(format!("--ranks {} must be between 2 and 64", a.ranks));
+    }
+    if a.bytes < 4 || a.iters == 0 {
+        return Err("--bytes must be at least 4 and --iters at least 1".into());
+    }
+    let elems = a.bytes / 4;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port: {e}"))?
+        .port();
+    let times: Vec<Result<Vec<f64>, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..a.ranks)
+            .map(|rank| {
+                s.spawn(move || -> Result<Vec<f64>, String> {
+                    let cfg = comm::GroupConfig {
+                        rank,
+                        world_size: a.ranks,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        timeout: comm::DEFAULT_TIMEOUT,
+                    };
+                    let group = comm::ProcessGroup::connect(&cfg).map_err(|e| e.to_string())?;
+                    let mut buf = vec![1.0f32; elems];
+                    let mut times = Vec::new();
+                    for i in 0..=a.iters {
+                        group.barrier().map_err(|e| e.to_string())?;
+                        let t = std::time::Instant::now();
+                        group.all_reduce_sum(&mut buf).map_err(|e| e.to_string())?;
+                        if i > 0 {
+                            times.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    Ok(times)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("rank thread")).collect()
+    });
+    let rank0 = times.into_iter().collect::<Result<Vec<_>, _>>()?.swap_remove(0);
+    let secs = median(rank0);
+    let bytes = (elems * 4) as f64;
+    let algbw = bytes / secs / 1e9;
+    let busbw = algbw * 2.0 * (a.ranks - 1) as f64 / a.ranks as f64;
+    let loopback = loopback_gbps(a.bytes).map_err(|e| format!("loopback TCP measurement: {e}"))?;
+    let out = json!({
+        "ranks": a.ranks, "bytes": elems * 4, "time_ms_median": secs * 1e3,
+        "algbw_gbps": algbw, "busbw_gbps": busbw, "loopback_tcp_gbps": loopback,
+        "busbw_vs_loopback": busbw / loopback,
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "all-reduce {} ranks x {} MiB: {:.1} ms, algbw {algbw:.2} GB/s, busbw {busbw:.2} GB/s ({:.0}% of loopback TCP {loopback:.2} GB/s)",
+            a.ranks,
+            a.bytes >> 20,
+            secs * 1e3,
+            100.0 * busbw / loopback
+        );
+    }
+    Ok(())
+}
+
+/// One stream over loopback TCP: a writer thread sends `bytes` in 1 MiB writes to a reader;
+/// the median of five transfers, in GB/s.
+fn loopback_gbps(bytes: usize) -> std::io::Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        let chunk = vec![7u8; 1 << 20];
+        for _ in 0..6 {
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                s.write_all(&chunk[..n])?;
+                left -= n;
+            }
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack)?;
+        }
+        Ok(())
+    });
+    let (mut r, _) = listener.accept()?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut times = Vec::new();
+    for i in 0..6 {
+        let t = std::time::Instant::now();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len());
+            r.read_exact(&mut buf[..n])?;
+            left -= n;
+        }
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        r.write_all(&[1])?;
+    }
+    writer.join().expect("loopback writer")?;
+    Ok(bytes as f64 / median(times) / 1e9)
 }
 
 fn bench_train(a: TrainBenchArgs) -> Result<(), String> {

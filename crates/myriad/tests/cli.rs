@@ -207,7 +207,13 @@ fn killing_one_rank_mid_training_fails_every_other_rank_within_the_deadline() {
         assert!(!status.success(), "rank {rank} exited successfully after its peer died");
         assert!(stderr.contains("data parallelism:"), "rank {rank} stderr: {stderr}");
         assert!(!stderr.contains("panicked"), "rank {rank} panicked: {stderr}");
-        assert!(took <= Duration::from_secs(deadline_s), "rank {rank} took {took:?} (deadline {deadline_s} s)");
-        println!("rank {rank} failed {took:?} after rank 1 was killed: {}", stderr.lines().last().unwrap_or(""));
+        assert!(
+            took <= Duration::from_secs(deadline_s),
+            "rank {rank} took {took:?} (deadline {deadline_s} s)"
+        );
+        println!(
+            "rank {rank} failed {took:?} after rank 1 was killed: {}",
+            stderr.lines().last().unwrap_or("")
+        );
     }
 }
