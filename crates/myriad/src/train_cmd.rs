@@ -69,6 +69,9 @@ pub struct TrainArgs {
     /// One JSON object per step on stdout.
     #[arg(long)]
     json: bool,
+    /// Under data parallelism, shard the optimizer state over the ranks (ZeRO-1).
+    #[arg(long)]
+    zero1: bool,
 }
 
 pub fn run(a: TrainArgs) -> Result<(), String> {
@@ -76,6 +79,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let data = match &a.data {
         Some(path) => DataSpec::File(path.clone()),
         None => DataSpec::Synthetic { vocab: 0, seed: a.data_seed },
+    };
+    // torchrun's variables make this process one rank of a data-parallel group.
+    let group = match comm::GroupConfig::from_env().map_err(|e| e.to_string())? {
+        Some(group_cfg) if group_cfg.world_size > 1 => {
+            Some(comm::ProcessGroup::connect(&group_cfg).map_err(|e| e.to_string())?)
+        }
+        _ => None,
     };
     let mut trainer = match &a.resume {
         Some(which) => {
@@ -87,7 +97,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             } else {
                 PathBuf::from(which)
             };
-            Trainer::resume(&dir, &data, Some(a.steps)).map_err(|e| e.to_string())?
+            Trainer::resume_in(&dir, &data, Some(a.steps), group, a.zero1).map_err(|e| e.to_string())?
         }
         None => {
             let mut model = ModelConfig::preset(&a.preset).map_err(|e| e.to_string())?;
@@ -107,16 +117,13 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 seed: a.seed,
                 ..TrainConfig::default()
             };
-            Trainer::new(model, cfg, &data).map_err(|e| e.to_string())?
+            let mut trainer = Trainer::new(model, cfg, &data).map_err(|e| e.to_string())?;
+            if let Some(group) = group {
+                trainer.attach_group(group, a.zero1).map_err(|e| e.to_string())?;
+            }
+            trainer
         }
     };
-    // torchrun's variables make this process one rank of a data-parallel group.
-    if let Some(group_cfg) = comm::GroupConfig::from_env().map_err(|e| e.to_string())? {
-        if group_cfg.world_size > 1 {
-            let group = comm::ProcessGroup::connect(&group_cfg).map_err(|e| e.to_string())?;
-            trainer.attach_group(group).map_err(|e| e.to_string())?;
-        }
-    }
     // Rank 0 speaks for the group; the others report only errors.
     let leader = trainer.rank() == 0;
     let peak = match a.peak_gflops {
@@ -145,9 +152,10 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         eprintln!("data: {}", trainer.data_description());
         if trainer.world_size() > 1 {
             eprintln!(
-                "data parallel: {} ranks, {} sequences each",
+                "data parallel: {} ranks, {} sequences each{}",
                 trainer.world_size(),
-                cfg.batch / trainer.world_size()
+                cfg.batch / trainer.world_size(),
+                if trainer.is_zero1() { ", optimizer sharded (ZeRO-1)" } else { "" }
             );
         }
         if trainer.step > 0 {

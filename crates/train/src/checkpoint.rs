@@ -43,6 +43,10 @@ pub struct Manifest {
     pub adam_t: u64,
     pub model: ModelConfig,
     pub train: TrainConfig,
+    /// Ranks whose ZeRO-1 optimizer shards make up `optimizer.rank{R}.safetensors`; 0 when the
+    /// whole optimizer state is in `optimizer.safetensors`.
+    #[serde(default)]
+    pub optimizer_shards: usize,
     pub files: Vec<FileEntry>,
 }
 
@@ -68,16 +72,33 @@ pub struct Snapshot<'a> {
     pub model: &'a ModelConfig,
     pub train: &'a TrainConfig,
     pub params: &'a [f32],
+    /// AdamW moments of the parameters in `shard.range` (all of them when unsharded).
     pub exp_avg: &'a [f32],
     pub exp_avg_sq: &'a [f32],
+    pub world_size: usize,
+    pub shard: Option<Shard>,
+}
+
+/// One rank's ZeRO-1 slice of the optimizer state.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+    pub range: std::ops::Range<usize>,
 }
 
 pub struct Loaded {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub params: Vec<f32>,
+    /// Moments of the parameters in `moments_range`.
     pub exp_avg: Vec<f32>,
     pub exp_avg_sq: Vec<f32>,
+    pub moments_range: std::ops::Range<usize>,
+}
+
+pub fn shard_file_name(rank: usize) -> String {
+    format!("optimizer.rank{rank}.safetensors")
 }
 
 pub fn step_dir_name(step: u64) -> String {
@@ -90,44 +111,88 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.sync_all().map_err(|e| Error::io(path, e))
 }
 
-/// Writes `snap` as `root/step_N` and returns that path. An existing `step_N` is replaced only
-/// once the new one is complete.
+/// Writes `snap` as `root/step_N` and returns that path (a single writer: one process, or the
+/// rank that speaks for a data-parallel group whose ranks all hold the same state).
 pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
-    let specs = param_specs(snap.model);
-    assert_eq!(snap.params.len(), specs.iter().map(TensorSpec::numel).sum::<usize>());
+    let tmp = prepare(root, snap.step)?;
+    let files = write_parts(&tmp, snap, true)?;
+    commit(root, &tmp, snap, files)
+}
+
+/// The temporary directory a checkpoint of `step` is assembled in; shared by the ranks of a
+/// sharded save (one rank prepares it, then all write into it).
+pub fn temp_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!(".{}.tmp", step_dir_name(step)))
+}
+
+/// Creates an empty temporary directory for `step`, removing a stale one from a failed attempt.
+pub fn prepare(root: &Path, step: u64) -> Result<PathBuf> {
     std::fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
-    let final_dir = root.join(step_dir_name(snap.step));
-    let tmp_dir = root.join(format!(".{}.tmp-{}", step_dir_name(snap.step), std::process::id()));
+    let tmp_dir = temp_dir(root, step);
     if tmp_dir.exists() {
         std::fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
     }
     std::fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+    Ok(tmp_dir)
+}
 
+/// Writes this process's files into `tmp_dir`: the weights when `with_model`, and its optimizer
+/// state (whole, or its ZeRO-1 shard as flat tensors `exp_avg`, `exp_avg_sq`).
+pub fn write_parts(tmp_dir: &Path, snap: &Snapshot, with_model: bool) -> Result<Vec<FileEntry>> {
+    let specs = param_specs(snap.model);
+    assert_eq!(snap.params.len(), specs.iter().map(TensorSpec::numel).sum::<usize>());
     let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
-    let weights: Vec<(&str, &[usize], &[f32])> =
-        specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice(), &snap.params[s.range()])).collect();
-    let moment_names: Vec<(String, String)> =
-        specs.iter().map(|s| (format!("exp_avg.{}", s.name), format!("exp_avg_sq.{}", s.name))).collect();
-    let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::with_capacity(2 * specs.len());
-    for (s, (m_name, v_name)) in specs.iter().zip(&moment_names) {
-        moments.push((m_name, &s.shape, &snap.exp_avg[s.range()]));
-        moments.push((v_name, &s.shape, &snap.exp_avg_sq[s.range()]));
-    }
     let mut files = Vec::new();
-    for (name, tensors) in [(MODEL_FILE, weights), (OPTIMIZER_FILE, moments)] {
-        let bytes = safetensors::serialize(&tensors, &meta);
+    let mut write = |name: &str, tensors: &[(&str, &[usize], &[f32])], meta: &BTreeMap<String, String>| {
+        let bytes = safetensors::serialize(tensors, meta);
         write_synced(&tmp_dir.join(name), &bytes)?;
         files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
+        Ok::<(), Error>(())
+    };
+    if with_model {
+        let weights: Vec<(&str, &[usize], &[f32])> =
+            specs.iter().map(|s| (s.name.as_str(), s.shape.as_slice(), &snap.params[s.range()])).collect();
+        write(MODEL_FILE, &weights, &meta)?;
     }
+    match &snap.shard {
+        None => {
+            let names: Vec<(String, String)> = specs
+                .iter()
+                .map(|s| (format!("exp_avg.{}", s.name), format!("exp_avg_sq.{}", s.name)))
+                .collect();
+            let mut moments: Vec<(&str, &[usize], &[f32])> = Vec::with_capacity(2 * specs.len());
+            for (s, (m_name, v_name)) in specs.iter().zip(&names) {
+                moments.push((m_name, &s.shape, &snap.exp_avg[s.range()]));
+                moments.push((v_name, &s.shape, &snap.exp_avg_sq[s.range()]));
+            }
+            write(OPTIMIZER_FILE, &moments, &meta)?;
+        }
+        Some(shard) => {
+            let len = [shard.range.len()];
+            let mut meta = meta.clone();
+            meta.insert("shard_start".into(), shard.range.start.to_string());
+            meta.insert("shard_rank".into(), shard.rank.to_string());
+            let tensors: [(&str, &[usize], &[f32]); 2] =
+                [("exp_avg", &len, snap.exp_avg), ("exp_avg_sq", &len, snap.exp_avg_sq)];
+            write(&shard_file_name(shard.rank), &tensors, &meta)?;
+        }
+    }
+    Ok(files)
+}
+
+/// Writes the manifest listing `files` (every rank's) and renames `tmp_dir` to `root/step_N`.
+/// An existing `step_N` is replaced only once the new one is complete.
+pub fn commit(root: &Path, tmp_dir: &Path, snap: &Snapshot, files: Vec<FileEntry>) -> Result<PathBuf> {
     let manifest = Manifest {
         format: FORMAT.into(),
         step: snap.step,
-        world_size: 1,
+        world_size: snap.world_size,
         data_cursor: snap.data_cursor.clone(),
         rng_state: snap.rng_state,
         adam_t: snap.adam_t,
         model: snap.model.clone(),
         train: snap.train.clone(),
+        optimizer_shards: snap.shard.as_ref().map_or(0, |s| s.world),
         files,
     };
     let body = serde_json::to_vec(&manifest).expect("manifest serialises");
@@ -135,13 +200,17 @@ pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
     let text = serde_json::to_vec_pretty(&file).expect("manifest serialises");
     write_synced(&tmp_dir.join(MANIFEST), &text)?;
 
+    let final_dir = root.join(step_dir_name(snap.step));
     if final_dir.exists() {
-        let old = root.join(format!(".{}.old-{}", step_dir_name(snap.step), std::process::id()));
+        let old = root.join(format!(".{}.old", step_dir_name(snap.step)));
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        }
         std::fs::rename(&final_dir, &old).map_err(|e| Error::io(&final_dir, e))?;
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        std::fs::rename(tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     } else {
-        std::fs::rename(&tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
+        std::fs::rename(tmp_dir, &final_dir).map_err(|e| Error::io(&final_dir, e))?;
     }
     // Make the rename itself durable.
     if let Ok(d) = std::fs::File::open(root) {
@@ -175,13 +244,33 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     Ok(file.manifest)
 }
 
-/// Loads and fully verifies checkpoint directory `dir`: manifest hash, every file's size and
-/// SHA-256, then every tensor's name and shape against the manifest's model config.
+/// Loads and fully verifies an unsharded checkpoint directory `dir`: manifest hash, every
+/// file's size and SHA-256, then every tensor's name and shape against the manifest's config.
 pub fn load(dir: &Path) -> Result<Loaded> {
+    load_for_rank(dir, 0, 1)
+}
+
+/// Loads what rank `rank` of `world` needs: the weights and either the whole optimizer state or,
+/// for a ZeRO-1 checkpoint (which must have been written by `world` ranks), this rank's shard.
+/// Only the files read are verified; each rank verifies its own shard.
+pub fn load_for_rank(dir: &Path, rank: usize, world: usize) -> Result<Loaded> {
     let manifest = read_manifest(dir)?;
-    let specs = param_specs(&manifest.model);
-    let mut contents = BTreeMap::new();
-    for entry in &manifest.files {
+    let manifest_path = dir.join(MANIFEST);
+    let shards = manifest.optimizer_shards;
+    if shards > 0 && shards != world {
+        return Err(Error::checkpoint(
+            &manifest_path,
+            format!(
+                "holds optimizer shards of {shards} ranks; resume it with WORLD_SIZE={shards} (not {world})"
+            ),
+        ));
+    }
+    let verified = |name: &str| -> Result<(PathBuf, Vec<u8>)> {
+        let entry = manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| Error::checkpoint(&manifest_path, format!("does not list {name}")))?;
         let path = dir.join(&entry.name);
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         if bytes.len() as u64 != entry.bytes {
@@ -193,14 +282,12 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         if sha256_hex(&bytes) != entry.sha256 {
             return Err(Error::checkpoint(&path, "is corrupt: SHA-256 does not match the manifest"));
         }
-        contents.insert(entry.name.clone(), (path, bytes));
-    }
-    let take = |name: &str, prefix: &str| -> Result<Vec<f32>> {
-        let (path, bytes) = contents
-            .get(name)
-            .ok_or_else(|| Error::checkpoint(dir.join(MANIFEST), format!("does not list {name}")))?;
+        Ok((path, bytes))
+    };
+    let specs = param_specs(&manifest.model);
+    let n: usize = specs.iter().map(TensorSpec::numel).sum();
+    let unflatten = |path: &Path, bytes: &[u8], prefix: &str| -> Result<Vec<f32>> {
         let tensors = safetensors::deserialize(bytes, path)?;
-        let n: usize = specs.iter().map(TensorSpec::numel).sum();
         let mut flat = vec![0f32; n];
         for s in &specs {
             let key = format!("{prefix}{}", s.name);
@@ -216,10 +303,37 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         }
         Ok(flat)
     };
-    let params = take(MODEL_FILE, "")?;
-    let exp_avg = take(OPTIMIZER_FILE, "exp_avg.")?;
-    let exp_avg_sq = take(OPTIMIZER_FILE, "exp_avg_sq.")?;
-    Ok(Loaded { dir: dir.to_path_buf(), manifest, params, exp_avg, exp_avg_sq })
+    let (model_path, model_bytes) = verified(MODEL_FILE)?;
+    let params = unflatten(&model_path, &model_bytes, "")?;
+    if shards == 0 {
+        let (path, bytes) = verified(OPTIMIZER_FILE)?;
+        let exp_avg = unflatten(&path, &bytes, "exp_avg.")?;
+        let exp_avg_sq = unflatten(&path, &bytes, "exp_avg_sq.")?;
+        return Ok(Loaded {
+            dir: dir.to_path_buf(),
+            manifest,
+            params,
+            exp_avg,
+            exp_avg_sq,
+            moments_range: 0..n,
+        });
+    }
+    let (path, bytes) = verified(&shard_file_name(rank))?;
+    let range = comm::segment(n, world, rank);
+    let mut tensors = safetensors::deserialize(&bytes, &path)?;
+    let mut take = |name: &str| -> Result<Vec<f32>> {
+        let t =
+            tensors.remove(name).ok_or_else(|| Error::checkpoint(&path, format!("has no tensor {name}")))?;
+        if t.shape != [range.len()] {
+            return Err(Error::checkpoint(
+                &path,
+                format!("tensor {name} has shape {:?}, rank {rank}'s shard is [{}]", t.shape, range.len()),
+            ));
+        }
+        Ok(t.data)
+    };
+    let (exp_avg, exp_avg_sq) = (take("exp_avg")?, take("exp_avg_sq")?);
+    Ok(Loaded { dir: dir.to_path_buf(), manifest, params, exp_avg, exp_avg_sq, moments_range: range })
 }
 
 /// The newest `step_N` directory under `root` that has a manifest (unverified), if any.

@@ -4,24 +4,36 @@
 use crate::config::TrainConfig;
 use crate::params::TensorSpec;
 use rayon::prelude::*;
+use std::ops::Range;
 
 pub struct AdamW {
-    /// First moment (exp_avg), laid out like the parameters.
+    /// First moment (exp_avg) of the parameters in `shard`, indexed from `shard.start`.
     pub m: Vec<f32>,
-    /// Second moment (exp_avg_sq).
+    /// Second moment (exp_avg_sq), laid out like `m`.
     pub v: Vec<f32>,
     /// Updates applied so far; bias correction uses it.
     pub t: u64,
+    /// The range of the flat parameter buffer this optimizer owns: all of it, or one rank's
+    /// segment under ZeRO-1.
+    pub shard: Range<usize>,
 }
 
 const ELEMS_PER_TASK: usize = 1 << 14;
 
 impl AdamW {
+    /// An optimizer over all `n` parameters.
     pub fn new(n: usize) -> Self {
-        AdamW { m: crate::memory::zeroed(n), v: crate::memory::zeroed(n), t: 0 }
+        Self::for_shard(0..n)
     }
 
-    /// One update. `grad_scale` multiplies every gradient first (the clip factor).
+    /// An optimizer that owns only `shard` of the parameters (ZeRO-1).
+    pub fn for_shard(shard: Range<usize>) -> Self {
+        let n = shard.len();
+        AdamW { m: crate::memory::zeroed(n), v: crate::memory::zeroed(n), t: 0, shard }
+    }
+
+    /// One update of the owned shard. `params` and `grads` are the full flat buffers;
+    /// `grad_scale` multiplies every gradient first (the clip factor).
     pub fn update(
         &mut self,
         params: &mut [f32],
@@ -32,19 +44,26 @@ impl AdamW {
         grad_scale: f32,
     ) {
         assert_eq!(params.len(), grads.len());
-        assert_eq!(params.len(), self.m.len());
+        assert!(self.shard.end <= params.len());
+        assert_eq!(self.m.len(), self.shard.len());
         self.t += 1;
         let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
+        let base = self.shard.start;
         for spec in specs {
-            let r = spec.range();
+            // The part of this tensor inside the shard, if any.
+            let r = spec.range().start.max(self.shard.start)..spec.range().end.min(self.shard.end);
+            if r.is_empty() {
+                continue;
+            }
+            let local = r.start - base..r.end - base;
             let decay = if spec.decay { 1.0 - lr * cfg.weight_decay } else { 1.0 };
             params[r.clone()]
                 .par_chunks_mut(ELEMS_PER_TASK)
-                .zip(grads[r.clone()].par_chunks(ELEMS_PER_TASK))
-                .zip(self.m[r.clone()].par_chunks_mut(ELEMS_PER_TASK))
-                .zip(self.v[r].par_chunks_mut(ELEMS_PER_TASK))
+                .zip(grads[r].par_chunks(ELEMS_PER_TASK))
+                .zip(self.m[local.clone()].par_chunks_mut(ELEMS_PER_TASK))
+                .zip(self.v[local].par_chunks_mut(ELEMS_PER_TASK))
                 .for_each(|(((p, g), m), v)| {
                     for i in 0..p.len() {
                         let gi = g[i] * grad_scale;
@@ -90,5 +109,14 @@ mod tests {
         for (a, b) in p.iter().zip(&want) {
             assert!((*a as f64 - b).abs() < 1e-6, "{a} vs {b}");
         }
+
+        // Two shards that split a tensor update exactly what the whole optimizer does.
+        let mut q = vec![0.5f32, -1.0, 2.0, 0.3, -0.3];
+        let (mut lo, mut hi) = (AdamW::for_shard(0..2), AdamW::for_shard(2..5));
+        for _ in 0..3 {
+            lo.update(&mut q, &g, &specs, &cfg, 0.01, 0.5);
+            hi.update(&mut q, &g, &specs, &cfg, 0.01, 0.5);
+        }
+        assert_eq!(q, p, "sharded updates differ from the whole optimizer");
     }
 }

@@ -60,7 +60,20 @@ impl Trainer {
 
     /// Continues the run saved in checkpoint directory `dir`. `steps` may extend the run's length.
     pub fn resume(dir: &Path, data: &DataSpec, steps: Option<u64>) -> Result<Self> {
-        let loaded = checkpoint::load(dir)?;
+        Self::resume_in(dir, data, steps, None, false)
+    }
+
+    /// Continues a run as one rank of `group` (see [`Trainer::attach_group`]); a ZeRO-1
+    /// checkpoint must be resumed with `zero1` on the world size that wrote it.
+    pub fn resume_in(
+        dir: &Path,
+        data: &DataSpec,
+        steps: Option<u64>,
+        group: Option<comm::ProcessGroup>,
+        zero1: bool,
+    ) -> Result<Self> {
+        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        let loaded = checkpoint::load_for_rank(dir, rank, world)?;
         let m = loaded.manifest;
         let mut cfg = m.train.clone();
         if let Some(steps) = steps {
@@ -71,8 +84,8 @@ impl Trainer {
         source.restore(&m.data_cursor)?;
         let mut model = Gpt::new(m.model.clone(), cfg.seed);
         model.params = loaded.params;
-        let opt = AdamW { m: loaded.exp_avg, v: loaded.exp_avg_sq, t: m.adam_t };
-        Ok(Trainer {
+        let opt = AdamW { m: loaded.exp_avg, v: loaded.exp_avg_sq, t: m.adam_t, shard: loaded.moments_range };
+        let mut trainer = Trainer {
             model,
             opt,
             rng: Rng::from_state(m.rng_state),
@@ -81,23 +94,54 @@ impl Trainer {
             data: source,
             step: m.step,
             group: None,
-        })
+        };
+        match group {
+            Some(group) => trainer.attach_group(group, zero1)?,
+            None if trainer.opt.shard.len() != trainer.model.num_params() => {
+                unreachable!("load_for_rank gives a 1-rank run the whole optimizer")
+            }
+            None => {}
+        }
+        Ok(trainer)
     }
 
     /// Makes this run one rank of a data-parallel group: every rank reads the same global
-    /// batch and trains on its share of the rows; gradients are summed across ranks, bucket by
-    /// bucket, while backward still runs. Rank 0's weights are broadcast so all ranks start equal.
-    pub fn attach_group(&mut self, group: comm::ProcessGroup) -> Result<()> {
-        let world = group.world_size();
+    /// batch and trains on its share of the rows. Without `zero1` gradients are all-reduced,
+    /// bucket by bucket, while backward still runs, and every rank keeps the whole optimizer.
+    /// With `zero1` gradients are reduce-scattered, each rank updates only its segment of the
+    /// parameters with its shard of the optimizer state, and the weights are all-gathered.
+    /// Rank 0's weights are broadcast first so all ranks start equal.
+    pub fn attach_group(&mut self, group: comm::ProcessGroup, zero1: bool) -> Result<()> {
+        let (rank, world) = (group.rank(), group.world_size());
         if !self.cfg.batch.is_multiple_of(world) {
             return Err(Error::Config(format!(
                 "batch ({}) must split evenly over WORLD_SIZE ({world}) ranks",
                 self.cfg.batch
             )));
         }
+        let n = self.model.num_params();
+        let whole = 0..n;
+        let mine = comm::segment(n, world, rank);
+        if zero1 && world > 1 && self.opt.shard == whole {
+            let t = self.opt.t;
+            let (m, v) = (self.opt.m[mine.clone()].to_vec(), self.opt.v[mine.clone()].to_vec());
+            self.opt = AdamW { m, v, t, shard: mine };
+        } else if self.opt.shard != whole && (!zero1 || self.opt.shard != mine) {
+            return Err(Error::Config(format!(
+                "the optimizer state is sharded ({:?} of {n} parameters) but this rank would own {:?}; \
+                 resume a ZeRO-1 checkpoint with --zero1 on the WORLD_SIZE that wrote it",
+                self.opt.shard,
+                if zero1 { mine } else { whole }
+            )));
+        }
         group.broadcast(&mut self.model.params, 0)?;
         self.group = Some(group);
         Ok(())
+    }
+
+    /// Whether the optimizer holds only this rank's ZeRO-1 shard.
+    pub fn is_zero1(&self) -> bool {
+        self.opt.shard.len() != self.model.num_params()
     }
 
     pub fn rank(&self) -> usize {
@@ -137,7 +181,9 @@ impl Trainer {
                 return Err(Error::NonFiniteLoss { step: self.step + 1, loss });
             }
             match &self.group {
-                Some(group) if micro + 1 == accum => backward_all_reduce(&mut self.model, group)?,
+                Some(group) if micro + 1 == accum && !self.is_zero1() => {
+                    backward_all_reduce(&mut self.model, group)?
+                }
                 _ => self.model.backward(),
             }
             loss_sum += loss as f64;
@@ -147,7 +193,19 @@ impl Trainer {
             group.all_reduce_sum(&mut total)?;
             loss_sum = total[0] as f64 / world as f64;
         }
-        let grad_norm = kernels::sum_squares(&self.model.grads).sqrt() as f32;
+        let zero1 = self.is_zero1();
+        let shard = self.opt.shard.clone();
+        let sum_squares = match &self.group {
+            Some(group) if zero1 => {
+                // Each rank ends with the summed gradients of its own segment.
+                group.reduce_scatter_sum(&mut self.model.grads)?;
+                let mut local = [kernels::sum_squares(&self.model.grads[shard]) as f32];
+                group.all_reduce_sum(&mut local)?;
+                local[0] as f64
+            }
+            _ => kernels::sum_squares(&self.model.grads),
+        };
+        let grad_norm = sum_squares.sqrt() as f32;
         if !grad_norm.is_finite() {
             return Err(Error::NonFiniteLoss { step: self.step + 1, loss: grad_norm });
         }
@@ -155,6 +213,9 @@ impl Trainer {
         let scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
         let lr = self.cfg.lr_at(self.step);
         self.opt.update(&mut self.model.params, &self.model.grads, &self.model.specs, &self.cfg, lr, scale);
+        if let (Some(group), true) = (&self.group, zero1) {
+            group.all_gather(&mut self.model.params)?;
+        }
         self.step += 1;
         Ok(StepStats {
             step: self.step,
@@ -166,27 +227,74 @@ impl Trainer {
         })
     }
 
-    /// Saves the run under `root/step_N`; returns that directory. In a data-parallel run every
-    /// rank holds the same state, so rank 0 alone writes it.
+    /// Saves the run under `root/step_N`; returns that directory. Without ZeRO-1 every rank
+    /// holds the same state, so rank 0 alone writes it. With ZeRO-1 every rank must call this:
+    /// each writes its optimizer shard, and rank 0 writes the weights and the manifest listing
+    /// every rank's file (the directory must be one all ranks see).
     pub fn save(&self, root: &Path) -> Result<PathBuf> {
-        if self.rank() != 0 {
-            return Ok(root.join(checkpoint::step_dir_name(self.step)));
+        let (rank, world) = (self.rank(), self.world_size());
+        let shard = self.is_zero1().then(|| checkpoint::Shard { rank, world, range: self.opt.shard.clone() });
+        let snap = Snapshot {
+            step: self.step,
+            data_cursor: self.data.cursor(),
+            rng_state: self.rng.state(),
+            adam_t: self.opt.t,
+            model: &self.model.cfg,
+            train: &self.cfg,
+            params: &self.model.params,
+            exp_avg: &self.opt.m,
+            exp_avg_sq: &self.opt.v,
+            world_size: world,
+            shard,
+        };
+        let final_dir = root.join(checkpoint::step_dir_name(self.step));
+        let group = match &self.group {
+            Some(group) if snap.shard.is_some() => group,
+            _ if rank == 0 => return checkpoint::save(root, &snap),
+            _ => return Ok(final_dir),
+        };
+        if rank == 0 {
+            checkpoint::prepare(root, self.step)?;
         }
-        checkpoint::save(
-            root,
-            &Snapshot {
-                step: self.step,
-                data_cursor: self.data.cursor(),
-                rng_state: self.rng.state(),
-                adam_t: self.opt.t,
-                model: &self.model.cfg,
-                train: &self.cfg,
-                params: &self.model.params,
-                exp_avg: &self.opt.m,
-                exp_avg_sq: &self.opt.v,
-            },
-        )
+        group.barrier()?;
+        let tmp = checkpoint::temp_dir(root, self.step);
+        let mut files = checkpoint::write_parts(&tmp, &snap, rank == 0)?;
+        // Every rank's shard entry (size and SHA-256, as raw bits) reaches rank 0.
+        let mut table = vec![0f32; ENTRY_WORDS * world];
+        table[rank * ENTRY_WORDS..(rank + 1) * ENTRY_WORDS]
+            .copy_from_slice(&encode_entry(files.last().expect("a shard file")));
+        group.all_gather(&mut table)?;
+        if rank == 0 {
+            files.truncate(1); // the weights; shard entries follow in rank order
+            for (r, words) in table.chunks_exact(ENTRY_WORDS).enumerate() {
+                files.push(decode_entry(checkpoint::shard_file_name(r), words));
+            }
+            checkpoint::commit(root, &tmp, &snap, files)?;
+        }
+        // Nobody moves on (or reports the checkpoint) before it is committed.
+        group.barrier()?;
+        Ok(final_dir)
     }
+}
+
+/// A file entry as f32 words for a collective: 2 words of size, 8 of SHA-256 (bits, not values).
+const ENTRY_WORDS: usize = 10;
+
+fn encode_entry(entry: &checkpoint::FileEntry) -> [f32; ENTRY_WORDS] {
+    let mut words = [0f32; ENTRY_WORDS];
+    words[0] = f32::from_bits(entry.bytes as u32);
+    words[1] = f32::from_bits((entry.bytes >> 32) as u32);
+    for (i, w) in words[2..].iter_mut().enumerate() {
+        let hex = &entry.sha256[8 * i..8 * i + 8];
+        *w = f32::from_bits(u32::from_str_radix(hex, 16).expect("sha256 is hex"));
+    }
+    words
+}
+
+fn decode_entry(name: String, words: &[f32]) -> checkpoint::FileEntry {
+    let bytes = words[0].to_bits() as u64 | ((words[1].to_bits() as u64) << 32);
+    let sha256 = words[2..].iter().map(|w| format!("{:08x}", w.to_bits())).collect();
+    checkpoint::FileEntry { name, bytes, sha256 }
 }
 
 /// Backward with each gradient bucket all-reduced on a second thread as soon as it is final,
