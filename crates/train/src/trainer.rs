@@ -36,7 +36,18 @@ pub struct Trainer {
     window: Vec<u32>,
     /// Data-parallel peers; None for a single-process run.
     group: Option<comm::ProcessGroup>,
+    /// The group's configured collective deadline: the ceiling of the adaptive one.
+    comm_timeout_cap: std::time::Duration,
+    /// Recent step times in ms, for the adaptive collective deadline (bounded ring).
+    recent_step_ms: std::collections::VecDeque<f64>,
 }
+
+/// Collective deadlines adapt to the job: `STEP_MULTIPLE` × the median recent step, at least
+/// `COMM_TIMEOUT_FLOOR`, at most the configured deadline (30 s by default). A peer that stalls
+/// is then noticed in seconds on a fast job instead of always waiting the ceiling.
+const STEP_MULTIPLE: f64 = 10.0;
+const COMM_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(5);
+const STEP_WINDOW: usize = 16;
 
 impl Trainer {
     /// A fresh run from seeded initial weights.
@@ -55,6 +66,8 @@ impl Trainer {
             data: source,
             step: 0,
             group: None,
+            comm_timeout_cap: comm::DEFAULT_TIMEOUT,
+            recent_step_ms: Default::default(),
         })
     }
 
@@ -94,6 +107,8 @@ impl Trainer {
             data: source,
             step: m.step,
             group: None,
+            comm_timeout_cap: comm::DEFAULT_TIMEOUT,
+            recent_step_ms: Default::default(),
         };
         match group {
             Some(group) => trainer.attach_group(group, zero1)?,
@@ -135,6 +150,7 @@ impl Trainer {
             )));
         }
         group.broadcast(&mut self.model.params, 0)?;
+        self.comm_timeout_cap = group.timeout();
         self.group = Some(group);
         Ok(())
     }
@@ -217,14 +233,39 @@ impl Trainer {
             group.all_gather(&mut self.model.params)?;
         }
         self.step += 1;
+        let step_ms = start.elapsed().as_secs_f64() * 1e3;
+        self.adapt_comm_timeout(step_ms);
         Ok(StepStats {
             step: self.step,
             loss: (loss_sum / accum as f64) as f32,
             lr,
             grad_norm,
             tokens: self.cfg.tokens_per_step(),
-            step_ms: start.elapsed().as_secs_f64() * 1e3,
+            step_ms,
         })
+    }
+
+    /// Sets the group's collective deadline from the observed step time (see `STEP_MULTIPLE`).
+    fn adapt_comm_timeout(&mut self, step_ms: f64) {
+        let Some(group) = &mut self.group else { return };
+        if self.recent_step_ms.len() == STEP_WINDOW {
+            self.recent_step_ms.pop_front();
+        }
+        self.recent_step_ms.push_back(step_ms);
+        if self.recent_step_ms.len() < 3 {
+            return; // the first steps include warm-up; keep the configured deadline
+        }
+        let mut sorted: Vec<f64> = self.recent_step_ms.iter().copied().collect();
+        sorted.sort_by(f64::total_cmp);
+        let median_s = sorted[sorted.len() / 2] / 1e3;
+        let adaptive = std::time::Duration::from_secs_f64(STEP_MULTIPLE * median_s);
+        let cap = self.comm_timeout_cap;
+        group.set_timeout(adaptive.max(COMM_TIMEOUT_FLOOR.min(cap)).min(cap));
+    }
+
+    /// The deadline collectives currently run under (None for a single process).
+    pub fn comm_timeout(&self) -> Option<std::time::Duration> {
+        self.group.as_ref().map(|g| g.timeout())
     }
 
     /// Saves the run under `root/step_N`; returns that directory. Without ZeRO-1 every rank
