@@ -28,6 +28,9 @@ pub struct GroupConfig {
     pub master_port: u16,
     /// Deadline of rendezvous and of every collective.
     pub timeout: Duration,
+    /// Use a shared-memory ring with a ring neighbour on the same host (falls back to TCP
+    /// when the neighbour cannot map it). MYRIAD_COMM_SHM=0 turns it off.
+    pub shm: bool,
 }
 
 impl GroupConfig {
@@ -64,7 +67,8 @@ impl GroupConfig {
             ),
             None => DEFAULT_TIMEOUT,
         };
-        let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout };
+        let shm = var("MYRIAD_COMM_SHM").is_none_or(|v| v != "0");
+        let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout, shm };
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -107,12 +111,111 @@ pub struct ProcessGroup {
     /// Connection to rank+1 (we write) and from rank−1 (we read); None when world is 1.
     next: Option<TcpStream>,
     prev: Option<TcpStream>,
+    /// Shared-memory rings replacing the streams' data path when the neighbour is on this host;
+    /// the streams then only signal liveness.
+    next_shm: Option<Link>,
+    prev_shm: Option<Link>,
     aborted: Arc<AtomicBool>,
     abort_streams: Arc<Vec<TcpStream>>,
     broken: Mutex<Option<String>>,
     /// Receive buffer reused across collectives (a fresh one per call costs page faults).
     scratch: Mutex<Vec<f32>>,
     _store: Option<StoreServer>,
+}
+
+#[cfg(target_os = "linux")]
+type Link = crate::shm::ShmRing;
+#[cfg(not(target_os = "linux"))]
+type Link = std::convert::Infallible;
+
+#[cfg(target_os = "linux")]
+fn stall_err(op: &'static str, peer: usize, stall: crate::shm::Stall) -> CommError {
+    match stall {
+        crate::shm::Stall::Deadline => CommError::Timeout { op, peer, timeout: Duration::ZERO },
+        crate::shm::Stall::PeerClosed => CommError::PeerClosed { op, peer },
+        crate::shm::Stall::Aborted => CommError::Aborted { op },
+    }
+}
+
+/// After the hellos: each rank offers rank+1 a shared-memory ring it created, and answers
+/// rank−1's offer by mapping its ring (or declining, e.g. on another host or another /dev/shm).
+/// The creator unlinks the file once answered, so nothing is left behind even after a crash.
+/// Offers and answers are a few bytes each, so no rank blocks the ring while negotiating.
+fn negotiate_shm(
+    cfg: &GroupConfig,
+    next: &mut TcpStream,
+    prev: &mut TcpStream,
+    deadline: Instant,
+) -> Result<(Option<Link>, Option<Link>)> {
+    let rv = |m: String| CommError::Rendezvous(m);
+    let left = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let (next_rank, prev_rank) =
+        ((cfg.rank + 1) % cfg.world_size, (cfg.rank + cfg.world_size - 1) % cfg.world_size);
+    #[cfg(target_os = "linux")]
+    let offered: Option<(std::path::PathBuf, Link)> = cfg
+        .shm
+        .then(|| {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let path = std::path::PathBuf::from(format!(
+                "/dev/shm/myriad-{}-{}-{nanos}",
+                std::process::id(),
+                cfg.rank
+            ));
+            let ring = crate::shm::ShmRing::create(&path, next.try_clone().ok()?).ok()?;
+            Some((path, ring))
+        })
+        .flatten();
+    #[cfg(not(target_os = "linux"))]
+    let offered: Option<(std::path::PathBuf, Link)> = None;
+
+    let mut offer = vec![0u8; 3];
+    if let Some((path, _)) = &offered {
+        let name = path.to_string_lossy().into_owned().into_bytes();
+        offer = vec![1];
+        offer.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        offer.extend_from_slice(&name);
+    }
+    next.set_write_timeout(Some(left())).ok();
+    next.write_all(&offer).map_err(|e| rv(format!("shared-memory offer to rank {next_rank}: {e}")))?;
+
+    prev.set_read_timeout(Some(left())).ok();
+    let mut head = [0u8; 3];
+    prev.read_exact(&mut head).map_err(|e| rv(format!("shared-memory offer from rank {prev_rank}: {e}")))?;
+    let mut accepted: Option<Link> = None;
+    if head[0] == 1 {
+        let mut name = vec![0u8; u16::from_le_bytes([head[1], head[2]]) as usize];
+        prev.read_exact(&mut name)
+            .map_err(|e| rv(format!("shared-memory offer from rank {prev_rank}: {e}")))?;
+        #[cfg(target_os = "linux")]
+        if cfg.shm {
+            let path = std::path::PathBuf::from(String::from_utf8_lossy(&name).into_owned());
+            accepted = prev.try_clone().ok().and_then(|s| crate::shm::ShmRing::open(&path, s).ok());
+        }
+    }
+    prev.set_write_timeout(Some(left())).ok();
+    prev.write_all(&[u8::from(accepted.is_some())])
+        .map_err(|e| rv(format!("shared-memory answer to rank {prev_rank}: {e}")))?;
+
+    let mut answer = [0u8; 1];
+    next.set_read_timeout(Some(left())).ok();
+    let got = next.read_exact(&mut answer);
+    let sending = match offered {
+        Some((path, ring)) => {
+            let _ = std::fs::remove_file(&path);
+            (got.is_ok() && answer[0] == 1).then_some(ring)
+        }
+        None => None,
+    };
+    got.map_err(|e| rv(format!("shared-memory answer from rank {next_rank}: {e}")))?;
+    Ok((sending, accepted))
+}
+
+fn bytes_as_f32(bytes: &[u8]) -> &[f32] {
+    assert!(bytes.len().is_multiple_of(4) && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()));
+    // SAFETY: length and alignment checked; every bit pattern is a valid f32.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
 }
 
 fn io_err(op: &'static str, peer: usize, e: std::io::Error) -> CommError {
@@ -142,6 +245,8 @@ impl ProcessGroup {
                 timeout: cfg.timeout,
                 next: None,
                 prev: None,
+                next_shm: None,
+                prev_shm: None,
                 aborted: Arc::new(AtomicBool::new(false)),
                 abort_streams: Arc::new(Vec::new()),
                 broken: Mutex::new(None),
@@ -234,6 +339,7 @@ impl ProcessGroup {
                 word(1)
             )));
         }
+        let (next_shm, prev_shm) = negotiate_shm(cfg, &mut next, &mut prev, deadline)?;
         let abort_streams = Arc::new(vec![
             next.try_clone().map_err(|e| rv(e.to_string()))?,
             prev.try_clone().map_err(|e| rv(e.to_string()))?,
@@ -244,6 +350,8 @@ impl ProcessGroup {
             timeout: cfg.timeout,
             next: Some(next),
             prev: Some(prev),
+            next_shm,
+            prev_shm,
             aborted: Arc::new(AtomicBool::new(false)),
             abort_streams,
             broken: Mutex::new(None),
@@ -307,6 +415,10 @@ impl ProcessGroup {
     }
 
     fn write_all(&self, op: &'static str, bytes: &[u8], deadline: Instant) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = &self.next_shm {
+            return ring.send(bytes, deadline, &self.aborted).map_err(|s| stall_err(op, self.next_rank(), s));
+        }
         let mut s = self.next.as_ref().expect("ring stream");
         for chunk in bytes.chunks(CHUNK_BYTES) {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -319,42 +431,67 @@ impl ProcessGroup {
         Ok(())
     }
 
-    /// Reads `out.len()` floats from rank−1, calling `on_chunk(first_index, floats)` as each
-    /// chunk arrives, so reducing one chunk overlaps the arrival of the next.
-    fn read_chunks(
+    /// Receives `dst.len()` floats from rank−1, copying them into `dst` or, with `add`, adding
+    /// them to it; `landed(first_index, piece)` sees each finished piece of `dst` as it completes,
+    /// so the reduction and any forwarding overlap the arrival of the rest.
+    fn receive(
         &self,
         op: &'static str,
-        out: &mut [f32],
+        dst: &mut [f32],
+        add: bool,
         deadline: Instant,
-        mut on_chunk: impl FnMut(usize, &[f32]),
+        mut landed: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        if let Some(ring) = &self.prev_shm {
+            return ring
+                .recv(dst.len() * 4, deadline, &self.aborted, |offset, piece| {
+                    let src = bytes_as_f32(piece);
+                    let d = &mut dst[offset / 4..offset / 4 + src.len()];
+                    if add {
+                        d.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                    } else {
+                        d.copy_from_slice(src);
+                    }
+                    landed(offset / 4, d);
+                })
+                .map_err(|s| stall_err(op, self.prev_rank(), s));
+        }
         let mut s = self.prev.as_ref().expect("ring stream");
         let per_chunk = CHUNK_BYTES / 4;
-        for (i, chunk) in out.chunks_mut(per_chunk).enumerate() {
+        let mut scratch = if add { Some(self.scratch.lock().unwrap()) } else { None };
+        for (i, chunk) in dst.chunks_mut(per_chunk).enumerate() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(CommError::Timeout { op, peer: self.prev_rank(), timeout: Duration::ZERO });
             }
             s.set_read_timeout(Some(left)).map_err(|e| io_err(op, self.prev_rank(), e))?;
-            s.read_exact(as_bytes_mut(chunk)).map_err(|e| io_err(op, self.prev_rank(), e))?;
-            on_chunk(i * per_chunk, chunk);
+            match scratch.as_mut() {
+                Some(tmp) => {
+                    tmp.resize(chunk.len(), 0.0);
+                    s.read_exact(as_bytes_mut(tmp)).map_err(|e| io_err(op, self.prev_rank(), e))?;
+                    chunk.iter_mut().zip(tmp.iter()).for_each(|(d, s)| *d += s);
+                }
+                None => s.read_exact(as_bytes_mut(chunk)).map_err(|e| io_err(op, self.prev_rank(), e))?,
+            }
+            landed(i * per_chunk, chunk);
         }
         Ok(())
     }
 
-    /// Sends `send` to rank+1 while receiving `recv.len()` floats from rank−1 (a writer thread
-    /// keeps the exchange full-duplex, so neither side waits on the other's socket buffer).
+    /// Sends `send` to rank+1 while receiving into (or adding into) `dst` from rank−1; a
+    /// writer thread keeps the exchange full-duplex, so neither side waits on the other.
     fn exchange(
         &self,
         op: &'static str,
         send: &[f32],
-        recv: &mut [f32],
+        dst: &mut [f32],
+        add: bool,
         deadline: Instant,
-        on_chunk: impl FnMut(usize, &[f32]),
     ) -> Result<()> {
         std::thread::scope(|scope| {
             let writer = scope.spawn(|| self.write_all(op, as_bytes(send), deadline));
-            let read = self.read_chunks(op, recv, deadline, on_chunk);
+            let read = self.receive(op, dst, add, deadline, |_, _| {});
             if read.is_err() {
                 // Unblock our own writer too; the group is unusable after this anyway.
                 if let Some(s) = &self.next {
@@ -406,17 +543,11 @@ impl ProcessGroup {
 
     fn reduce_scatter_inner(&self, buf: &mut [f32], deadline: Instant) -> Result<()> {
         let (n, r) = (self.world, self.rank);
-        let mut scratch = self.scratch.lock().unwrap();
         for step in 0..n - 1 {
             let send_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
             let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 2) % n);
-            scratch.resize(recv_seg.len(), 0.0);
             let (send, dst) = disjoint(buf, send_seg, recv_seg);
-            self.exchange("reduce_scatter", send, &mut scratch, deadline, |first, chunk| {
-                for (d, x) in dst[first..first + chunk.len()].iter_mut().zip(chunk) {
-                    *d += x;
-                }
-            })?;
+            self.exchange("reduce_scatter", send, dst, true, deadline)?;
         }
         Ok(())
     }
@@ -426,9 +557,8 @@ impl ProcessGroup {
         for step in 0..n - 1 {
             let send_seg = segment(buf.len(), n, (r + n - step) % n);
             let recv_seg = segment(buf.len(), n, (r + 2 * n - step - 1) % n);
-            // Received floats land in place: no scratch, nothing to combine.
             let (send, dst) = disjoint(buf, send_seg, recv_seg);
-            self.exchange("all_gather", send, dst, deadline, |_, _| {})?;
+            self.exchange("all_gather", send, dst, false, deadline)?;
         }
         Ok(())
     }
@@ -445,9 +575,9 @@ impl ProcessGroup {
             }
             let forward = self.next_rank() != root;
             let mut write_err = None;
-            self.read_chunks("broadcast", buf, deadline, |_, chunk| {
+            self.receive("broadcast", buf, false, deadline, |_, piece| {
                 if forward && write_err.is_none() {
-                    write_err = self.write_all("broadcast", as_bytes(chunk), deadline).err();
+                    write_err = self.write_all("broadcast", as_bytes(piece), deadline).err();
                 }
             })?;
             write_err.map_or(Ok(()), Err)

@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod group;
+#[cfg(target_os = "linux")]
+mod shm;
 pub mod store;
 
 pub use error::{CommError, Result};

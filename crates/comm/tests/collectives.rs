@@ -15,6 +15,7 @@ fn config(rank: usize, world: usize, port: u16, timeout_ms: u64) -> GroupConfig 
         master_addr: "127.0.0.1".into(),
         master_port: port,
         timeout: Duration::from_millis(timeout_ms),
+        shm: true,
     }
 }
 
@@ -64,6 +65,33 @@ fn all_reduce_matches_a_sequential_sum_bitwise_on_every_rank() {
             }
         }
     }
+}
+
+#[test]
+fn tcp_and_shared_memory_links_give_the_same_bits() {
+    // Ranks 0 and 2 offer shared memory, rank 1 declines: the ring mixes both kinds of link.
+    let run = |shm_for: fn(usize) -> bool| {
+        let port = free_port();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|r| {
+                    s.spawn(move || {
+                        let cfg = GroupConfig { shm: shm_for(r), ..config(r, 3, port, 10_000) };
+                        let pg = ProcessGroup::connect(&cfg).unwrap();
+                        let mut buf = rank_data(r, 3_000_001);
+                        pg.all_reduce_sum(&mut buf).unwrap();
+                        buf.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        })
+    };
+    let tcp = run(|_| false);
+    let mixed = run(|r| r != 1);
+    let shm = run(|_| true);
+    assert_eq!(tcp, mixed);
+    assert_eq!(tcp, shm);
 }
 
 #[test]

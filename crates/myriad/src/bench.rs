@@ -26,6 +26,9 @@ pub struct AllreduceArgs {
     /// Timed iterations (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     iters: usize,
+    /// Move data over TCP even between ranks that could share memory.
+    #[arg(long)]
+    tcp: bool,
     #[arg(long)]
     json: bool,
 }
@@ -109,6 +112,7 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<(), String> {
                         master_addr: "127.0.0.1".into(),
                         master_port: port,
                         timeout: comm::DEFAULT_TIMEOUT,
+                        shm: !a.tcp,
                     };
                     let group = comm::ProcessGroup::connect(&cfg).map_err(|e| e.to_string())?;
                     let mut buf = vec![1.0f32; elems];
@@ -134,7 +138,7 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<(), String> {
     let busbw = algbw * 2.0 * (a.ranks - 1) as f64 / a.ranks as f64;
     let loopback = loopback_gbps(a.bytes).map_err(|e| format!("loopback TCP measurement: {e}"))?;
     let out = json!({
-        "ranks": a.ranks, "bytes": elems * 4, "time_ms_median": secs * 1e3,
+        "ranks": a.ranks, "bytes": elems * 4, "transport": if a.tcp { "tcp" } else { "shm" }, "time_ms_median": secs * 1e3,
         "algbw_gbps": algbw, "busbw_gbps": busbw, "loopback_tcp_gbps": loopback,
         "busbw_vs_loopback": busbw / loopback,
     });
@@ -142,9 +146,10 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<(), String> {
         println!("{out}");
     } else {
         println!(
-            "all-reduce {} ranks x {} MiB: {:.1} ms, algbw {algbw:.2} GB/s, busbw {busbw:.2} GB/s ({:.0}% of loopback TCP {loopback:.2} GB/s)",
+            "all-reduce {} ranks x {} MiB over {}: {:.1} ms, algbw {algbw:.2} GB/s, busbw {busbw:.2} GB/s ({:.0}% of loopback TCP {loopback:.2} GB/s)",
             a.ranks,
             a.bytes >> 20,
+            if a.tcp { "TCP" } else { "shared memory" },
             secs * 1e3,
             100.0 * busbw / loopback
         );

@@ -36,6 +36,7 @@ fn connect(rank: usize, world: usize, port: u16) -> comm::ProcessGroup {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         timeout: Duration::from_secs(20),
+        shm: true,
     })
     .unwrap()
 }
@@ -205,6 +206,7 @@ fn batch_that_does_not_split_over_the_ranks_is_refused() {
                         master_addr: "127.0.0.1".into(),
                         master_port: port,
                         timeout: Duration::from_secs(20),
+                        shm: true,
                     })
                     .unwrap();
                     let mut t = Trainer::new(model, cfg, &data).unwrap();
