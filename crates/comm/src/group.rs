@@ -213,7 +213,10 @@ fn negotiate_shm(
 }
 
 fn bytes_as_f32(bytes: &[u8]) -> &[f32] {
-    assert!(bytes.len().is_multiple_of(4) && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>()));
+    assert!(
+        bytes.len().is_multiple_of(4)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<f32>())
+    );
     // SAFETY: length and alignment checked; every bit pattern is a valid f32.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), bytes.len() / 4) }
 }
@@ -489,6 +492,23 @@ impl ProcessGroup {
         add: bool,
         deadline: Instant,
     ) -> Result<()> {
+        #[cfg(target_os = "linux")]
+        if let (Some(out), Some(inp)) = (&self.next_shm, &self.prev_shm) {
+            let len = dst.len() * 4;
+            let landed = |offset: usize, piece: &[u8]| {
+                let src = bytes_as_f32(piece);
+                let d = &mut dst[offset / 4..offset / 4 + src.len()];
+                if add {
+                    d.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    d.copy_from_slice(src);
+                }
+            };
+            return crate::shm::exchange(out, as_bytes(send), inp, len, deadline, &self.aborted, landed)
+                .map_err(|(receiving, s)| {
+                    stall_err(op, if receiving { self.prev_rank() } else { self.next_rank() }, s)
+                });
+        }
         std::thread::scope(|scope| {
             let writer = scope.spawn(|| self.write_all(op, as_bytes(send), deadline));
             let read = self.receive(op, dst, add, deadline, |_, _| {});

@@ -134,7 +134,9 @@ impl ShmRing {
         if aborted.load(Ordering::Acquire) {
             return Err(Stall::Aborted);
         }
-        if self.peer_gone() {
+        // A peer may publish its last piece and exit between our look at the ring and this
+        // check: only a peer that is gone *and* moved nothing since `seen` has failed us.
+        if self.peer_gone() && word.load(Ordering::Acquire) == seen {
             return Err(Stall::PeerClosed);
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -221,4 +223,102 @@ impl ShmRing {
         }
         Ok(())
     }
+
+    /// Producer, non-blocking: copies as much of `bytes` as fits now (at most one piece).
+    fn try_send(&self, bytes: &[u8]) -> usize {
+        let h = self.header();
+        let written = h.written.load(Ordering::Relaxed);
+        let free = CAPACITY - (written - h.read.load(Ordering::Acquire)) as usize;
+        let at = written as usize % CAPACITY;
+        let n = free.min(CAPACITY - at).min(PIECE).min(bytes.len());
+        if n > 0 {
+            // SAFETY: as in `send`.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.data().add(at), n) };
+            h.written.store(written + n as u64, Ordering::Release);
+            Self::wake(&h.written_seq);
+        }
+        n
+    }
+
+    /// Consumer, non-blocking: hands at most one available piece (up to `want` bytes) to
+    /// `on_piece`; returns its length.
+    fn try_recv(&self, want: usize, on_piece: &mut impl FnMut(&[u8])) -> usize {
+        let h = self.header();
+        let read = h.read.load(Ordering::Relaxed);
+        let avail = (h.written.load(Ordering::Acquire) - read) as usize;
+        let at = read as usize % CAPACITY;
+        let n = avail.min(CAPACITY - at).min(PIECE).min(want);
+        if n > 0 {
+            // SAFETY: as in `recv`.
+            on_piece(unsafe { std::slice::from_raw_parts(self.data().add(at), n) });
+            h.read.store(read + n as u64, Ordering::Release);
+            Self::wake(&h.read_seq);
+        }
+        n
+    }
+}
+
+/// Sends `bytes` on `out` while receiving `len` bytes from `inp`, on one thread: each turn moves
+/// whatever piece each ring allows. A thread per direction would double the runnable threads,
+/// and when ranks outnumber cores that costs more in switches than it gains. Idle turns yield;
+/// after `SPIN` of them the thread sleeps on the futex of the direction still pending, in
+/// `WAIT_SLICE`s, checking abort, peer loss and the deadline.
+pub fn exchange(
+    out: &ShmRing,
+    bytes: &[u8],
+    inp: &ShmRing,
+    len: usize,
+    deadline: Instant,
+    aborted: &AtomicBool,
+    mut on_piece: impl FnMut(usize, &[u8]),
+) -> Result<(), (bool, Stall)> {
+    const SPIN: Duration = Duration::from_micros(500);
+    let (mut sent, mut got) = (0, 0);
+    let mut idle_since: Option<Instant> = None;
+    while sent < bytes.len() || got < len {
+        let mut moved = 0;
+        if sent < bytes.len() {
+            let n = out.try_send(&bytes[sent..]);
+            sent += n;
+            moved += n;
+        }
+        if got < len {
+            let n = inp.try_recv(len - got, &mut |piece| on_piece(got, piece));
+            got += n;
+            moved += n;
+        }
+        if moved > 0 {
+            idle_since = None;
+            continue;
+        }
+        let since = *idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() < SPIN {
+            std::thread::yield_now();
+            continue;
+        }
+        // Sleep on whichever direction is stuck; `true` marks the receiving side in errors.
+        if got < len {
+            let h = inp.header();
+            let seen = h.written_seq.load(Ordering::Acquire);
+            if h.written.load(Ordering::Acquire) == h.read.load(Ordering::Relaxed) {
+                inp.wait(&h.written_seq, seen, deadline, aborted).map_err(|s| (true, s))?;
+            }
+        } else {
+            let h = out.header();
+            let seen = h.read_seq.load(Ordering::Acquire);
+            if (h.written.load(Ordering::Relaxed) - h.read.load(Ordering::Acquire)) as usize == CAPACITY {
+                out.wait(&h.read_seq, seen, deadline, aborted).map_err(|s| (false, s))?;
+            }
+        }
+        // While we slept on the receiving side, the peer we send to may have died with our
+        // data unread: if it is gone and still no space frees up, nobody will ever read it.
+        if sent < bytes.len() && out.peer_gone() {
+            let n = out.try_send(&bytes[sent..]);
+            if n == 0 {
+                return Err((false, Stall::PeerClosed));
+            }
+            sent += n;
+        }
+    }
+    Ok(())
 }
