@@ -212,6 +212,18 @@ fn negotiate_shm(
     Ok((sending, accepted))
 }
 
+/// Puts a received piece that starts at element `offset` of the message into `dst`: copied, or
+/// added onto what is there with `add`. Returns the part of `dst` it landed in.
+fn land<'a>(dst: &'a mut [f32], offset: usize, piece: &[f32], add: bool) -> &'a mut [f32] {
+    let d = &mut dst[offset..offset + piece.len()];
+    if add {
+        d.iter_mut().zip(piece).for_each(|(d, s)| *d += s);
+    } else {
+        d.copy_from_slice(piece);
+    }
+    d
+}
+
 fn bytes_as_f32(bytes: &[u8]) -> &[f32] {
     assert!(
         bytes.len().is_multiple_of(4)
@@ -449,14 +461,7 @@ impl ProcessGroup {
         if let Some(ring) = &self.prev_shm {
             return ring
                 .recv(dst.len() * 4, deadline, &self.aborted, |offset, piece| {
-                    let src = bytes_as_f32(piece);
-                    let d = &mut dst[offset / 4..offset / 4 + src.len()];
-                    if add {
-                        d.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                    } else {
-                        d.copy_from_slice(src);
-                    }
-                    landed(offset / 4, d);
+                    landed(offset / 4, land(dst, offset / 4, bytes_as_f32(piece), add));
                 })
                 .map_err(|s| stall_err(op, self.prev_rank(), s));
         }
@@ -473,7 +478,7 @@ impl ProcessGroup {
                 Some(tmp) => {
                     tmp.resize(chunk.len(), 0.0);
                     s.read_exact(as_bytes_mut(tmp)).map_err(|e| io_err(op, self.prev_rank(), e))?;
-                    chunk.iter_mut().zip(tmp.iter()).for_each(|(d, s)| *d += s);
+                    land(chunk, 0, tmp, true);
                 }
                 None => s.read_exact(as_bytes_mut(chunk)).map_err(|e| io_err(op, self.prev_rank(), e))?,
             }
@@ -496,13 +501,7 @@ impl ProcessGroup {
         if let (Some(out), Some(inp)) = (&self.next_shm, &self.prev_shm) {
             let len = dst.len() * 4;
             let landed = |offset: usize, piece: &[u8]| {
-                let src = bytes_as_f32(piece);
-                let d = &mut dst[offset / 4..offset / 4 + src.len()];
-                if add {
-                    d.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    d.copy_from_slice(src);
-                }
+                land(dst, offset / 4, bytes_as_f32(piece), add);
             };
             return crate::shm::exchange(out, as_bytes(send), inp, len, deadline, &self.aborted, landed)
                 .map_err(|(receiving, s)| {
