@@ -138,17 +138,16 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let last_step = a.until_step.unwrap_or(cfg.steps).min(cfg.steps);
     if leader {
         eprintln!(
-        "myriad train: {} parameters ({} layers, {} heads, width {}), batch {}x{} x{} accum, {} threads, peak {:.0} GFLOP/s",
-        trainer.model.num_params(),
-        model_cfg.n_layer,
-        model_cfg.n_head,
-        model_cfg.n_embd,
-        cfg.batch,
-        cfg.seq_len,
-        cfg.grad_accum,
-        threads,
-        peak
-    );
+            "myriad train: {} parameters ({} layers, {} heads, width {}), batch {}x{} x{} accum",
+            trainer.model.num_params(),
+            model_cfg.n_layer,
+            model_cfg.n_head,
+            model_cfg.n_embd,
+            cfg.batch,
+            cfg.seq_len,
+            cfg.grad_accum,
+        );
+        eprintln!("threads: {threads} per rank, FP32 peak {peak:.0} GFLOP/s (MFU is measured against it)");
         eprintln!("data: {}", trainer.data_description());
         if trainer.world_size() > 1 {
             eprintln!(
