@@ -162,18 +162,25 @@ fn unreachable_master_fails_within_the_deadline() {
     assert!(took < Duration::from_millis(1500 + 1000), "took {took:?}");
 }
 
-#[test]
-fn a_silent_peer_times_out_and_abort_unblocks() {
+/// Runs `rank0(group)` as rank 0 of two while rank 1 connects and then never joins a collective
+/// (as if stopped) until rank 0 is done.
+fn beside_a_silent_peer(rank0_timeout_ms: u64, rank0: impl FnOnce(ProcessGroup)) {
     let port = free_port();
     std::thread::scope(|s| {
-        // Rank 1 connects, then never joins the collective (as if stopped) until rank 0 is done.
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (done, wait) = std::sync::mpsc::channel::<()>();
         s.spawn(move || {
             let pg = ProcessGroup::connect(&config(1, 2, port, 5000)).unwrap();
-            rx.recv_timeout(Duration::from_secs(20)).ok();
+            wait.recv_timeout(Duration::from_secs(20)).ok();
             drop(pg);
         });
-        let mut pg = ProcessGroup::connect(&config(0, 2, port, 5000)).unwrap();
+        rank0(ProcessGroup::connect(&config(0, 2, port, rank0_timeout_ms)).unwrap());
+        done.send(()).unwrap();
+    });
+}
+
+#[test]
+fn a_silent_peer_times_out_and_abort_unblocks() {
+    beside_a_silent_peer(5000, |mut pg| {
         pg.set_timeout(Duration::from_millis(700));
         let start = Instant::now();
         let err = pg.all_reduce_sum(&mut vec![1.0; 1000]).unwrap_err();
@@ -183,22 +190,14 @@ fn a_silent_peer_times_out_and_abort_unblocks() {
         // Broken for good, and says why.
         let again = pg.all_reduce_sum(&mut [1.0; 4]).unwrap_err().to_string();
         assert!(again.contains("unusable") && again.contains("rank 1"), "{again}");
-        tx.send(()).unwrap();
     });
 
     // Abort from another thread ends a collective that would otherwise wait the full deadline.
-    let port = free_port();
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
-        s.spawn(move || {
-            let pg = ProcessGroup::connect(&config(1, 2, port, 5000)).unwrap();
-            rx.recv_timeout(Duration::from_secs(20)).ok();
-            drop(pg);
-        });
-        let pg = ProcessGroup::connect(&config(0, 2, port, 30_000)).unwrap();
+    beside_a_silent_peer(30_000, |pg| {
         let handle = pg.abort_handle();
         let start = Instant::now();
-        let aborter = s.spawn(move || {
+        let aborter = std::thread::spawn(move || {
+            // Whether the abort lands before or during the collective, the result is the same.
             std::thread::sleep(Duration::from_millis(200));
             handle.abort();
         });
@@ -206,6 +205,5 @@ fn a_silent_peer_times_out_and_abort_unblocks() {
         assert!(matches!(err, CommError::Aborted { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5), "abort took {:?}", start.elapsed());
         aborter.join().unwrap();
-        tx.send(()).unwrap();
     });
 }

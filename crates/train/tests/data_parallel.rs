@@ -194,27 +194,9 @@ fn sharded_checkpoint_resumes_exactly_on_the_same_world_size_only() {
 #[test]
 fn batch_that_does_not_split_over_the_ranks_is_refused() {
     let (model, cfg, data) = setup();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..3)
-            .map(|rank| {
-                let (model, cfg, data) = (model.clone(), cfg.clone(), data.clone());
-                s.spawn(move || {
-                    let group = comm::ProcessGroup::connect(&comm::GroupConfig {
-                        rank,
-                        world_size: 3,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                        timeout: Duration::from_secs(20),
-                        shm: true,
-                    })
-                    .unwrap();
-                    let mut t = Trainer::new(model, cfg, &data).unwrap();
-                    t.attach_group(group, false).unwrap_err().to_string()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let errs = on_ranks(3, |_, group| {
+        let mut t = Trainer::new(model.clone(), cfg.clone(), &data).unwrap();
+        t.attach_group(group, false).unwrap_err().to_string()
     });
     for e in errs {
         assert!(e.contains("batch (8) must split evenly over WORLD_SIZE (3)"), "{e}");
