@@ -140,14 +140,13 @@ impl Drop for Ranks {
     }
 }
 
-#[test]
-fn killing_one_rank_mid_training_fails_every_other_rank_within_the_deadline() {
+/// Starts `world` ranks of `myriad train` (tiny, effectively endless) with a `deadline_s`
+/// collective deadline and returns once rank 0 has reported a few data-parallel steps.
+fn training_ranks(world: usize, deadline_s: u64) -> Ranks {
     use std::io::BufRead;
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let deadline_s = 5;
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let world = 3;
     let mut ranks = Ranks(
         (0..world)
             .map(|rank| {
@@ -167,7 +166,7 @@ fn killing_one_rank_mid_training_fails_every_other_rank_within_the_deadline() {
             })
             .collect(),
     );
-    // Wait (bounded) until rank 0 has finished a few data-parallel steps.
+    // Wait (bounded) until rank 0 has finished a few steps.
     let stdout = ranks.0[0].stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -178,42 +177,73 @@ fn killing_one_rank_mid_training_fails_every_other_rank_within_the_deadline() {
         }
     });
     let warmup_deadline = Instant::now() + Duration::from_secs(60);
-    let mut steps = 0;
-    while steps < 5 {
+    for _ in 0..5 {
         let left = warmup_deadline.saturating_duration_since(Instant::now());
         rx.recv_timeout(left).expect("rank 0 reports steps within 60 s");
-        steps += 1;
     }
+    ranks
+}
 
+/// Waits (bounded by `limit`) for each of `survivors` to exit; asserts each failed with a data
+/// parallelism error and no panic; returns how long after `since` each exited.
+fn survivors_fail(
+    ranks: &mut Ranks,
+    survivors: &[usize],
+    since: std::time::Instant,
+    limit: std::time::Duration,
+) -> Vec<std::time::Duration> {
+    survivors
+        .iter()
+        .map(|&rank| {
+            let child = &mut ranks.0[rank];
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                assert!(
+                    since.elapsed() < limit,
+                    "rank {rank} still running {:?} after the fault",
+                    since.elapsed()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20)); // polling a child's exit, not a sync
+            };
+            let took = since.elapsed();
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+            assert!(!status.success(), "rank {rank} exited successfully after its peer failed");
+            assert!(stderr.contains("data parallelism:"), "rank {rank} stderr: {stderr}");
+            assert!(!stderr.contains("panicked"), "rank {rank} panicked: {stderr}");
+            println!("rank {rank} failed {took:?} after the fault: {}", stderr.lines().last().unwrap_or(""));
+            took
+        })
+        .collect()
+}
+
+#[test]
+fn killing_one_rank_mid_training_fails_every_other_rank_within_the_deadline() {
+    let deadline = std::time::Duration::from_secs(5);
+    let mut ranks = training_ranks(3, deadline.as_secs());
     ranks.0[1].kill().unwrap(); // SIGKILL: no chance to say goodbye
-    let killed_at = Instant::now();
+    let killed_at = std::time::Instant::now();
     ranks.0[1].wait().unwrap();
-    for rank in [0, 2] {
-        let child = &mut ranks.0[rank];
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                killed_at.elapsed() < Duration::from_secs(deadline_s + 2),
-                "rank {rank} still running {:?} after its peer was killed",
-                killed_at.elapsed()
-            );
-            std::thread::sleep(Duration::from_millis(20)); // polling a child's exit, not a sync
-        };
-        let took = killed_at.elapsed();
-        let mut stderr = String::new();
-        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-        assert!(!status.success(), "rank {rank} exited successfully after its peer died");
-        assert!(stderr.contains("data parallelism:"), "rank {rank} stderr: {stderr}");
-        assert!(!stderr.contains("panicked"), "rank {rank} panicked: {stderr}");
-        assert!(
-            took <= Duration::from_secs(deadline_s),
-            "rank {rank} took {took:?} (deadline {deadline_s} s)"
-        );
-        println!(
-            "rank {rank} failed {took:?} after rank 1 was killed: {}",
-            stderr.lines().last().unwrap_or("")
-        );
+    for took in survivors_fail(&mut ranks, &[0, 2], killed_at, deadline + std::time::Duration::from_secs(2)) {
+        assert!(took <= deadline, "took {took:?} (deadline {deadline:?})");
     }
+}
+
+#[test]
+fn stopping_one_rank_fails_every_other_rank_at_the_deadline_not_later() {
+    let deadline = std::time::Duration::from_secs(5);
+    let mut ranks = training_ranks(3, deadline.as_secs());
+    let pid = ranks.0[1].id().to_string();
+    // SIGSTOP: the process and its sockets stay up but it never answers again (a hang).
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let stopped_at = std::time::Instant::now();
+    // A collective already running when the rank stopped fails at its deadline; one started
+    // just after waits at most one more (millisecond) step. Allow a second of scheduling slack.
+    let limit = deadline + std::time::Duration::from_secs(1);
+    for took in survivors_fail(&mut ranks, &[0, 2], stopped_at, limit + std::time::Duration::from_secs(1)) {
+        assert!(took <= limit, "took {took:?} (deadline {deadline:?})");
+    }
+    // Ranks' Drop sends SIGKILL, which ends a stopped process too.
 }
