@@ -118,9 +118,7 @@ impl Gpt {
             const CHUNK: usize = 1 << 16;
             buf[..live].par_chunks_mut(CHUNK).enumerate().for_each(|(ci, chunk)| {
                 let mut rng = Rng::new(seed ^ ((ti as u64) << 40) ^ (ci as u64).wrapping_mul(0x9E37_79B9));
-                for x in chunk {
-                    *x = (rng.normal() * std) as f32;
-                }
+                rng.fill_normal(chunk, std);
             });
         }
         Gpt { cfg, specs, grads: crate::memory::zeroed(n), params, acts: None }

@@ -45,6 +45,21 @@ impl Rng {
         let u2 = self.next_f64();
         (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
+
+    /// Fills `out` with N(0, std²) draws, using both values of each Box-Muller pair (half the
+    /// logarithms and square roots of calling [`Rng::normal`] per element).
+    pub fn fill_normal(&mut self, out: &mut [f32], std: f64) {
+        for pair in out.chunks_mut(2) {
+            let u1 = 1.0 - self.next_f64();
+            let u2 = self.next_f64();
+            let r = (-2.0 * u1.ln()).sqrt() * std;
+            let (sin, cos) = (2.0 * std::f64::consts::PI * u2).sin_cos();
+            pair[0] = (r * cos) as f32;
+            if let Some(second) = pair.get_mut(1) {
+                *second = (r * sin) as f32;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -61,6 +76,17 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(a.next_u64(), b.next_u64());
         }
+    }
+
+    #[test]
+    fn fill_normal_has_the_requested_variance() {
+        let mut out = vec![0f32; 200_001];
+        Rng::new(3).fill_normal(&mut out, 0.5);
+        let n = out.len() as f64;
+        let mean = out.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let var = out.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+        assert!(mean.abs() < 0.005, "mean {mean}");
+        assert!((var - 0.25).abs() < 0.005, "var {var}");
     }
 
     #[test]
