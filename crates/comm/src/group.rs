@@ -115,6 +115,9 @@ pub struct ProcessGroup {
     /// the streams then only signal liveness.
     next_shm: Option<Link>,
     prev_shm: Option<Link>,
+    /// Every link of the ring is shared memory, so all-reduce runs the fused streaming schedule
+    /// (all ranks agree on this at rendezvous: the schedules do not interoperate).
+    fused: bool,
     aborted: Arc<AtomicBool>,
     abort_streams: Arc<Vec<TcpStream>>,
     broken: Mutex<Option<String>>,
@@ -262,6 +265,7 @@ impl ProcessGroup {
                 prev: None,
                 next_shm: None,
                 prev_shm: None,
+                fused: false,
                 aborted: Arc::new(AtomicBool::new(false)),
                 abort_streams: Arc::new(Vec::new()),
                 broken: Mutex::new(None),
@@ -359,12 +363,13 @@ impl ProcessGroup {
             next.try_clone().map_err(|e| rv(e.to_string()))?,
             prev.try_clone().map_err(|e| rv(e.to_string()))?,
         ]);
-        let group = ProcessGroup {
+        let mut group = ProcessGroup {
             rank,
             world,
             timeout: cfg.timeout,
             next: Some(next),
             prev: Some(prev),
+            fused: false,
             next_shm,
             prev_shm,
             aborted: Arc::new(AtomicBool::new(false)),
@@ -373,8 +378,12 @@ impl ProcessGroup {
             scratch: Mutex::new(Vec::new()),
             _store: store,
         };
-        // Nobody returns before everyone is connected, so the store may go away after this.
-        group.barrier()?;
+        // Which ranks have shared memory on both links; also a barrier: nobody returns before
+        // everyone is connected, so the store may go away after this.
+        let mut both_shm = vec![0f32; world];
+        both_shm[rank] = f32::from(u8::from(group.next_shm.is_some() && group.prev_shm.is_some()));
+        group.all_gather(&mut both_shm)?;
+        group.fused = both_shm.iter().all(|&f| f == 1.0);
         Ok(group)
     }
 
@@ -538,6 +547,21 @@ impl ProcessGroup {
             return Ok(());
         }
         self.guarded("all_reduce", |deadline| {
+            #[cfg(target_os = "linux")]
+            if let (true, Some(out), Some(inp)) = (self.fused, &self.next_shm, &self.prev_shm) {
+                return crate::shm::all_reduce_fused(
+                    out,
+                    inp,
+                    buf,
+                    self.rank,
+                    self.world,
+                    deadline,
+                    &self.aborted,
+                )
+                .map_err(|(receiving, s)| {
+                    stall_err("all_reduce", if receiving { self.prev_rank() } else { self.next_rank() }, s)
+                });
+            }
             self.reduce_scatter_inner(buf, deadline)?;
             self.all_gather_inner(buf, deadline)
         })

@@ -322,3 +322,200 @@ pub fn exchange(
     }
     Ok(())
 }
+
+/// What a rank does with one received message of the fused all-reduce.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// Reduce-scatter hop: send own + received on, keep nothing.
+    ReduceSend,
+    /// Last reduce-scatter hop: own + received is final; keep it and send it on.
+    ReduceKeepSend,
+    /// All-gather hop: keep the final values and send them on.
+    CopySend,
+    /// Last all-gather hop: keep the final values.
+    Copy,
+}
+
+/// Sum-all-reduce of `buf` over a ring whose every link is shared memory, in one streaming pass.
+///
+/// The buffer is cut into slices of `world × piece` floats and each slice runs the whole ring
+/// schedule (world−1 reduce-scatter hops, world−1 all-gather hops) before the next begins. A
+/// received message is combined with this rank's values and written straight into the outgoing
+/// ring ("recv-reduce-send", as NCCL's primitives do), so partial sums never go back to `buf`:
+/// per float, `buf` is read about twice and written once, against about five touches for
+/// hop-by-hop exchanges. Each element is summed in ring order starting at a rank fixed by its
+/// position, so the bits are the same on every rank and every run. Every rank of the group must
+/// use this schedule (the group agrees at rendezvous).
+pub fn all_reduce_fused(
+    out: &ShmRing,
+    inp: &ShmRing,
+    buf: &mut [f32],
+    rank: usize,
+    world: usize,
+    deadline: Instant,
+    aborted: &AtomicBool,
+) -> Result<(), (bool, Stall)> {
+    let n = world;
+    // Floats per ring message. At most n messages are in flight around the whole ring, so a
+    // ring that holds 2n of them can never fill while its reader waits: no deadlock.
+    let piece = (CAPACITY / 4 / (2 * n)).clamp(256, 16 << 10);
+    for slice in buf.chunks_mut(n * piece) {
+        let slice_len = slice.len();
+        let seg = |k: usize| crate::group::segment(slice_len, n, k % n);
+        // Message 0: this rank's own values of segment r−1.
+        let first = seg(rank + n - 1);
+        push(
+            out,
+            &mut |dst: &mut [f32], at: usize| {
+                dst.copy_from_slice(&slice[first.start + at..first.start + at + dst.len()])
+            },
+            first.len(),
+            deadline,
+            aborted,
+        )?;
+        for j in 0..2 * n - 2 {
+            let (k, role) = if j < n - 1 {
+                ((rank + 2 * n - j - 2) % n, if j + 2 < n { Role::ReduceSend } else { Role::ReduceKeepSend })
+            } else {
+                let g = j - (n - 1);
+                ((rank + 2 * n - g - 1) % n, if g + 2 < n { Role::CopySend } else { Role::Copy })
+            };
+            let range = seg(k);
+            relay(inp, out, &mut slice[range], role, deadline, aborted)?;
+        }
+    }
+    Ok(())
+}
+
+/// Produces `len` floats into `out`, asking `fill(dst, offset)` for each contiguous run.
+fn push(
+    out: &ShmRing,
+    fill: &mut dyn FnMut(&mut [f32], usize),
+    len: usize,
+    deadline: Instant,
+    aborted: &AtomicBool,
+) -> Result<(), (bool, Stall)> {
+    let h = out.header();
+    let mut done = 0;
+    let mut spin = Spin::default();
+    while done < len {
+        let seen = h.read_seq.load(Ordering::Acquire);
+        let written = h.written.load(Ordering::Relaxed);
+        let free = CAPACITY - (written - h.read.load(Ordering::Acquire)) as usize;
+        let at = written as usize % CAPACITY;
+        let m = (free.min(CAPACITY - at) / 4).min(len - done);
+        if m == 0 {
+            if !spin.keep_spinning() {
+                out.wait(&h.read_seq, seen, deadline, aborted).map_err(|s| (false, s))?;
+            }
+            continue;
+        }
+        spin.reset();
+        // SAFETY: [at, at + 4m) is free ring space owned by the producer until published;
+        // ring offsets are multiples of 4 and the data area is 4-aligned.
+        let dst = unsafe { std::slice::from_raw_parts_mut(out.data().add(at).cast::<f32>(), m) };
+        fill(dst, done);
+        h.written.store(written + 4 * m as u64, Ordering::Release);
+        ShmRing::wake(&h.written_seq);
+        done += m;
+    }
+    Ok(())
+}
+
+/// Receives `own.len()` floats from `inp` and acts on them per `role`, writing to `out` when
+/// the role sends on. Moves as much as both rings allow at once.
+fn relay(
+    inp: &ShmRing,
+    out: &ShmRing,
+    own: &mut [f32],
+    role: Role,
+    deadline: Instant,
+    aborted: &AtomicBool,
+) -> Result<(), (bool, Stall)> {
+    let (hi, ho) = (inp.header(), out.header());
+    let sends = role != Role::Copy;
+    let mut done = 0;
+    let mut spin = Spin::default();
+    while done < own.len() {
+        let seen_in = hi.written_seq.load(Ordering::Acquire);
+        let read = hi.read.load(Ordering::Relaxed);
+        let avail = (hi.written.load(Ordering::Acquire) - read) as usize;
+        let r_at = read as usize % CAPACITY;
+        let mut m = (avail.min(CAPACITY - r_at) / 4).min(own.len() - done);
+        if m == 0 {
+            if !spin.keep_spinning() {
+                inp.wait(&hi.written_seq, seen_in, deadline, aborted).map_err(|s| (true, s))?;
+            }
+            continue;
+        }
+        let (seen_out, written) = (ho.read_seq.load(Ordering::Acquire), ho.written.load(Ordering::Relaxed));
+        let w_at = written as usize % CAPACITY;
+        if sends {
+            let free = CAPACITY - (written - ho.read.load(Ordering::Acquire)) as usize;
+            m = m.min(free.min(CAPACITY - w_at) / 4);
+            if m == 0 {
+                if !spin.keep_spinning() {
+                    out.wait(&ho.read_seq, seen_out, deadline, aborted).map_err(|s| (false, s))?;
+                }
+                continue;
+            }
+        }
+        spin.reset();
+        // SAFETY: [r_at, r_at + 4m) is published input not yet consumed; [w_at, w_at + 4m) is
+        // free output space; both 4-aligned (see `push`).
+        let src = unsafe { std::slice::from_raw_parts(inp.data().add(r_at).cast::<f32>(), m) };
+        let mine = &mut own[done..done + m];
+        if sends {
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.data().add(w_at).cast::<f32>(), m) };
+            match role {
+                Role::ReduceSend => {
+                    dst.iter_mut().zip(mine.iter()).zip(src).for_each(|((d, a), b)| *d = a + b)
+                }
+                Role::ReduceKeepSend => {
+                    for ((d, a), b) in dst.iter_mut().zip(mine.iter_mut()).zip(src) {
+                        *a += b;
+                        *d = *a;
+                    }
+                }
+                _ => {
+                    mine.copy_from_slice(src);
+                    dst.copy_from_slice(src);
+                }
+            }
+            ho.written.store(written + 4 * m as u64, Ordering::Release);
+            ShmRing::wake(&ho.written_seq);
+        } else {
+            mine.copy_from_slice(src);
+        }
+        hi.read.store(read + 4 * m as u64, Ordering::Release);
+        ShmRing::wake(&hi.read_seq);
+        done += m;
+    }
+    Ok(())
+}
+
+/// Brief yielding before a futex sleep: a peer on the other core usually frees space or
+/// publishes data within microseconds, and sleeping costs two syscalls and a wake-up.
+#[derive(Default)]
+struct Spin {
+    since: Option<Instant>,
+}
+
+impl Spin {
+    const FOR: Duration = Duration::from_micros(200);
+
+    /// Yields and returns true while the spin budget lasts; false once it is time to sleep.
+    fn keep_spinning(&mut self) -> bool {
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Self::FOR {
+            std::thread::yield_now();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn reset(&mut self) {
+        self.since = None;
+    }
+}
