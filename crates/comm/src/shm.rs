@@ -260,8 +260,8 @@ impl ShmRing {
 
 /// Sends `bytes` on `out` while receiving `len` bytes from `inp`, on one thread: each turn moves
 /// whatever piece each ring allows. A thread per direction would double the runnable threads,
-/// and when ranks outnumber cores that costs more in switches than it gains. Idle turns yield;
-/// after `SPIN` of them the thread sleeps on the futex of the direction still pending, in
+/// and when ranks outnumber cores that costs more in switches than it gains. Idle turns yield
+/// (see [`Spin`]); then the thread sleeps on the futex of the direction still pending, in
 /// `WAIT_SLICE`s, checking abort, peer loss and the deadline.
 pub fn exchange(
     out: &ShmRing,
@@ -272,9 +272,8 @@ pub fn exchange(
     aborted: &AtomicBool,
     mut on_piece: impl FnMut(usize, &[u8]),
 ) -> Result<(), (bool, Stall)> {
-    const SPIN: Duration = Duration::from_micros(500);
     let (mut sent, mut got) = (0, 0);
-    let mut idle_since: Option<Instant> = None;
+    let mut spin = Spin::default();
     while sent < bytes.len() || got < len {
         let mut moved = 0;
         if sent < bytes.len() {
@@ -288,12 +287,10 @@ pub fn exchange(
             moved += n;
         }
         if moved > 0 {
-            idle_since = None;
+            spin.reset();
             continue;
         }
-        let since = *idle_since.get_or_insert_with(Instant::now);
-        if since.elapsed() < SPIN {
-            std::thread::yield_now();
+        if spin.keep_spinning() {
             continue;
         }
         // Sleep on whichever direction is stuck; `true` marks the receiving side in errors.

@@ -88,7 +88,6 @@ pub struct Shard {
 }
 
 pub struct Loaded {
-    pub dir: PathBuf,
     pub manifest: Manifest,
     pub params: Vec<f32>,
     /// Moments of the parameters in `moments_range`.
@@ -309,14 +308,7 @@ pub fn load_for_rank(dir: &Path, rank: usize, world: usize) -> Result<Loaded> {
         let (path, bytes) = verified(OPTIMIZER_FILE)?;
         let exp_avg = unflatten(&path, &bytes, "exp_avg.")?;
         let exp_avg_sq = unflatten(&path, &bytes, "exp_avg_sq.")?;
-        return Ok(Loaded {
-            dir: dir.to_path_buf(),
-            manifest,
-            params,
-            exp_avg,
-            exp_avg_sq,
-            moments_range: 0..n,
-        });
+        return Ok(Loaded { manifest, params, exp_avg, exp_avg_sq, moments_range: 0..n });
     }
     let (path, bytes) = verified(&shard_file_name(rank))?;
     let range = comm::segment(n, world, rank);
@@ -333,7 +325,7 @@ pub fn load_for_rank(dir: &Path, rank: usize, world: usize) -> Result<Loaded> {
         Ok(t.data)
     };
     let (exp_avg, exp_avg_sq) = (take("exp_avg")?, take("exp_avg_sq")?);
-    Ok(Loaded { dir: dir.to_path_buf(), manifest, params, exp_avg, exp_avg_sq, moments_range: range })
+    Ok(Loaded { manifest, params, exp_avg, exp_avg_sq, moments_range: range })
 }
 
 /// The newest `step_N` directory under `root` that has a manifest (unverified), if any.
