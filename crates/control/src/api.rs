@@ -1,0 +1,189 @@
+//! The wire types of the controller's HTTP API, shared by the controller, the agents and the CLI.
+//!
+//! Agents report *state* (every rank they hold, every port they reserved) on each heartbeat, never
+//! deltas, so a report can be repeated or lost without harm. Commands to agents carry a sequence
+//! number and stay queued until the agent acknowledges them, and every command is idempotent on the
+//! agent, so a controller that dies between deciding and answering loses nothing.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::JobSpec;
+
+pub type JobId = u64;
+
+/// Header carrying the cluster token on every request: `Authorization: Bearer <token>`.
+pub const AUTH_HEADER: &str = "authorization";
+/// Largest request body any route accepts.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// Node name, unique in the cluster.
+    pub name: String,
+    /// Accelerators (rank slots) on the node.
+    pub slots: u32,
+    /// CPU cores on the node (OMP_NUM_THREADS for one rank per node).
+    pub cores: u32,
+    /// Address other nodes reach this one at; rank 0's becomes MASTER_ADDR.
+    pub addr: String,
+    /// Port of the agent's own HTTP endpoint (logs).
+    pub http_port: u16,
+    /// A hot spare: scheduled only when regular nodes do not suffice.
+    #[serde(default)]
+    pub spare: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RegisterReply {
+    pub heartbeat_interval_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum RankState {
+    Running {
+        pid: u32,
+    },
+    /// `code` is the exit status; `signal` the signal that killed the process, if one did.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+}
+
+impl RankState {
+    pub fn is_running(&self) -> bool {
+        matches!(self, RankState::Running { .. })
+    }
+    pub fn succeeded(&self) -> bool {
+        matches!(self, RankState::Exited { code: Some(0), .. })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RankReport {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub local_rank: u32,
+    #[serde(flatten)]
+    pub state: RankState,
+    /// Last step the rank reported ending on its progress socket, and that step's loss.
+    #[serde(default)]
+    pub step: Option<u64>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct PortReport {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub port: u16,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatRequest {
+    /// Every command with a sequence number up to this one has been carried out.
+    pub acked_command_seq: u64,
+    pub ranks: Vec<RankReport>,
+    pub ports: Vec<PortReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HeartbeatReply {
+    pub commands: Vec<SeqCommand>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SeqCommand {
+    pub seq: u64,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", tag = "command")]
+pub enum Command {
+    /// Find a free TCP port for rank 0's store and report it (MASTER_PORT of this attempt).
+    ReservePort { job_id: JobId, attempt: u32 },
+    /// Start these local ranks (skipped for ranks already started).
+    Launch(LaunchSpec),
+    /// Stop every rank of this attempt (SIGTERM, then SIGKILL after a grace period).
+    Stop { job_id: JobId, attempt: u32 },
+    /// The controller has recorded how this attempt's ranks ended; drop them from reports.
+    Forget { job_id: JobId, attempt: u32 },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LaunchSpec {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    pub workdir: Option<String>,
+    /// Relative to the agent's checkpoint root (validated: no absolute path, no `..`).
+    pub checkpoint_dir: String,
+    pub ranks: Vec<LaunchRank>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LaunchRank {
+    pub local_rank: u32,
+    /// torchrun's variables and the job's own; the agent adds MYRIAD_AGENT_SOCKET and
+    /// MYRIAD_CHECKPOINT_DIR, which only it knows.
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SubmitReply {
+    pub id: JobId,
+}
+
+/// A job as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobView {
+    pub id: JobId,
+    pub name: String,
+    pub state: String,
+    pub spec: JobSpec,
+    pub attempt: u32,
+    pub restarts: u32,
+    pub nodes: Vec<String>,
+    pub world_size: u32,
+    pub ranks_running: u32,
+    pub ranks_exited: u32,
+    pub step: Option<u64>,
+    pub loss: Option<f64>,
+    pub master_port: Option<u16>,
+    pub submitted_ms: u64,
+    pub ended_ms: Option<u64>,
+    /// Why the job ended or the last attempt failed.
+    pub reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeView {
+    pub name: String,
+    pub health: String,
+    pub spare: bool,
+    pub slots: u32,
+    pub slots_used: u32,
+    pub addr: String,
+    pub heartbeat_age_ms: Option<u64>,
+    pub jobs: Vec<JobId>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    pub seq: u64,
+    pub time_ms: u64,
+    pub job_id: Option<JobId>,
+    pub node: Option<String>,
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ErrorBody {
+    pub error: String,
+}

@@ -1,0 +1,967 @@
+//! The controller's decisions, with no IO: nodes, jobs, gang scheduling, the torchrun environment,
+//! failure handling and timeouts. Time comes in as `now_ms` on every call; what changed comes out
+//! through [`Core::take_changes`] for the edge to persist. The same core runs under the HTTP server
+//! and, later, under the simulator's clock.
+//!
+//! Life of a job: `queued` → (all its nodes free) `starting`: rank 0's node reserves a port for the
+//! store → every node launches its ranks → `running` once every rank has reported → `succeeded`
+//! when every rank exits 0. A rank exiting non-zero, a lost node or a launch that does not finish
+//! in time ends the attempt: its ranks are stopped, their slots return only once every node has
+//! confirmed them gone, then the job restarts (new attempt, new MASTER_PORT) if restarts are left,
+//! else it fails. Cancelling follows the same path.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+use crate::api::{
+    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchRank, LaunchSpec, NodeView,
+    RankState, RegisterReply, RegisterRequest, SeqCommand,
+};
+use crate::spec::{validate_name, JobSpec, SpecError};
+
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub heartbeat_interval_ms: u64,
+    /// A node is lost after this many heartbeat intervals of silence.
+    pub node_timeout_heartbeats: u32,
+    /// An attempt whose ranks have not all started by then fails.
+    pub launch_timeout_ms: u64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig { heartbeat_interval_ms: 1000, node_timeout_heartbeats: 3, launch_timeout_ms: 120_000 }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    Lost,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub slots: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub slots: u32,
+    pub cores: u32,
+    pub addr: String,
+    pub http_port: u16,
+    pub spare: bool,
+    pub health: Health,
+    pub allocations: Vec<Allocation>,
+    /// Commands not yet acknowledged, oldest first.
+    pub commands: VecDeque<SeqCommand>,
+    pub next_command_seq: u64,
+    /// Not persisted: a restarted controller gives every node a fresh grace period.
+    #[serde(skip)]
+    pub last_heartbeat_ms: u64,
+}
+
+impl Node {
+    fn slots_used(&self) -> u32 {
+        self.allocations.iter().map(|a| a.slots).sum()
+    }
+
+    fn holds(&self, job_id: JobId, attempt: u32) -> bool {
+        self.allocations.iter().any(|a| a.job_id == job_id && a.attempt == attempt)
+    }
+
+    fn push(&mut self, command: Command) {
+        self.next_command_seq += 1;
+        self.commands.push_back(SeqCommand { seq: self.next_command_seq, command });
+    }
+
+    fn has_unacked_launch(&self, job_id: JobId, attempt: u32) -> bool {
+        self.commands
+            .iter()
+            .any(|c| matches!(&c.command, Command::Launch(l) if l.job_id == job_id && l.attempt == attempt))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Starting,
+    Running,
+    /// The attempt ended; its ranks are being stopped before the job restarts or ends.
+    Stopping,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Starting => "starting",
+            JobState::Running => "running",
+            JobState::Stopping => "stopping",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What happens once an ending attempt's ranks are all gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeed,
+    Restart,
+    Fail,
+    Cancel,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    /// Nodes in group-rank order: `nodes[0]` hosts global rank 0.
+    pub nodes: Vec<String>,
+    pub master_port: Option<u16>,
+    pub started_ms: u64,
+    /// Last reported state of every global rank; None until its node reports it.
+    pub ranks: Vec<Option<RankState>>,
+    /// Set when the attempt ends; the job moves on once every node released its slots.
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub submitted_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub restarts: u32,
+    pub reason: Option<String>,
+    pub attempt: Option<Attempt>,
+    /// Nodes of every attempt so far, by attempt number (logs of earlier attempts live there).
+    pub placements: Vec<Vec<String>>,
+    /// Rank 0's last reported step and loss.
+    pub step: Option<u64>,
+    pub loss: Option<f64>,
+}
+
+/// Errors the API turns into 4xx responses.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoreError {
+    Spec(SpecError),
+    UnknownNode(String),
+    UnknownJob(JobId),
+    Conflict(String),
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoreError::Spec(e) => write!(f, "{e}"),
+            CoreError::UnknownNode(n) => write!(f, "node {n:?} is not registered"),
+            CoreError::UnknownJob(id) => write!(f, "job {id} does not exist"),
+            CoreError::Conflict(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}
+
+/// Everything that changed since the last call, for the edge to persist in one transaction.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub jobs: Vec<Job>,
+    pub nodes: Vec<Node>,
+    pub events: Vec<Event>,
+    pub next_job_id: u64,
+    pub next_event_seq: u64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.nodes.is_empty() && self.events.is_empty()
+    }
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    nodes: BTreeMap<String, Node>,
+    jobs: BTreeMap<JobId, Job>,
+    next_job_id: u64,
+    next_event_seq: u64,
+    dirty_jobs: BTreeSet<JobId>,
+    dirty_nodes: BTreeSet<String>,
+    events: Vec<Event>,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Core {
+        Core::restore(cfg, Vec::new(), Vec::new(), 1, 1, 0)
+    }
+
+    /// Rebuilds the core from persisted rows. Every node starts a fresh heartbeat grace period at
+    /// `now_ms`: agents kept running while the controller was down and will report in.
+    pub fn restore(
+        cfg: CoreConfig,
+        nodes: Vec<Node>,
+        jobs: Vec<Job>,
+        next_job_id: u64,
+        next_event_seq: u64,
+        now_ms: u64,
+    ) -> Core {
+        let nodes = nodes
+            .into_iter()
+            .map(|mut n| {
+                n.last_heartbeat_ms = now_ms;
+                (n.name.clone(), n)
+            })
+            .collect();
+        Core {
+            cfg,
+            nodes,
+            jobs: jobs.into_iter().map(|j| (j.id, j)).collect(),
+            next_job_id,
+            next_event_seq,
+            dirty_jobs: BTreeSet::new(),
+            dirty_nodes: BTreeSet::new(),
+            events: Vec::new(),
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    pub fn take_changes(&mut self) -> Changes {
+        let jobs =
+            std::mem::take(&mut self.dirty_jobs).into_iter().map(|id| self.jobs[&id].clone()).collect();
+        let nodes =
+            std::mem::take(&mut self.dirty_nodes).into_iter().map(|n| self.nodes[&n].clone()).collect();
+        Changes {
+            jobs,
+            nodes,
+            events: std::mem::take(&mut self.events),
+            next_job_id: self.next_job_id,
+            next_event_seq: self.next_event_seq,
+        }
+    }
+
+    fn event(&mut self, now_ms: u64, job_id: Option<JobId>, node: Option<&str>, kind: &str, message: String) {
+        self.events.push(Event {
+            seq: self.next_event_seq,
+            time_ms: now_ms,
+            job_id,
+            node: node.map(str::to_string),
+            kind: kind.to_string(),
+            message,
+        });
+        self.next_event_seq += 1;
+    }
+
+    // ---------------------------------------------------------------- nodes
+
+    /// A node's agent (re)starts. An agent that restarts has lost its ranks: any attempt still
+    /// counting on them fails.
+    pub fn register(&mut self, req: RegisterRequest, now_ms: u64) -> Result<RegisterReply, CoreError> {
+        validate_name("name", &req.name).map_err(CoreError::Spec)?;
+        if req.slots == 0 {
+            return Err(CoreError::Spec(SpecError {
+                field: "slots".into(),
+                message: "must be at least 1".into(),
+            }));
+        }
+        let name = req.name.clone();
+        match self.nodes.get_mut(&name) {
+            Some(node) => {
+                node.slots = req.slots;
+                node.cores = req.cores.max(1);
+                node.addr = req.addr;
+                node.http_port = req.http_port;
+                node.spare = req.spare;
+                node.health = Health::Healthy;
+                node.last_heartbeat_ms = now_ms;
+                node.commands.clear();
+                let held: Vec<(JobId, u32)> =
+                    node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
+                node.allocations.clear();
+                self.dirty_nodes.insert(name.clone());
+                self.event(
+                    now_ms,
+                    None,
+                    Some(&name),
+                    "node_registered",
+                    format!("node {name} re-registered"),
+                );
+                for (job_id, attempt) in held {
+                    let reason = format!("the agent on node {name} restarted and lost its ranks");
+                    self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+                    self.maybe_finish_attempt(job_id, now_ms);
+                }
+            }
+            None => {
+                let node = Node {
+                    name: name.clone(),
+                    slots: req.slots,
+                    cores: req.cores.max(1),
+                    addr: req.addr,
+                    http_port: req.http_port,
+                    spare: req.spare,
+                    health: Health::Healthy,
+                    allocations: Vec::new(),
+                    commands: VecDeque::new(),
+                    next_command_seq: 0,
+                    last_heartbeat_ms: now_ms,
+                };
+                let what = if node.spare { "spare node" } else { "node" };
+                let message = format!("{what} {name} joined with {} slots", node.slots);
+                self.nodes.insert(name.clone(), node);
+                self.dirty_nodes.insert(name.clone());
+                self.event(now_ms, None, Some(&name), "node_registered", message);
+            }
+        }
+        self.schedule(now_ms);
+        Ok(RegisterReply { heartbeat_interval_ms: self.cfg.heartbeat_interval_ms })
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        req: HeartbeatRequest,
+        now_ms: u64,
+    ) -> Result<HeartbeatReply, CoreError> {
+        let node = self.nodes.get_mut(name).ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
+        node.last_heartbeat_ms = now_ms;
+        let before = node.commands.len();
+        node.commands.retain(|c| c.seq > req.acked_command_seq);
+        let mut dirty = node.commands.len() != before;
+        let returned = node.health == Health::Lost;
+        if returned {
+            node.health = Health::Healthy;
+            dirty = true;
+        }
+        if dirty {
+            self.dirty_nodes.insert(name.to_string());
+        }
+        if returned {
+            self.event(
+                now_ms,
+                None,
+                Some(name),
+                "node_returned",
+                format!("node {name} is heartbeating again"),
+            );
+        }
+
+        for port in &req.ports {
+            self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
+        }
+
+        // Attempts this node reported on, and whether any of their ranks still runs here.
+        let mut reported: BTreeMap<(JobId, u32), bool> = BTreeMap::new();
+        for r in &req.ranks {
+            *reported.entry((r.job_id, r.attempt)).or_default() |= r.state.is_running();
+            self.rank_report(name, r.job_id, r.attempt, r.local_rank, r.state, r.step, r.loss, now_ms);
+        }
+        for (&(job_id, attempt), &running) in &reported {
+            if !self.is_current(job_id, attempt) {
+                // A leftover of an attempt that ended (or of a job this controller never saw).
+                let command = if running {
+                    Command::Stop { job_id, attempt }
+                } else {
+                    Command::Forget { job_id, attempt }
+                };
+                self.push_once(name, command);
+            }
+        }
+        let mut touched: BTreeSet<JobId> = self.nodes[name].allocations.iter().map(|a| a.job_id).collect();
+        touched.extend(reported.keys().map(|&(job_id, _)| job_id));
+        for job_id in touched {
+            self.try_release(name, job_id, now_ms);
+            self.maybe_finish_attempt(job_id, now_ms);
+        }
+        self.schedule(now_ms);
+        Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+    }
+
+    fn push_once(&mut self, name: &str, command: Command) {
+        let node = self.nodes.get_mut(name).expect("caller checked the node");
+        if !node.commands.iter().any(|c| c.command == command) {
+            node.push(command);
+            self.dirty_nodes.insert(name.to_string());
+        }
+    }
+
+    fn is_current(&self, job_id: JobId, attempt: u32) -> bool {
+        self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref()).is_some_and(|a| a.number == attempt)
+    }
+
+    fn port_reserved(&mut self, node: &str, job_id: JobId, attempt: u32, port: u16, now_ms: u64) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(a) = job.attempt.as_mut() else { return };
+        if a.number != attempt || a.outcome.is_some() || a.master_port.is_some() || a.nodes[0] != node {
+            return;
+        }
+        a.master_port = Some(port);
+        self.dirty_jobs.insert(job_id);
+        let job = &self.jobs[&job_id];
+        let a = job.attempt.as_ref().expect("checked above");
+        let launches: Vec<(String, LaunchSpec)> = a
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32)))
+            .collect();
+        for (n, spec) in launches {
+            if let Some(node) = self.nodes.get_mut(&n) {
+                node.push(Command::Launch(spec));
+                self.dirty_nodes.insert(n);
+            }
+        }
+        self.event(
+            now_ms,
+            Some(job_id),
+            Some(node),
+            "launching",
+            format!("attempt {attempt}: MASTER_PORT {port}, launching ranks"),
+        );
+    }
+
+    /// torchrun's environment for every rank of group (node) `group`, plus Myriad's own.
+    fn launch_spec(&self, job: &Job, a: &Attempt, group: u32) -> LaunchSpec {
+        let spec = &job.spec;
+        let nproc = spec.ranks_per_node;
+        let world = spec.world_size();
+        let master = &self.nodes[&a.nodes[0]];
+        let here = &self.nodes[&a.nodes[group as usize]];
+        let omp = match spec.env.get("OMP_NUM_THREADS") {
+            Some(v) => v.clone(),
+            // torchrun's rule: one thread per rank when a node runs several; else the node's cores.
+            None if nproc > 1 => "1".into(),
+            None => here.cores.to_string(),
+        };
+        let run_id = spec.run_id.clone().unwrap_or_else(|| format!("myriad-{}", job.id));
+        let ranks = (0..nproc)
+            .map(|local| {
+                let rank = group * nproc + local;
+                let mut env: Vec<(String, String)> = spec
+                    .env
+                    .iter()
+                    .filter(|(k, _)| *k != "OMP_NUM_THREADS")
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                let mut set = |k: &str, v: String| env.push((k.to_string(), v));
+                set("RANK", rank.to_string());
+                set("LOCAL_RANK", local.to_string());
+                set("WORLD_SIZE", world.to_string());
+                set("LOCAL_WORLD_SIZE", nproc.to_string());
+                set("GROUP_RANK", group.to_string());
+                set("GROUP_WORLD_SIZE", spec.nodes.to_string());
+                set("ROLE_RANK", rank.to_string());
+                set("ROLE_NAME", "default".into());
+                set("ROLE_WORLD_SIZE", world.to_string());
+                set("MASTER_ADDR", master.addr.clone());
+                set("MASTER_PORT", a.master_port.expect("launch follows the port").to_string());
+                set("TORCHELASTIC_RESTART_COUNT", job.restarts.to_string());
+                set("TORCHELASTIC_MAX_RESTARTS", spec.max_restarts.to_string());
+                set("TORCHELASTIC_RUN_ID", run_id.clone());
+                // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
+                set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
+                set("OMP_NUM_THREADS", omp.clone());
+                set("MYRIAD_JOB_ID", job.id.to_string());
+                set("MYRIAD_ATTEMPT", a.number.to_string());
+                LaunchRank { local_rank: local, env }
+            })
+            .collect();
+        LaunchSpec {
+            job_id: job.id,
+            attempt: a.number,
+            argv: spec.argv.clone(),
+            workdir: spec.workdir.clone(),
+            checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_else(|| format!("job-{}", job.id)),
+            ranks,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rank_report(
+        &mut self,
+        node: &str,
+        job_id: JobId,
+        attempt: u32,
+        local_rank: u32,
+        state: RankState,
+        step: Option<u64>,
+        loss: Option<f64>,
+        now_ms: u64,
+    ) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let nproc = job.spec.ranks_per_node;
+        let Some(a) = job.attempt.as_mut() else { return };
+        if a.number != attempt || local_rank >= nproc {
+            return;
+        }
+        let Some(group) = a.nodes.iter().position(|n| n == node) else { return };
+        let rank = group as u32 * nproc + local_rank;
+        if rank == 0 {
+            job.step = step.or(job.step);
+            job.loss = loss.or(job.loss);
+        }
+        let slot = &mut a.ranks[rank as usize];
+        if *slot == Some(state) {
+            return;
+        }
+        let newly_exited =
+            matches!(state, RankState::Exited { .. }) && !matches!(slot, Some(RankState::Exited { .. }));
+        *slot = Some(state);
+        self.dirty_jobs.insert(job_id);
+        let all_reported = a.ranks.iter().all(Option::is_some);
+        let ending = a.outcome.is_some();
+        if !newly_exited {
+            if all_reported && job.state == JobState::Starting {
+                job.state = JobState::Running;
+                self.event(
+                    now_ms,
+                    Some(job_id),
+                    None,
+                    "running",
+                    format!("attempt {attempt}: all ranks started"),
+                );
+            }
+            return;
+        }
+        let RankState::Exited { code, signal } = state else { unreachable!() };
+        let how = match (code, signal) {
+            (_, Some(sig)) => format!("was killed by signal {sig}"),
+            (Some(c), None) => format!("exited with code {c}"),
+            (None, None) => "exited".to_string(),
+        };
+        self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
+        if ending {
+            return;
+        }
+        if !state.succeeded() {
+            let reason = format!("rank {rank} on node {node} {how}");
+            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+            return;
+        }
+        let job = &self.jobs[&job_id];
+        let a = job.attempt.as_ref().expect("checked above");
+        if a.ranks.iter().all(|r| r.is_some_and(|s| s.succeeded())) {
+            self.end_attempt(job_id, attempt, Outcome::Succeed, "every rank exited 0".into(), now_ms);
+        }
+    }
+
+    /// Ends an attempt: records why, tells every node still running its ranks to stop. The job
+    /// moves on in [`Core::maybe_finish_attempt`] once all its slots are released.
+    fn end_attempt(&mut self, job_id: JobId, attempt: u32, outcome: Outcome, reason: String, now_ms: u64) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(a) = job.attempt.as_mut() else { return };
+        if a.number != attempt {
+            return;
+        }
+        let outcome = match (a.outcome, outcome) {
+            (Some(_), Outcome::Cancel) => Outcome::Cancel,
+            (Some(_), _) => return,
+            (None, Outcome::Restart) if job.restarts >= job.spec.max_restarts => Outcome::Fail,
+            (None, o) => o,
+        };
+        a.outcome = Some(outcome);
+        if job.state != JobState::Queued {
+            job.state = JobState::Stopping;
+        }
+        job.reason = Some(reason.clone());
+        self.dirty_jobs.insert(job_id);
+        let nodes = a.nodes.clone();
+        let kind = match outcome {
+            Outcome::Succeed => "attempt_succeeded",
+            Outcome::Cancel => "cancelling",
+            Outcome::Restart | Outcome::Fail => "attempt_failed",
+        };
+        self.event(now_ms, Some(job_id), None, kind, format!("attempt {attempt}: {reason}"));
+        for n in nodes {
+            let Some(node) = self.nodes.get_mut(&n) else { continue };
+            if !node.holds(job_id, attempt) {
+                continue;
+            }
+            // A launch not yet delivered need not be: drop it, then stop whatever did start.
+            node.commands.retain(
+                |c| !matches!(&c.command, Command::Launch(l) if l.job_id == job_id && l.attempt == attempt),
+            );
+            if outcome != Outcome::Succeed && node.health == Health::Healthy {
+                self.push_once(&n, Command::Stop { job_id, attempt });
+            }
+            self.dirty_nodes.insert(n.clone());
+            self.try_release(&n, job_id, now_ms);
+        }
+        self.maybe_finish_attempt(job_id, now_ms);
+    }
+
+    /// Returns a node's slots for an ended attempt once none of its ranks can still be running.
+    fn try_release(&mut self, name: &str, job_id: JobId, _now_ms: u64) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        let Some(a) = job.attempt.as_ref() else { return };
+        let node = &self.nodes[name];
+        let current = a.number;
+        let stale: Vec<u32> = node
+            .allocations
+            .iter()
+            .filter(|al| al.job_id == job_id && (al.attempt != current || a.outcome.is_some()))
+            .map(|al| al.attempt)
+            .collect();
+        let releasable: Vec<u32> = stale
+            .into_iter()
+            .filter(|&attempt| {
+                if attempt != current {
+                    return true;
+                }
+                let group = a.nodes.iter().position(|n| n == name);
+                let nproc = job.spec.ranks_per_node as usize;
+                let none_running = group.is_none_or(|g| {
+                    a.ranks[g * nproc..(g + 1) * nproc].iter().all(|r| !r.is_some_and(|s| s.is_running()))
+                });
+                node.health == Health::Lost || (none_running && !node.has_unacked_launch(job_id, attempt))
+            })
+            .collect();
+        for attempt in releasable {
+            let node = self.nodes.get_mut(name).expect("exists");
+            node.allocations.retain(|al| !(al.job_id == job_id && al.attempt == attempt));
+            if node.health == Health::Healthy {
+                node.push(Command::Forget { job_id, attempt });
+            }
+            self.dirty_nodes.insert(name.to_string());
+        }
+    }
+
+    /// Once an ended attempt holds no slots anywhere, the job restarts, succeeds, fails or is
+    /// cancelled.
+    fn maybe_finish_attempt(&mut self, job_id: JobId, now_ms: u64) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        let Some(a) = job.attempt.as_ref() else { return };
+        let Some(outcome) = a.outcome else { return };
+        if job.state.is_final() || job.state == JobState::Queued {
+            return;
+        }
+        if a.nodes.iter().any(|n| self.nodes.get(n).is_some_and(|node| node.holds(job_id, a.number))) {
+            return;
+        }
+        let job = self.jobs.get_mut(&job_id).expect("exists");
+        let (state, kind) = match outcome {
+            Outcome::Succeed => (JobState::Succeeded, "job_succeeded"),
+            Outcome::Fail => (JobState::Failed, "job_failed"),
+            Outcome::Cancel => (JobState::Cancelled, "job_cancelled"),
+            Outcome::Restart => (JobState::Queued, "job_restarting"),
+        };
+        job.state = state;
+        let message = match outcome {
+            Outcome::Restart => {
+                job.restarts += 1;
+                format!(
+                    "restart {} of {}: {}",
+                    job.restarts,
+                    job.spec.max_restarts,
+                    job.reason.clone().unwrap_or_default()
+                )
+            }
+            Outcome::Fail if job.spec.max_restarts > 0 => {
+                format!(
+                    "no restarts left ({} used): {}",
+                    job.restarts,
+                    job.reason.clone().unwrap_or_default()
+                )
+            }
+            _ => job.reason.clone().unwrap_or_default(),
+        };
+        if state.is_final() {
+            job.ended_ms = Some(now_ms);
+        }
+        self.dirty_jobs.insert(job_id);
+        self.event(now_ms, Some(job_id), None, kind, message);
+    }
+
+    // ---------------------------------------------------------------- jobs
+
+    /// Queues a job. Refuses one that no cluster of the registered nodes could ever hold.
+    pub fn submit(&mut self, spec: JobSpec, now_ms: u64) -> Result<JobId, CoreError> {
+        spec.validate().map_err(CoreError::Spec)?;
+        let fits = |n: &&Node| n.slots >= spec.ranks_per_node;
+        let regular = self.nodes.values().filter(|n| !n.spare).filter(fits).count() as u64;
+        let spares = self.nodes.values().filter(|n| n.spare).filter(fits).count() as u64;
+        let max_slots = self.nodes.values().map(|n| n.slots).max().unwrap_or(0);
+        if spec.ranks_per_node > max_slots {
+            let message =
+                format!("{} ranks per node, but the largest node has {max_slots} slots", spec.ranks_per_node);
+            return Err(CoreError::Spec(SpecError { field: "ranks_per_node".into(), message }));
+        }
+        let usable = regular + spares.min(spec.spares as u64);
+        if spec.nodes as u64 > usable {
+            let message = format!(
+                "{} nodes of {} slots needed, but the cluster has {regular} such nodes and the job may use {} of its {spares} spares",
+                spec.nodes,
+                spec.ranks_per_node,
+                spares.min(spec.spares as u64)
+            );
+            return Err(CoreError::Spec(SpecError { field: "nodes".into(), message }));
+        }
+        let id = self.next_job_id;
+        self.next_job_id += 1;
+        let message =
+            format!("{} submitted: {} nodes × {} ranks", spec.name, spec.nodes, spec.ranks_per_node);
+        self.jobs.insert(
+            id,
+            Job {
+                id,
+                spec,
+                state: JobState::Queued,
+                submitted_ms: now_ms,
+                ended_ms: None,
+                restarts: 0,
+                reason: None,
+                attempt: None,
+                placements: Vec::new(),
+                step: None,
+                loss: None,
+            },
+        );
+        self.dirty_jobs.insert(id);
+        self.event(now_ms, Some(id), None, "submitted", message);
+        self.schedule(now_ms);
+        Ok(id)
+    }
+
+    pub fn cancel(&mut self, id: JobId, now_ms: u64) -> Result<(), CoreError> {
+        let job = self.jobs.get_mut(&id).ok_or(CoreError::UnknownJob(id))?;
+        if job.state.is_final() {
+            return Err(CoreError::Conflict(format!("job {id} already ended ({})", job.state.as_str())));
+        }
+        if job.state == JobState::Queued {
+            job.state = JobState::Cancelled;
+            job.ended_ms = Some(now_ms);
+            job.reason = Some("cancelled while queued".into());
+            self.dirty_jobs.insert(id);
+            self.event(now_ms, Some(id), None, "job_cancelled", "cancelled while queued".into());
+            self.schedule(now_ms);
+            return Ok(());
+        }
+        let attempt = job.attempt.as_ref().expect("a started job has an attempt").number;
+        self.end_attempt(id, attempt, Outcome::Cancel, "cancelled by request".into(), now_ms);
+        self.maybe_finish_attempt(id, now_ms);
+        Ok(())
+    }
+
+    /// Time-driven decisions: lost nodes, launches that take too long, then scheduling.
+    pub fn tick(&mut self, now_ms: u64) {
+        let timeout_ms = self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64;
+        let silent: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.health == Health::Healthy && now_ms.saturating_sub(n.last_heartbeat_ms) > timeout_ms
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        for name in silent {
+            let node = self.nodes.get_mut(&name).expect("listed above");
+            node.health = Health::Lost;
+            let age_ms = now_ms - node.last_heartbeat_ms;
+            let held: Vec<(JobId, u32)> = node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
+            self.dirty_nodes.insert(name.clone());
+            self.event(
+                now_ms,
+                None,
+                Some(&name),
+                "node_lost",
+                format!("node {name}: no heartbeat for {age_ms} ms"),
+            );
+            for (job_id, attempt) in held {
+                let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
+                self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+                self.try_release(&name, job_id, now_ms);
+                self.maybe_finish_attempt(job_id, now_ms);
+            }
+        }
+        let late: Vec<(JobId, u32)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Starting)
+            .filter_map(|j| j.attempt.as_ref().map(|a| (j.id, a)))
+            .filter(|(_, a)| {
+                a.outcome.is_none() && now_ms.saturating_sub(a.started_ms) > self.cfg.launch_timeout_ms
+            })
+            .map(|(id, a)| (id, a.number))
+            .collect();
+        for (job_id, attempt) in late {
+            let reason = format!("ranks did not all start within {} ms", self.cfg.launch_timeout_ms);
+            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+            self.maybe_finish_attempt(job_id, now_ms);
+        }
+        self.schedule(now_ms);
+    }
+
+    /// Gang scheduling, first come first served: the oldest queued job starts when enough healthy
+    /// nodes have the free slots for all its ranks at once; younger jobs wait behind it so a large
+    /// job is never starved by small ones.
+    fn schedule(&mut self, now_ms: u64) {
+        let queued: Vec<JobId> =
+            self.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
+        for job_id in queued {
+            let spec = &self.jobs[&job_id].spec;
+            let (need, per_node, spares) = (spec.nodes as usize, spec.ranks_per_node, spec.spares as usize);
+            let free = |n: &&Node| n.health == Health::Healthy && n.slots - n.slots_used() >= per_node;
+            let mut chosen: Vec<String> = self
+                .nodes
+                .values()
+                .filter(|n| !n.spare)
+                .filter(free)
+                .take(need)
+                .map(|n| n.name.clone())
+                .collect();
+            if chosen.len() < need {
+                let extra = (need - chosen.len()).min(spares);
+                chosen.extend(
+                    self.nodes.values().filter(|n| n.spare).filter(free).take(extra).map(|n| n.name.clone()),
+                );
+            }
+            if chosen.len() < need {
+                return;
+            }
+            self.start_attempt(job_id, chosen, now_ms);
+        }
+    }
+
+    fn start_attempt(&mut self, job_id: JobId, nodes: Vec<String>, now_ms: u64) {
+        let job = self.jobs.get_mut(&job_id).expect("queued job exists");
+        let number = job.restarts;
+        let per_node = job.spec.ranks_per_node;
+        job.state = JobState::Starting;
+        job.attempt = Some(Attempt {
+            number,
+            nodes: nodes.clone(),
+            master_port: None,
+            started_ms: now_ms,
+            ranks: vec![None; job.spec.world_size() as usize],
+            outcome: None,
+        });
+        job.placements.push(nodes.clone());
+        self.dirty_jobs.insert(job_id);
+        for n in &nodes {
+            let node = self.nodes.get_mut(n).expect("chosen from the map");
+            node.allocations.push(Allocation { job_id, attempt: number, slots: per_node });
+            self.dirty_nodes.insert(n.clone());
+        }
+        self.nodes.get_mut(&nodes[0]).expect("chosen").push(Command::ReservePort { job_id, attempt: number });
+        self.event(
+            now_ms,
+            Some(job_id),
+            None,
+            "scheduled",
+            format!("attempt {number} on {}", nodes.join(", ")),
+        );
+    }
+
+    // ---------------------------------------------------------------- views
+
+    pub fn job(&self, id: JobId) -> Option<&Job> {
+        self.jobs.get(&id)
+    }
+
+    pub fn jobs(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values()
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    pub fn job_view(&self, id: JobId) -> Option<JobView> {
+        let job = self.jobs.get(&id)?;
+        let a = job.attempt.as_ref();
+        let count = |f: fn(&RankState) -> bool| {
+            a.map_or(0, |a| a.ranks.iter().flatten().filter(|s| f(s)).count() as u32)
+        };
+        Some(JobView {
+            id,
+            name: job.spec.name.clone(),
+            state: job.state.as_str().to_string(),
+            spec: job.spec.clone(),
+            attempt: a.map_or(0, |a| a.number),
+            restarts: job.restarts,
+            nodes: a.map(|a| a.nodes.clone()).unwrap_or_default(),
+            world_size: job.spec.world_size(),
+            ranks_running: count(RankState::is_running),
+            ranks_exited: count(|s| !s.is_running()),
+            step: job.step,
+            loss: job.loss,
+            master_port: a.and_then(|a| a.master_port),
+            submitted_ms: job.submitted_ms,
+            ended_ms: job.ended_ms,
+            reason: job.reason.clone(),
+        })
+    }
+
+    pub fn node_views(&self, now_ms: u64) -> Vec<NodeView> {
+        self.nodes
+            .values()
+            .map(|n| NodeView {
+                name: n.name.clone(),
+                health: match n.health {
+                    Health::Healthy => "healthy".into(),
+                    Health::Lost => "lost".into(),
+                },
+                spare: n.spare,
+                slots: n.slots,
+                slots_used: n.slots_used(),
+                addr: n.addr.clone(),
+                heartbeat_age_ms: Some(now_ms.saturating_sub(n.last_heartbeat_ms)),
+                jobs: n.allocations.iter().map(|a| a.job_id).collect(),
+            })
+            .collect()
+    }
+
+    /// Where a rank's logs live: its node and local rank in the given (default: current) attempt.
+    pub fn locate_rank(
+        &self,
+        id: JobId,
+        rank: u32,
+        attempt: Option<u32>,
+    ) -> Result<(&Node, u32, u32), CoreError> {
+        let job = self.jobs.get(&id).ok_or(CoreError::UnknownJob(id))?;
+        let a = job
+            .attempt
+            .as_ref()
+            .ok_or_else(|| CoreError::Conflict(format!("job {id} has not started yet")))?;
+        let number = attempt.unwrap_or(a.number);
+        if number > a.number {
+            return Err(CoreError::Conflict(format!(
+                "job {id} has no attempt {number} (latest is {})",
+                a.number
+            )));
+        }
+        if rank >= job.spec.world_size() {
+            return Err(CoreError::Conflict(format!(
+                "job {id} has {} ranks; rank {rank} does not exist",
+                job.spec.world_size()
+            )));
+        }
+        let group = (rank / job.spec.ranks_per_node) as usize;
+        let name = &job.placements[number as usize][group];
+        let node = self.nodes.get(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?;
+        Ok((node, number, rank % job.spec.ranks_per_node))
+    }
+}
+
+#[cfg(test)]
+#[path = "core_tests.rs"]
+mod tests;

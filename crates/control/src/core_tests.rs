@@ -1,0 +1,364 @@
+//! The core on an injected clock, with in-process fake agents that carry out commands the way the
+//! real agent does (idempotently, acknowledging by sequence number).
+
+use super::*;
+use crate::api::{PortReport, RankReport};
+
+/// A fake agent: the ranks it runs, the ports it reserved, the last command it carried out.
+#[derive(Default)]
+struct FakeAgent {
+    acked: u64,
+    ranks: BTreeMap<(JobId, u32, u32), RankState>,
+    ports: Vec<PortReport>,
+    launched_env: BTreeMap<(JobId, u32, u32), Vec<(String, String)>>,
+}
+
+struct World {
+    core: Core,
+    now_ms: u64,
+    agents: BTreeMap<String, FakeAgent>,
+}
+
+impl World {
+    fn new(nodes: &[(&str, u32, bool)]) -> World {
+        let mut w =
+            World { core: Core::new(CoreConfig::default()), now_ms: 1_000_000, agents: BTreeMap::new() };
+        for &(name, slots, spare) in nodes {
+            let req = RegisterRequest {
+                name: name.into(),
+                slots,
+                cores: 8,
+                addr: format!("10.0.0.{}", w.agents.len() + 1),
+                http_port: 7000,
+                spare,
+            };
+            w.core.register(req, w.now_ms).unwrap();
+            w.agents.insert(name.into(), FakeAgent::default());
+        }
+        w
+    }
+
+    fn spec(nodes: u32, ranks_per_node: u32, max_restarts: u32) -> JobSpec {
+        JobSpec::from_json(
+            format!(
+                r#"{{"name":"t","argv":["train"],"nodes":{nodes},"ranks_per_node":{ranks_per_node},"max_restarts":{max_restarts}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    /// One heartbeat from `name`, then it carries out the reply's commands.
+    fn beat(&mut self, name: &str) {
+        let agent = self.agents.get_mut(name).unwrap();
+        let req = HeartbeatRequest {
+            acked_command_seq: agent.acked,
+            ranks: agent
+                .ranks
+                .iter()
+                .map(|(&(job_id, attempt, local_rank), &state)| RankReport {
+                    job_id,
+                    attempt,
+                    local_rank,
+                    state,
+                    step: Some(7),
+                    loss: Some(2.5),
+                })
+                .collect(),
+            ports: agent.ports.clone(),
+        };
+        let reply = self.core.heartbeat(name, req, self.now_ms).unwrap();
+        let agent = self.agents.get_mut(name).unwrap();
+        for c in reply.commands {
+            assert!(c.seq > agent.acked, "acknowledged commands are not resent");
+            agent.acked = c.seq;
+            match c.command {
+                Command::ReservePort { job_id, attempt } => {
+                    agent.ports.push(PortReport { job_id, attempt, port: 29_000 + attempt as u16 })
+                }
+                Command::Launch(l) => {
+                    for r in l.ranks {
+                        agent
+                            .ranks
+                            .entry((l.job_id, l.attempt, r.local_rank))
+                            .or_insert(RankState::Running { pid: 1 });
+                        agent.launched_env.insert((l.job_id, l.attempt, r.local_rank), r.env);
+                    }
+                }
+                Command::Stop { job_id, attempt } => {
+                    for (k, s) in agent.ranks.iter_mut() {
+                        if k.0 == job_id && k.1 == attempt && s.is_running() {
+                            *s = RankState::Exited { code: None, signal: Some(15) };
+                        }
+                    }
+                }
+                Command::Forget { job_id, attempt } => {
+                    agent.ranks.retain(|k, _| !(k.0 == job_id && k.1 == attempt));
+                    agent.ports.retain(|p| !(p.job_id == job_id && p.attempt == attempt));
+                }
+            }
+        }
+    }
+
+    fn round(&mut self) {
+        let names: Vec<String> = self.agents.keys().cloned().collect();
+        for n in names {
+            self.beat(&n);
+        }
+        self.now_ms += 1000;
+        self.core.tick(self.now_ms);
+    }
+
+    fn exit(&mut self, node: &str, job_id: JobId, attempt: u32, local_rank: u32, code: i32) {
+        let s = self.agents.get_mut(node).unwrap().ranks.get_mut(&(job_id, attempt, local_rank)).unwrap();
+        *s = RankState::Exited { code: Some(code), signal: None };
+    }
+
+    fn exit_all(&mut self, job_id: JobId, attempt: u32, code: i32) {
+        for a in self.agents.values_mut() {
+            for (k, s) in a.ranks.iter_mut() {
+                if k.0 == job_id && k.1 == attempt {
+                    *s = RankState::Exited { code: Some(code), signal: None };
+                }
+            }
+        }
+    }
+
+    fn state(&self, id: JobId) -> JobState {
+        self.core.job(id).unwrap().state
+    }
+
+    fn kinds(&mut self) -> Vec<String> {
+        self.core.take_changes().events.into_iter().map(|e| e.kind).collect()
+    }
+}
+
+#[test]
+fn a_job_runs_on_all_its_nodes_at_once_and_succeeds() {
+    let mut w = World::new(&[("a", 2, false), ("b", 2, false), ("c", 2, false)]);
+    let id = w.core.submit(World::spec(2, 2, 0), w.now_ms).unwrap();
+    assert_eq!(w.state(id), JobState::Starting);
+    w.round(); // a reserves the port
+    w.round(); // a and b launch
+    w.round(); // they report running
+    assert_eq!(w.state(id), JobState::Running);
+    let view = w.core.job_view(id).unwrap();
+    assert_eq!((view.ranks_running, view.step, view.loss), (4, Some(7), Some(2.5)));
+    assert!(w.agents["c"].ranks.is_empty(), "gang of two nodes uses exactly two");
+    w.exit_all(id, 0, 0);
+    w.round();
+    assert_eq!(w.state(id), JobState::Succeeded);
+    assert!(w.core.node_views(w.now_ms).iter().all(|n| n.slots_used == 0));
+    w.round(); // Forget is carried out
+    assert!(w.agents.values().all(|a| a.ranks.is_empty()));
+    let kinds = w.kinds();
+    for k in ["submitted", "scheduled", "launching", "running", "attempt_succeeded", "job_succeeded"] {
+        assert!(kinds.contains(&k.to_string()), "{k} missing from {kinds:?}");
+    }
+}
+
+#[test]
+fn every_rank_gets_torchruns_environment() {
+    let mut w = World::new(&[("a", 2, false), ("b", 2, false)]);
+    let id = w.core.submit(World::spec(2, 2, 3), w.now_ms).unwrap();
+    w.round();
+    w.round();
+    let mut ranks = BTreeSet::new();
+    for (node, group) in [("a", 0), ("b", 1)] {
+        for local in 0..2u32 {
+            let env: BTreeMap<_, _> = w.agents[node].launched_env[&(id, 0, local)].iter().cloned().collect();
+            let rank = group * 2 + local;
+            ranks.insert(rank);
+            let expect = [
+                ("RANK", rank.to_string()),
+                ("LOCAL_RANK", local.to_string()),
+                ("WORLD_SIZE", "4".into()),
+                ("LOCAL_WORLD_SIZE", "2".into()),
+                ("GROUP_RANK", group.to_string()),
+                ("GROUP_WORLD_SIZE", "2".into()),
+                ("ROLE_RANK", rank.to_string()),
+                ("ROLE_NAME", "default".into()),
+                ("ROLE_WORLD_SIZE", "4".into()),
+                ("MASTER_ADDR", "10.0.0.1".into()),
+                ("MASTER_PORT", "29000".into()),
+                ("TORCHELASTIC_RESTART_COUNT", "0".into()),
+                ("TORCHELASTIC_MAX_RESTARTS", "3".into()),
+                ("TORCHELASTIC_RUN_ID", format!("myriad-{id}")),
+                ("TORCHELASTIC_USE_AGENT_STORE", "False".into()),
+                ("OMP_NUM_THREADS", "1".into()),
+                ("MYRIAD_JOB_ID", id.to_string()),
+                ("MYRIAD_ATTEMPT", "0".into()),
+            ];
+            for (k, v) in expect {
+                assert_eq!(env.get(k), Some(&v), "{k} of rank {rank}");
+            }
+        }
+    }
+    assert_eq!(ranks.len(), 4);
+}
+
+#[test]
+fn a_failed_rank_stops_the_rest_and_restarts_with_a_new_port_until_restarts_run_out() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 1), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    w.exit("b", id, 0, 0, 3);
+    w.beat("b");
+    assert_eq!(w.state(id), JobState::Stopping, "a's rank must be stopped before the restart");
+    w.round(); // a is told to stop
+    w.round(); // a reports its rank gone: slots released, job requeued and rescheduled
+    let job = w.core.job(id).unwrap();
+    assert_eq!((job.restarts, job.attempt.as_ref().unwrap().number), (1, 1));
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    let env: BTreeMap<_, _> = w.agents["a"].launched_env[&(id, 1, 0)].iter().cloned().collect();
+    assert_eq!(env["MASTER_PORT"], "29001", "each attempt gets its own store port");
+    assert_eq!(env["TORCHELASTIC_RESTART_COUNT"], "1");
+    w.exit("a", id, 1, 0, 1);
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Failed);
+    assert!(w.core.job(id).unwrap().reason.as_ref().unwrap().contains("rank 0 on node a exited with code 1"));
+}
+
+#[test]
+fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(2, 1, 2);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a", "b"]);
+    // b goes silent: its agent stops heartbeating (and its ranks die with it).
+    let dead = w.agents.remove("b").unwrap();
+    let mut lost_after_ms = None;
+    for i in 1..=5 {
+        w.round();
+        if w.core.node("b").unwrap().health == Health::Lost {
+            lost_after_ms = Some(i * 1000);
+            break;
+        }
+    }
+    assert!(lost_after_ms.unwrap() <= 3 * 1000 + 1000, "lost after {lost_after_ms:?} ms");
+    for _ in 0..4 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"]);
+    // b comes back still reporting its old rank as running: it is told to stop it.
+    w.agents.insert("b".into(), dead);
+    w.beat("b");
+    assert!(w.agents["b"].ranks.values().all(|s| !s.is_running()));
+}
+
+#[test]
+fn the_oldest_queued_job_is_not_starved_by_smaller_ones() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let small = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();
+    let big = w.core.submit(World::spec(2, 1, 0), w.now_ms).unwrap();
+    let small2 = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();
+    assert_eq!(w.state(small), JobState::Starting);
+    assert_eq!(w.state(big), JobState::Queued);
+    assert_eq!(w.state(small2), JobState::Queued, "b is free, but the big job came first");
+    for _ in 0..3 {
+        w.round();
+    }
+    w.exit_all(small, 0, 0);
+    w.round();
+    w.round();
+    assert_eq!(w.state(big), JobState::Starting);
+}
+
+#[test]
+fn cancel_stops_the_ranks_then_frees_the_slots() {
+    let mut w = World::new(&[("a", 2, false)]);
+    let id = w.core.submit(World::spec(1, 2, 5), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    w.core.cancel(id, w.now_ms).unwrap();
+    assert_eq!(w.state(id), JobState::Stopping);
+    w.round();
+    w.round();
+    assert_eq!(w.state(id), JobState::Cancelled, "cancel never turns into a restart");
+    assert!(matches!(w.core.cancel(id, w.now_ms), Err(CoreError::Conflict(_))));
+    let queued = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();
+    w.core.submit(World::spec(1, 2, 0), w.now_ms).unwrap();
+    w.core.cancel(queued, w.now_ms).unwrap();
+    assert_eq!(w.state(queued), JobState::Cancelled);
+}
+
+#[test]
+fn jobs_the_cluster_can_never_hold_are_refused_naming_the_field() {
+    let w = &mut World::new(&[("a", 2, false), ("s", 2, true)]);
+    let field = |e: CoreError| match e {
+        CoreError::Spec(s) => s.field,
+        other => panic!("{other}"),
+    };
+    assert_eq!(field(w.core.submit(World::spec(1, 3, 0), 0).unwrap_err()), "ranks_per_node");
+    assert_eq!(
+        field(w.core.submit(World::spec(2, 1, 0), 0).unwrap_err()),
+        "nodes",
+        "spares only when allowed"
+    );
+    let mut spec = World::spec(2, 1, 0);
+    spec.spares = 1;
+    assert!(w.core.submit(spec, 0).is_ok());
+}
+
+#[test]
+fn a_launch_that_never_completes_times_out() {
+    let mut w = World::new(&[("a", 1, false)]);
+    let id = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();
+    // The agent heartbeats but never carries out the reservation.
+    for _ in 0..130 {
+        w.core.heartbeat("a", HeartbeatRequest::default(), w.now_ms).unwrap();
+        w.now_ms += 1000;
+        w.core.tick(w.now_ms);
+    }
+    assert_eq!(w.state(id), JobState::Failed);
+    assert!(w.core.job(id).unwrap().reason.as_ref().unwrap().contains("did not all start"));
+}
+
+#[test]
+fn a_restored_core_carries_on_where_the_old_one_stopped() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 0), w.now_ms).unwrap();
+    w.round();
+    // Persist everything the way the edge does, as JSON rows, and rebuild.
+    let mut jobs = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    let c = w.core.take_changes();
+    for j in c.jobs {
+        jobs.insert(j.id, serde_json::to_string(&j).unwrap());
+    }
+    for n in c.nodes {
+        nodes.insert(n.name.clone(), serde_json::to_string(&n).unwrap());
+    }
+    let jobs = jobs.values().map(|s| serde_json::from_str(s).unwrap()).collect();
+    let nodes = nodes.values().map(|s| serde_json::from_str(s).unwrap()).collect();
+    w.now_ms += 60_000; // the controller was down for a minute
+    w.core = Core::restore(CoreConfig::default(), nodes, jobs, c.next_job_id, c.next_event_seq, w.now_ms);
+    w.core.tick(w.now_ms);
+    assert!(w.core.node_views(w.now_ms).iter().all(|n| n.health == "healthy"), "grace period after restart");
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    w.exit_all(id, 0, 0);
+    w.round();
+    assert_eq!(w.state(id), JobState::Succeeded);
+    assert!(
+        w.core.take_changes().events.iter().all(|e| e.seq >= c.next_event_seq),
+        "sequence numbers continue"
+    );
+}

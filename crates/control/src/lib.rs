@@ -1,0 +1,7 @@
+//! Myriad's controller: the deterministic core ([`core`]), the job specs it accepts ([`spec`]), the
+//! wire types ([`api`]), and the edges that do IO: the SQLite store ([`store`]), the HTTP server
+//! ([`server`]) and the HTTP client the agents and the CLI use ([`client`]).
+
+pub mod api;
+pub mod core;
+pub mod spec;

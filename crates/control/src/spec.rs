@@ -1,0 +1,284 @@
+//! Job specifications: what a user submits (TOML file or JSON), and the checks that turn a bad one
+//! into an error naming the field, before anything is queued.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Variables Myriad sets for every rank; a job may not set them itself.
+pub const RESERVED_ENV: &[&str] = &[
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "MYRIAD_JOB_ID",
+    "MYRIAD_ATTEMPT",
+    "MYRIAD_AGENT_SOCKET",
+    "MYRIAD_CHECKPOINT_DIR",
+];
+
+const MAX_NAME_LEN: usize = 64;
+const MAX_ARGV: usize = 4096;
+const MAX_ARG_BYTES: usize = 64 * 1024;
+const MAX_ENV: usize = 1024;
+const MAX_PATH_BYTES: usize = 4096;
+/// Generous ceilings that stop a typo (`nodes = 1e9`) before it reaches the scheduler.
+pub const MAX_NODES: u32 = 100_000;
+pub const MAX_RANKS_PER_NODE: u32 = 1024;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    /// Program and arguments of every rank, run directly (never through a shell).
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Nodes the job spans (torchrun's --nnodes).
+    #[serde(default = "one")]
+    pub nodes: u32,
+    /// Ranks on each node (torchrun's --nproc-per-node).
+    #[serde(default = "one")]
+    pub ranks_per_node: u32,
+    /// Hot spare nodes the job may be placed on when regular nodes do not suffice.
+    #[serde(default)]
+    pub spares: u32,
+    /// Restarts of the whole job after a rank or node fails (torchrun's --max-restarts).
+    #[serde(default)]
+    pub max_restarts: u32,
+    /// Relative to each agent's checkpoint root; defaults to `job-<id>`.
+    #[serde(default)]
+    pub checkpoint_dir: Option<String>,
+    /// Absolute working directory of the ranks; defaults to the agent's own.
+    #[serde(default)]
+    pub workdir: Option<String>,
+    /// TORCHELASTIC_RUN_ID (torchrun's --rdzv-id); defaults to `myriad-<id>`.
+    #[serde(default)]
+    pub run_id: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// A rejected job spec: the field at fault and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpecError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for SpecError {}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError { field: field.into(), message: message.into() }
+}
+
+impl JobSpec {
+    /// Parses a TOML job file; unknown fields and wrong types are errors naming the field.
+    pub fn from_toml(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_string();
+            let key_at_span = e.span().and_then(|span| key_on_line(text, span.start));
+            let field = field_in_message(&message).or(key_at_span).unwrap_or_else(|| "job".into());
+            err(field, format!("invalid TOML: {}", message.trim()))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Parses a JSON job body, with the same rules as [`JobSpec::from_toml`].
+    pub fn from_json(bytes: &[u8]) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = serde_json::from_slice(bytes).map_err(|e| {
+            let message = e.to_string();
+            let field = field_in_message(&message).unwrap_or_else(|| "job".into());
+            err(field, format!("invalid JSON: {message}"))
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn world_size(&self) -> u32 {
+        self.nodes * self.ranks_per_node
+    }
+
+    /// Checks every field on its own; whether the cluster can hold the job is the core's question.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        validate_name("name", &self.name)?;
+        if self.argv.is_empty() || self.argv[0].is_empty() {
+            return Err(err("argv", "must name a program to run"));
+        }
+        if self.argv.len() > MAX_ARGV {
+            return Err(err("argv", format!("has {} entries, at most {MAX_ARGV} allowed", self.argv.len())));
+        }
+        for (i, arg) in self.argv.iter().enumerate() {
+            if arg.len() > MAX_ARG_BYTES || arg.contains('\0') {
+                return Err(err(format!("argv[{i}]"), "is longer than 64 KiB or contains a NUL byte"));
+            }
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(err("env", format!("has {} variables, at most {MAX_ENV} allowed", self.env.len())));
+        }
+        for (key, value) in &self.env {
+            let field = format!("env.{key}");
+            let valid = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(err(field, "is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
+            }
+            if RESERVED_ENV.contains(&key.as_str()) {
+                return Err(err(field, "is set by Myriad for every rank and cannot be overridden"));
+            }
+            if value.len() > MAX_ARG_BYTES || value.contains('\0') {
+                return Err(err(field, "is longer than 64 KiB or contains a NUL byte"));
+            }
+        }
+        if self.nodes == 0 {
+            return Err(err("nodes", "must be at least 1"));
+        }
+        if self.nodes > MAX_NODES {
+            return Err(err("nodes", format!("{} exceeds the limit of {MAX_NODES}", self.nodes)));
+        }
+        if self.ranks_per_node == 0 {
+            return Err(err("ranks_per_node", "must be at least 1 (a job with zero ranks would never run)"));
+        }
+        if self.ranks_per_node > MAX_RANKS_PER_NODE {
+            return Err(err(
+                "ranks_per_node",
+                format!("{} exceeds the limit of {MAX_RANKS_PER_NODE}", self.ranks_per_node),
+            ));
+        }
+        if let Some(dir) = &self.checkpoint_dir {
+            validate_relative_path("checkpoint_dir", dir)?;
+        }
+        if let Some(dir) = &self.workdir {
+            validate_absolute_path("workdir", dir)?;
+        }
+        if let Some(id) = &self.run_id {
+            validate_name("run_id", id)?;
+        }
+        Ok(())
+    }
+}
+
+/// serde names the offending field in backticks ("unknown field `foo`", "missing field `argv`").
+fn field_in_message(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let len = message[start..].find('`')?;
+    Some(message[start..start + len].to_string())
+}
+
+/// The key assigned on the line holding byte `offset` of a TOML text (`nodes = "two"` → `nodes`).
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let key = line.split('=').next()?.trim();
+    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    plain.then(|| key.to_string())
+}
+
+/// Names become file names and URL segments: letters, digits, `.`, `_`, `-`, not starting with `.`.
+pub fn validate_name(field: &str, name: &str) -> Result<(), SpecError> {
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(err(field, format!("must be 1 to {MAX_NAME_LEN} characters")));
+    }
+    if name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        return Err(err(
+            field,
+            format!("{name:?} may hold only letters, digits, '.', '_' and '-', not starting with '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// A path under some root: relative, without `..`, so it cannot escape the root.
+pub fn validate_relative_path(field: &str, path: &str) -> Result<(), SpecError> {
+    if path.is_empty() || path.len() > MAX_PATH_BYTES || path.contains('\0') {
+        return Err(err(field, "must be a non-empty path without NUL bytes"));
+    }
+    if path.starts_with('/') {
+        return Err(err(field, format!("{path:?} must be relative to the checkpoint root")));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(err(field, format!("{path:?} must not contain '..' (path traversal)")));
+    }
+    Ok(())
+}
+
+fn validate_absolute_path(field: &str, path: &str) -> Result<(), SpecError> {
+    if !path.starts_with('/') || path.len() > MAX_PATH_BYTES || path.contains('\0') {
+        return Err(err(field, format!("{path:?} must be an absolute path")));
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err(err(field, format!("{path:?} must not contain '..' (path traversal)")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "gpt-small"
+argv = ["myriad", "train", "--preset", "tiny"]
+nodes = 2
+ranks_per_node = 2
+max_restarts = 3
+checkpoint_dir = "runs/small"
+env = { DATA_SEED = "7" }
+"#;
+
+    #[test]
+    fn parses_a_toml_job() {
+        let spec = JobSpec::from_toml(GOOD).unwrap();
+        assert_eq!(spec.world_size(), 4);
+        assert_eq!(spec.max_restarts, 3);
+        assert_eq!(spec.env["DATA_SEED"], "7");
+        assert_eq!(spec.checkpoint_dir.as_deref(), Some("runs/small"));
+    }
+
+    fn field_of(text: &str) -> String {
+        JobSpec::from_toml(text).unwrap_err().field
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        assert_eq!(field_of(&format!("{GOOD}\nbogus = 1\n")), "bogus");
+        assert_eq!(field_of("name = \"x\"\n"), "argv");
+        assert_eq!(field_of(&GOOD.replace("ranks_per_node = 2", "ranks_per_node = 0")), "ranks_per_node");
+        assert_eq!(field_of(&GOOD.replace("nodes = 2\n", "nodes = 0\n")), "nodes");
+        assert_eq!(field_of(&GOOD.replace("runs/small", "../../etc")), "checkpoint_dir");
+        assert_eq!(field_of(&GOOD.replace("runs/small", "/etc/cron.d")), "checkpoint_dir");
+        assert_eq!(field_of(&GOOD.replace("gpt-small", "../evil")), "name");
+        assert_eq!(field_of(&GOOD.replace("DATA_SEED", "RANK")), "env.RANK");
+        assert_eq!(field_of(&GOOD.replace("nodes = 2\n", "nodes = \"two\"\n")), "nodes");
+        assert!(JobSpec::from_toml("name = [").is_err());
+    }
+
+    #[test]
+    fn json_follows_the_same_rules() {
+        let spec = JobSpec::from_json(br#"{"name":"a","argv":["true"]}"#).unwrap();
+        assert_eq!((spec.nodes, spec.ranks_per_node, spec.max_restarts), (1, 1, 0));
+        let e = JobSpec::from_json(br#"{"name":"a","argv":["true"],"nodez":2}"#).unwrap_err();
+        assert_eq!(e.field, "nodez");
+    }
+}
