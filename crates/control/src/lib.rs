@@ -3,5 +3,9 @@
 //! ([`server`]) and the HTTP client the agents and the CLI use ([`client`]).
 
 pub mod api;
+pub mod auth;
+pub mod client;
 pub mod core;
+pub mod server;
 pub mod spec;
+pub mod store;

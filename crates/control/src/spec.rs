@@ -95,10 +95,14 @@ impl JobSpec {
     /// Parses a TOML job file; unknown fields and wrong types are errors naming the field.
     pub fn from_toml(text: &str) -> Result<JobSpec, SpecError> {
         let spec: JobSpec = toml::from_str(text).map_err(|e| {
-            let message = e.message().to_string();
-            let key_at_span = e.span().and_then(|span| key_on_line(text, span.start));
-            let field = field_in_message(&message).or(key_at_span).unwrap_or_else(|| "job".into());
-            err(field, format!("invalid TOML: {}", message.trim()))
+            let message = e.message().trim().replace('\n', " ");
+            let offset = e.span().map(|span| span.start);
+            let field = field_in_message(&message)
+                .or_else(|| offset.and_then(|at| key_on_line(text, at)))
+                .unwrap_or_else(|| "job".into());
+            let line = offset.map(|at| text[..at.min(text.len())].matches('\n').count() + 1);
+            let place = line.map(|l| format!(" (line {l})")).unwrap_or_default();
+            err(field, format!("invalid TOML{place}: {message}"))
         })?;
         spec.validate()?;
         Ok(spec)
@@ -181,18 +185,24 @@ impl JobSpec {
 
 /// serde names the offending field in backticks ("unknown field `foo`", "missing field `argv`").
 fn field_in_message(message: &str) -> Option<String> {
+    if !message.starts_with("unknown field") && !message.starts_with("missing field") {
+        return None;
+    }
     let start = message.find('`')? + 1;
     let len = message[start..].find('`')?;
     Some(message[start..start + len].to_string())
 }
 
-/// The key assigned on the line holding byte `offset` of a TOML text (`nodes = "two"` → `nodes`).
+/// The key whose assignment holds byte `offset` of a TOML text: the nearest `key = …` line at or
+/// before it (`nodes = "two"` → `nodes`; an unclosed `argv = [` → `argv`).
 fn key_on_line(text: &str, offset: usize) -> Option<String> {
-    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[start..].lines().next()?;
-    let key = line.split('=').next()?.trim();
-    let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
-    plain.then(|| key.to_string())
+    let end = text[offset.min(text.len())..].find('\n').map_or(text.len(), |i| offset + i);
+    text.get(..end)?.lines().rev().find_map(|line| {
+        let (key, _) = line.split_once('=')?;
+        let key = key.trim();
+        let plain = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+        plain.then(|| key.to_string())
+    })
 }
 
 /// Names become file names and URL segments: letters, digits, `.`, `_`, `-`, not starting with `.`.

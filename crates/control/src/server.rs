@@ -1,0 +1,387 @@
+//! The controller's HTTP edge: routes, the cluster token, body limits, JSON errors. Each mutating
+//! call runs the core under one lock and commits the core's changes to SQLite before answering.
+
+use axum::body::Body;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper::body::Bytes;
+use serde::Deserialize;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::api::{
+    ErrorBody, Event, HeartbeatRequest, JobId, JobView, NodeView, RegisterRequest, SubmitReply,
+    MAX_BODY_BYTES,
+};
+use crate::auth::{bearer_matches, load_or_create_token};
+use crate::client::{Client, ClientError};
+use crate::core::{Core, CoreConfig, CoreError};
+use crate::spec::JobSpec;
+use crate::store::Store;
+
+/// The one error type of every route: a status and a message that names what was wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError { status, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(ErrorBody { error: self.message })).into_response()
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> ApiError {
+        let status = match &e {
+            CoreError::Spec(_) => StatusCode::BAD_REQUEST,
+            CoreError::UnknownNode(_) | CoreError::UnknownJob(_) => StatusCode::NOT_FOUND,
+            CoreError::Conflict(_) => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(e: BytesRejection) -> ApiError {
+        let status = e.status();
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes")
+        } else {
+            e.body_text()
+        };
+        ApiError::new(status, message)
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> ApiError {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> ApiError {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Inner {
+    core: Core,
+    store: Store,
+}
+
+/// The controller: its core and store behind one lock, and the cluster token.
+pub struct Controller {
+    inner: Mutex<Inner>,
+    token: Arc<str>,
+    state_dir: PathBuf,
+}
+
+pub const TOKEN_FILE: &str = "token";
+pub const URL_FILE: &str = "controller.url";
+const DB_FILE: &str = "state.db";
+/// Deadline for the controller's calls to agents (log fetches).
+const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Controller {
+    /// Opens (or creates) the state directory, its token and database, and restores the core.
+    pub fn open(state_dir: &FsPath, cfg: CoreConfig) -> Result<Controller, String> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+        let token = load_or_create_token(&state_dir.join(TOKEN_FILE))?;
+        let store = Store::open(&state_dir.join(DB_FILE)).map_err(|e| e.to_string())?;
+        let snap = store.load().map_err(|e| e.to_string())?;
+        let core = Core::restore(cfg, snap.nodes, snap.jobs, snap.next_job_id, snap.next_event_seq, now_ms());
+        Ok(Controller {
+            inner: Mutex::new(Inner { core, store }),
+            token: token.into(),
+            state_dir: state_dir.into(),
+        })
+    }
+
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// Runs `f` on the core and persists what it changed, all under the lock.
+    fn apply<T>(&self, f: impl FnOnce(&mut Core, u64) -> Result<T, CoreError>) -> Result<T, ApiError> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let result = f(&mut inner.core, now_ms());
+        let changes = inner.core.take_changes();
+        inner
+            .store
+            .save(&changes)
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(result?)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Core, &Store) -> T) -> T {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&inner.core, &inner.store)
+    }
+
+    /// The time-driven half of the core: lost nodes, launch timeouts, scheduling.
+    pub fn tick(&self) -> Result<(), ApiError> {
+        self.apply(|core, now| {
+            core.tick(now);
+            Ok(())
+        })
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.read(|c, _| c.config().heartbeat_interval_ms))
+    }
+}
+
+/// Every route, behind the token check and the body limit.
+pub fn router(ctl: Arc<Controller>) -> Router {
+    let token = ctl.token.clone();
+    Router::new()
+        .route("/v1/agents/register", post(register))
+        .route("/v1/agents/{name}/heartbeat", post(heartbeat))
+        .route("/v1/jobs", post(submit).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/events", get(all_events))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(ctl)
+}
+
+/// 401 unless the request carries the cluster token; checked before the body is read.
+pub async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    let header = request.headers().get("authorization").map(|v| v.as_bytes());
+    if !bearer_matches(header, &token) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster token (Authorization: Bearer …)",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+}
+
+async fn register(
+    State(ctl): State<Arc<Controller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let req: RegisterRequest = parse_json(&body?, "registration")?;
+    let reply = ctl.apply(|core, now| core.register(req, now))?;
+    Ok(Json(reply).into_response())
+}
+
+async fn heartbeat(
+    State(ctl): State<Arc<Controller>>,
+    name: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path(name) = name?;
+    let req: HeartbeatRequest = parse_json(&body?, "heartbeat")?;
+    let reply = ctl.apply(|core, now| core.heartbeat(&name, req, now))?;
+    Ok(Json(reply).into_response())
+}
+
+async fn submit(
+    State(ctl): State<Arc<Controller>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let content_type =
+        headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json");
+    let spec = if content_type.contains("toml") {
+        let text =
+            std::str::from_utf8(&body).map_err(|_| ApiError::bad_request("job: the TOML is not UTF-8"))?;
+        JobSpec::from_toml(text)
+    } else {
+        JobSpec::from_json(&body)
+    }
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let id = ctl.apply(|core, now| core.submit(spec, now))?;
+    Ok((StatusCode::CREATED, Json(SubmitReply { id })).into_response())
+}
+
+async fn list_jobs(State(ctl): State<Arc<Controller>>) -> Json<Vec<JobView>> {
+    Json(ctl.read(|core, _| core.jobs().filter_map(|j| core.job_view(j.id)).collect()))
+}
+
+async fn get_job(
+    State(ctl): State<Arc<Controller>>,
+    id: Result<Path<JobId>, PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let Path(id) = id?;
+    ctl.read(|core, _| core.job_view(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+}
+
+async fn cancel(
+    State(ctl): State<Arc<Controller>>,
+    id: Result<Path<JobId>, PathRejection>,
+) -> Result<Json<JobView>, ApiError> {
+    let Path(id) = id?;
+    ctl.apply(|core, now| core.cancel(id, now))?;
+    ctl.read(|core, _| core.job_view(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventQuery {
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+const MAX_EVENTS_PER_CALL: usize = 10_000;
+
+fn events(ctl: &Controller, job_id: Option<JobId>, q: EventQuery) -> Result<Json<Vec<Event>>, ApiError> {
+    let limit = q.limit.unwrap_or(MAX_EVENTS_PER_CALL).min(MAX_EVENTS_PER_CALL);
+    ctl.read(|_, store| store.events(job_id, q.after, limit))
+        .map(Json)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn job_events(
+    State(ctl): State<Arc<Controller>>,
+    id: Result<Path<JobId>, PathRejection>,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    let Path(id) = id?;
+    if ctl.read(|core, _| core.job(id).is_none()) {
+        return Err(CoreError::UnknownJob(id).into());
+    }
+    events(&ctl, Some(id), q?.0)
+}
+
+async fn all_events(
+    State(ctl): State<Arc<Controller>>,
+    q: Result<Query<EventQuery>, QueryRejection>,
+) -> Result<Json<Vec<Event>>, ApiError> {
+    events(&ctl, None, q?.0)
+}
+
+async fn list_nodes(State(ctl): State<Arc<Controller>>) -> Json<Vec<NodeView>> {
+    Json(ctl.read(|core, _| core.node_views(now_ms())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    #[serde(default)]
+    rank: u32,
+    attempt: Option<u32>,
+    stream: Option<String>,
+    tail_bytes: Option<u64>,
+}
+
+/// Default and largest log tail returned in one call.
+pub const MAX_LOG_TAIL_BYTES: u64 = 8 << 20;
+
+/// Fetches a rank's log from the agent of the node it ran on.
+async fn job_logs(
+    State(ctl): State<Arc<Controller>>,
+    id: Result<Path<JobId>, PathRejection>,
+    q: Result<Query<LogQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = id?;
+    let Query(q) = q?;
+    let stream = q.stream.unwrap_or_else(|| "stdout".into());
+    if stream != "stdout" && stream != "stderr" {
+        return Err(ApiError::bad_request(format!("stream {stream:?} must be stdout or stderr")));
+    }
+    let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
+    let (base, attempt, local_rank) = ctl.read(|core, _| {
+        core.locate_rank(id, q.rank, q.attempt).map(|(node, attempt, local)| {
+            (format!("http://{}:{}", node.addr, node.http_port), attempt, local)
+        })
+    })?;
+    let agent = Client::new(&base, &ctl.token, AGENT_CALL_TIMEOUT).map_err(ApiError::bad_request)?;
+    let path = format!("/v1/logs/{id}/{attempt}/{local_rank}/{stream}?tail_bytes={tail}");
+    match agent.call(Method::GET, &path, None).await {
+        Ok(bytes) => Ok(([("content-type", "text/plain; charset=utf-8")], Body::from(bytes)).into_response()),
+        Err(ClientError::Status { status, message }) => {
+            Err(ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), message))
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            format!("the agent holding rank {} is unreachable: {e}", q.rank),
+        )),
+    }
+}
+
+/// Runs the controller until SIGINT or SIGTERM: binds, writes `controller.url` into the state
+/// directory (so `--listen 127.0.0.1:0` works), serves, and ticks the core.
+pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<(), String> {
+    let ctl = Arc::new(Controller::open(state_dir, cfg)?);
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let url = format!("http://{addr}");
+    write_atomically(&ctl.state_dir.join(URL_FILE), url.as_bytes())?;
+    eprintln!("controller listening on {url} (state in {})", state_dir.display());
+
+    let ticker = ctl.clone();
+    let tick_every = (ctl.heartbeat_interval() / 4).max(Duration::from_millis(50));
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick_every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            if let Err(e) = ticker.tick() {
+                eprintln!("controller: {}", e.message);
+            }
+        }
+    });
+    axum::serve(listener, router(ctl))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())
+}
+
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Writes a file under a temporary name and renames it, so readers never see half of it.
+pub fn write_atomically(path: &FsPath, bytes: &[u8]) -> Result<(), String> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

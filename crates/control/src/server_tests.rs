@@ -1,0 +1,144 @@
+//! The API without sockets: requests go straight into the router.
+
+use super::*;
+use tower::ServiceExt;
+
+struct Fixture {
+    dir: PathBuf,
+    ctl: Arc<Controller>,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("myriad-server-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ctl = Arc::new(Controller::open(&dir, CoreConfig::default()).unwrap());
+        Fixture { dir, ctl }
+    }
+
+    async fn send(
+        &self,
+        method: &str,
+        uri: &str,
+        token: Option<&str>,
+        body: Vec<u8>,
+        ct: &str,
+    ) -> (StatusCode, String) {
+        let mut req = Request::builder().method(method).uri(uri).header("content-type", ct);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = router(self.ctl.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+        let status = resp.status();
+        let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn call(&self, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+        let token = self.ctl.token().to_string();
+        let ct = if body.starts_with('{') { "application/json" } else { "application/toml" };
+        self.send(method, uri, Some(&token), body.as_bytes().to_vec(), ct).await
+    }
+
+    async fn register(&self, name: &str, slots: u32) {
+        let body =
+            format!(r#"{{"name":"{name}","slots":{slots},"cores":2,"addr":"127.0.0.1","http_port":1}}"#);
+        assert_eq!(self.call("POST", "/v1/agents/register", &body).await.0, StatusCode::OK);
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/agents/register"),
+    ("POST", "/v1/agents/n1/heartbeat"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/1"),
+    ("POST", "/v1/jobs/1/cancel"),
+    ("GET", "/v1/jobs/1/events"),
+    ("GET", "/v1/jobs/1/logs"),
+    ("GET", "/v1/nodes"),
+    ("GET", "/v1/events"),
+    ("GET", "/no/such/route"),
+];
+
+#[tokio::test]
+async fn every_route_refuses_a_missing_or_wrong_token() {
+    let f = Fixture::new("auth");
+    for &(method, uri) in ROUTES {
+        for token in [None, Some("wrong"), Some("")] {
+            let (status, body) = f.send(method, uri, token, b"{}".to_vec(), "application/json").await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri} with token {token:?}: {body}");
+            assert!(body.contains("cluster token"), "{body}");
+        }
+        let (status, _) = f.call(method, uri, "{}").await;
+        assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {uri} with the right token");
+    }
+}
+
+#[tokio::test]
+async fn an_oversize_body_gets_413() {
+    let f = Fixture::new("size");
+    let big = format!(r#"{{"name":"x","argv":["{}"]}}"#, "a".repeat(MAX_BODY_BYTES));
+    for uri in ["/v1/jobs", "/v1/agents/register", "/v1/agents/n1/heartbeat"] {
+        let (status, body) = f.call("POST", uri, &big).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{uri}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn bad_jobs_get_a_4xx_naming_the_field() {
+    let f = Fixture::new("bad");
+    f.register("n1", 2).await;
+    f.register("n2", 2).await;
+    let ok = "name = \"j\"\nargv = [\"true\"]\nnodes = 2\nranks_per_node = 2\n";
+    let cases = [
+        ("name = \"j\"\nargv = [\"true\"\n", "argv"),
+        (&*format!("{ok}colour = \"red\"\n"), "colour"),
+        (&ok.replace("ranks_per_node = 2", "ranks_per_node = 0"), "ranks_per_node"),
+        (&ok.replace("nodes = 2", "nodes = 3"), "nodes"),
+        (&ok.replace("ranks_per_node = 2", "ranks_per_node = 4"), "ranks_per_node"),
+        (&format!("{ok}checkpoint_dir = \"../../etc\"\n"), "checkpoint_dir"),
+        (&format!("{ok}workdir = \"/tmp/../etc\"\n"), "workdir"),
+        (&ok.replace("\"j\"", "\"../j\""), "name"),
+    ];
+    for (toml, field) in cases {
+        let (status, body) = f.call("POST", "/v1/jobs", toml).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{toml}: {body}");
+        assert!(body.contains(field), "error for {toml:?} should name {field}: {body}");
+    }
+    let (status, body) = f.call("POST", "/v1/jobs", ok).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(f.call("GET", "/v1/jobs/abc", "").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(f.call("GET", "/v1/jobs/99", "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(f.call("GET", "/v1/jobs/1/logs?stream=../../etc/passwd", "").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(f.call("GET", "/v1/jobs/1/logs?rank=9", "").await.0, StatusCode::CONFLICT);
+    assert_eq!(f.call("GET", "/v1/events?after=x", "").await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(f.call("POST", "/v1/agents/nobody/heartbeat", "{}").await.0, StatusCode::BAD_REQUEST);
+    let hb = r#"{"acked_command_seq":0,"ranks":[],"ports":[]}"#;
+    assert_eq!(f.call("POST", "/v1/agents/nobody/heartbeat", hb).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn state_and_events_survive_reopening_the_state_directory() {
+    let f = Fixture::new("reopen");
+    f.register("n1", 1).await;
+    let (status, _) = f.call("POST", "/v1/jobs", "name = \"j\"\nargv = [\"true\"]\n").await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (_, before) = f.call("GET", "/v1/events", "").await;
+    let reopened = Fixture {
+        dir: f.dir.clone(),
+        ctl: Arc::new(Controller::open(&f.dir, CoreConfig::default()).unwrap()),
+    };
+    assert_eq!(reopened.ctl.token(), f.ctl.token(), "the token is kept");
+    let (_, after) = reopened.call("GET", "/v1/events", "").await;
+    assert_eq!(before, after);
+    let (_, job) = reopened.call("GET", "/v1/jobs/1", "").await;
+    assert!(job.contains("\"state\":\"starting\""), "{job}");
+    std::mem::forget(reopened); // `f` removes the directory
+}
