@@ -1,1 +1,477 @@
+//! The node agent: registers its node with the controller, heartbeats the state of every rank it
+//! holds, carries out the controller's commands (reserve a port, launch, stop, forget), writes each
+//! rank's output to files it serves over HTTP, and listens on a Unix socket for the ranks' progress.
+//!
+//! Ranks are spawned directly from argv (never through a shell), each in its own process group so
+//! a stop reaches everything the rank started, and with PR_SET_PDEATHSIG so they die with the agent
+//! rather than run on unsupervised. The agent therefore runs on a single-threaded runtime: the
+//! death signal follows the *thread* that spawned the child, and the main thread lives as long as
+//! the agent does.
+//!
+//! Every command is idempotent and acknowledged by sequence number on the next heartbeat; reports
+//! are full state, so a controller that restarts or misses a heartbeat loses nothing. While the
+//! controller is unreachable the ranks run on and the agent keeps trying.
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{middleware, Router};
+use control::api::{
+    Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport, RankState, RegisterReply,
+    RegisterRequest,
+};
+use control::client::{Client, ClientError};
+use control::server::{require_token, ApiError, MAX_LOG_TAIL_BYTES};
+use control::spec::validate_relative_path;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::process::CommandExt;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::Notify;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub controller: String,
+    pub token: String,
+    pub name: String,
+    pub slots: u32,
+    pub spare: bool,
+    /// Address other nodes use to reach this one (MASTER_ADDR when it hosts rank 0).
+    pub addr: String,
+    /// Where the agent's own HTTP endpoint listens (`HOST:PORT`, port 0 for any).
+    pub listen: String,
+    /// Rank logs and the progress socket live here.
+    pub work_dir: PathBuf,
+    /// Jobs' checkpoint directories are created under this root.
+    pub checkpoint_root: PathBuf,
+    /// Time between SIGTERM and SIGKILL when stopping a rank.
+    pub stop_grace: Duration,
+}
+
+/// Key of one rank on this node: job, attempt, local rank.
+type RankKey = (JobId, u32, u32);
+
+struct Rank {
+    state: RankState,
+    pid: Option<u32>,
+    step: Option<u64>,
+    loss: Option<f64>,
+    stopping: bool,
+}
+
+#[derive(Default)]
+struct Node {
+    ranks: BTreeMap<RankKey, Rank>,
+    ports: BTreeMap<(JobId, u32), u16>,
+    acked_command_seq: u64,
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    node: Mutex<Node>,
+    /// Wakes the heartbeat loop early: a rank exited, so the controller should hear now.
+    wake: Notify,
+    socket_path: PathBuf,
+}
+
+/// Longest progress message accepted from a rank.
+const MAX_PROGRESS_LINE_BYTES: usize = 64 * 1024;
+/// Deadline of every call to the controller.
+const CONTROLLER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the agent until SIGINT/SIGTERM; then stops every rank it holds.
+pub fn run(cfg: AgentConfig) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the agent's runtime: {e}"))?;
+    runtime.block_on(run_async(cfg))
+}
+
+async fn run_async(cfg: AgentConfig) -> Result<(), String> {
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| format!("work directory {}: {e}", cfg.work_dir.display()))?;
+    std::fs::create_dir_all(&cfg.checkpoint_root)
+        .map_err(|e| format!("checkpoint root {}: {e}", cfg.checkpoint_root.display()))?;
+    let client = Client::new(&cfg.controller, &cfg.token, CONTROLLER_CALL_TIMEOUT)?;
+    let socket_path = cfg.work_dir.join("agent.sock");
+    let _ = std::fs::remove_file(&socket_path);
+    let progress = tokio::net::UnixListener::bind(&socket_path)
+        .map_err(|e| format!("progress socket {}: {e}", socket_path.display()))?;
+    let http = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let http_port = http.local_addr().map_err(|e| e.to_string())?.port();
+    let agent = Arc::new(Agent { cfg, node: Mutex::new(Node::default()), wake: Notify::new(), socket_path });
+
+    let token: Arc<str> = agent.cfg.token.clone().into();
+    let app = Router::new()
+        .route("/v1/logs/{job}/{attempt}/{rank}/{stream}", get(serve_log))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(token, require_token))
+        .with_state(agent.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(http, app).await {
+            eprintln!("agent: log server stopped: {e}");
+        }
+    });
+    tokio::spawn(accept_progress(agent.clone(), progress));
+
+    let result = tokio::select! {
+        r = heartbeat_loop(agent.clone(), client, http_port) => r,
+        _ = control::server::shutdown_signal() => Ok(()),
+    };
+    agent.stop_everything().await;
+    let _ = std::fs::remove_file(&agent.socket_path);
+    result
+}
+
+async fn register(agent: &Agent, client: &Client, http_port: u16) -> RegisterReply {
+    let cfg = &agent.cfg;
+    let req = RegisterRequest {
+        name: cfg.name.clone(),
+        slots: cfg.slots,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+        addr: cfg.addr.clone(),
+        http_port,
+        spare: cfg.spare,
+    };
+    let mut complained = false;
+    loop {
+        match client.post_json::<_, RegisterReply>("/v1/agents/register", &req).await {
+            Ok(reply) => {
+                eprintln!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), cfg.slots);
+                // A fresh registration means the controller forgot whatever this agent held.
+                agent.forget_all_exited();
+                return reply;
+            }
+            Err(e) => {
+                if !complained {
+                    eprintln!("agent {}: cannot register yet ({e}); retrying every second", cfg.name);
+                    complained = true;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Result<(), String> {
+    let mut interval = Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
+    let path = format!("/v1/agents/{}/heartbeat", agent.cfg.name);
+    let mut unreachable_since: Option<Instant> = None;
+    loop {
+        let req = agent.report();
+        match client.post_json::<_, HeartbeatReply>(&path, &req).await {
+            Ok(reply) => {
+                if let Some(since) = unreachable_since.take() {
+                    eprintln!("agent {}: controller reachable again after {:.1} s", agent.cfg.name, since.elapsed().as_secs_f64());
+                }
+                let mut news = false;
+                for c in reply.commands {
+                    news |= matches!(c.command, Command::ReservePort { .. } | Command::Launch(_));
+                    agent.execute(c.command).await;
+                    agent.node.lock().expect("agent state").acked_command_seq = c.seq;
+                }
+                if news {
+                    // Tell the controller at once what the commands did (ports, launched ranks):
+                    // a job's start waits on it.
+                    continue;
+                }
+            }
+            Err(ClientError::Status { status: 404, .. }) => {
+                interval = Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
+                continue;
+            }
+            Err(e) => {
+                if unreachable_since.is_none() {
+                    eprintln!("agent {}: heartbeat failed ({e}); ranks keep running, retrying", agent.cfg.name);
+                    unreachable_since = Some(Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = agent.wake.notified() => {}
+        }
+    }
+}
+
+impl Agent {
+    fn report(&self) -> HeartbeatRequest {
+        let node = self.node.lock().expect("agent state");
+        HeartbeatRequest {
+            acked_command_seq: node.acked_command_seq,
+            ranks: node
+                .ranks
+                .iter()
+                .map(|(&(job_id, attempt, local_rank), r)| RankReport {
+                    job_id,
+                    attempt,
+                    local_rank,
+                    state: r.state,
+                    step: r.step,
+                    loss: r.loss,
+                })
+                .collect(),
+            ports: node.ports.iter().map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port }).collect(),
+        }
+    }
+
+    fn forget_all_exited(&self) {
+        let mut node = self.node.lock().expect("agent state");
+        node.ranks.retain(|_, r| r.state.is_running());
+        node.ports.clear();
+        node.acked_command_seq = 0;
+    }
+
+    async fn execute(self: &Arc<Self>, command: Command) {
+        match command {
+            Command::ReservePort { job_id, attempt } => {
+                let mut node = self.node.lock().expect("agent state");
+                if let std::collections::btree_map::Entry::Vacant(slot) = node.ports.entry((job_id, attempt)) {
+                    // The OS picks a free port; rank 0 binds it moments later. Each attempt gets a
+                    // new one, so a restarted job never meets its predecessor's store.
+                    match std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()) {
+                        Ok(addr) => {
+                            slot.insert(addr.port());
+                        }
+                        Err(e) => eprintln!("agent {}: cannot reserve a port: {e}", self.cfg.name),
+                    }
+                }
+            }
+            Command::Launch(spec) => self.launch(spec),
+            Command::Stop { job_id, attempt } => self.stop(job_id, attempt),
+            Command::Forget { job_id, attempt } => {
+                let mut node = self.node.lock().expect("agent state");
+                node.ranks.retain(|k, r| !(k.0 == job_id && k.1 == attempt && !r.state.is_running()));
+                node.ports.remove(&(job_id, attempt));
+            }
+        }
+    }
+
+    fn launch(self: &Arc<Self>, spec: LaunchSpec) {
+        let dir = self.cfg.work_dir.join("jobs").join(spec.job_id.to_string()).join(format!("attempt-{}", spec.attempt));
+        let checkpoint_dir = match validate_relative_path("checkpoint_dir", &spec.checkpoint_dir) {
+            Ok(()) => self.cfg.checkpoint_root.join(&spec.checkpoint_dir),
+            Err(e) => {
+                eprintln!("agent {}: refusing job {}: {e}", self.cfg.name, spec.job_id);
+                self.cfg.checkpoint_root.join(format!("job-{}", spec.job_id))
+            }
+        };
+        for r in &spec.ranks {
+            let key = (spec.job_id, spec.attempt, r.local_rank);
+            if self.node.lock().expect("agent state").ranks.contains_key(&key) {
+                continue;
+            }
+            let outcome = std::fs::create_dir_all(&dir)
+                .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
+                .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))
+                .and_then(|_| self.spawn_rank(&spec, &r.env, &dir, &checkpoint_dir, r.local_rank));
+            let rank = match outcome {
+                Ok(child) => {
+                    let pid = child.id();
+                    tokio::spawn(watch(self.clone(), key, child));
+                    Rank { state: RankState::Running { pid: pid.unwrap_or(0) }, pid, step: None, loss: None, stopping: false }
+                }
+                Err(message) => {
+                    // Reported as a failed rank: the job fails or restarts like after any crash.
+                    eprintln!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, r.local_rank);
+                    let _ = std::fs::write(dir.join(format!("rank-{}.stderr", r.local_rank)), format!("myriad agent: {message}\n"));
+                    Rank { state: RankState::Exited { code: Some(127), signal: None }, pid: None, step: None, loss: None, stopping: false }
+                }
+            };
+            self.node.lock().expect("agent state").ranks.insert(key, rank);
+        }
+    }
+
+    fn spawn_rank(
+        &self,
+        spec: &LaunchSpec,
+        env: &[(String, String)],
+        dir: &FsPath,
+        checkpoint_dir: &FsPath,
+        local_rank: u32,
+    ) -> Result<tokio::process::Child, String> {
+        let open = |stream: &str| {
+            let path = dir.join(format!("rank-{local_rank}.{stream}"));
+            std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let mut cmd = std::process::Command::new(&spec.argv[0]);
+        cmd.args(&spec.argv[1..])
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("MYRIAD_AGENT_SOCKET", &self.socket_path)
+            .env("MYRIAD_CHECKPOINT_DIR", checkpoint_dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(open("stdout")?)
+            .stderr(open("stderr")?)
+            .process_group(0);
+        if let Some(w) = &spec.workdir {
+            cmd.current_dir(w);
+        }
+        // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut cmd = tokio::process::Command::from(cmd);
+        cmd.kill_on_drop(false);
+        cmd.spawn().map_err(|e| format!("cannot start {:?}: {e}", spec.argv[0]))
+    }
+
+    /// SIGTERM to each rank's process group now, SIGKILL after the grace period.
+    fn stop(self: &Arc<Self>, job_id: JobId, attempt: u32) {
+        let mut pids = Vec::new();
+        {
+            let mut node = self.node.lock().expect("agent state");
+            for (k, r) in node.ranks.iter_mut() {
+                if k.0 == job_id && k.1 == attempt && r.state.is_running() && !r.stopping {
+                    r.stopping = true;
+                    pids.extend(r.pid);
+                }
+            }
+        }
+        if pids.is_empty() {
+            return;
+        }
+        signal_groups(&pids, libc::SIGTERM);
+        let grace = self.cfg.stop_grace;
+        let agent = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let node = agent.node.lock().expect("agent state");
+            let still: Vec<u32> = node
+                .ranks
+                .iter()
+                .filter(|(k, r)| k.0 == job_id && k.1 == attempt && r.state.is_running())
+                .filter_map(|(_, r)| r.pid)
+                .collect();
+            drop(node);
+            signal_groups(&still, libc::SIGKILL);
+        });
+    }
+
+    async fn stop_everything(&self) {
+        let pids: Vec<u32> = {
+            let node = self.node.lock().expect("agent state");
+            node.ranks.values().filter(|r| r.state.is_running()).filter_map(|r| r.pid).collect()
+        };
+        if pids.is_empty() {
+            return;
+        }
+        eprintln!("agent {}: stopping {} ranks", self.cfg.name, pids.len());
+        signal_groups(&pids, libc::SIGTERM);
+        let deadline = Instant::now() + self.cfg.stop_grace;
+        while Instant::now() < deadline {
+            let running = self.node.lock().expect("agent state").ranks.values().any(|r| r.state.is_running());
+            if !running {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        signal_groups(&pids, libc::SIGKILL);
+    }
+}
+
+fn signal_groups(pids: &[u32], signal: libc::c_int) {
+    for &pid in pids {
+        // SAFETY: kill(2) on a process group we created; a group that is gone yields ESRCH.
+        unsafe {
+            libc::kill(-(pid as libc::pid_t), signal);
+        }
+    }
+}
+
+/// Waits for a rank to exit, records how, and wakes the heartbeat so the controller hears now.
+async fn watch(agent: Arc<Agent>, key: RankKey, mut child: tokio::process::Child) {
+    use std::os::unix::process::ExitStatusExt;
+    let pid = child.id();
+    let state = match child.wait().await {
+        Ok(status) => RankState::Exited { code: status.code(), signal: status.signal() },
+        Err(_) => RankState::Exited { code: None, signal: None },
+    };
+    // Whatever the rank left behind in its process group goes with it.
+    signal_groups(&pid.into_iter().collect::<Vec<_>>(), libc::SIGKILL);
+    if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&key) {
+        r.state = state;
+    }
+    agent.wake.notify_one();
+}
+
+/// One progress message from a rank (newline-delimited JSON on the agent's Unix socket).
+#[derive(Deserialize)]
+struct Progress {
+    job_id: JobId,
+    attempt: u32,
+    local_rank: u32,
+    #[serde(default)]
+    step: Option<u64>,
+    #[serde(default)]
+    loss: Option<f64>,
+}
+
+async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.len() > MAX_PROGRESS_LINE_BYTES {
+                    return;
+                }
+                // Unknown or malformed messages are ignored: the protocol is optional for ranks.
+                let Ok(p) = serde_json::from_str::<Progress>(&line) else { continue };
+                if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&(p.job_id, p.attempt, p.local_rank)) {
+                    r.step = p.step.or(r.step);
+                    r.loss = p.loss.or(r.loss);
+                }
+            }
+        });
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TailQuery {
+    tail_bytes: Option<u64>,
+}
+
+/// The last `tail_bytes` of a rank's stdout or stderr. Every path segment is a parsed number or one
+/// of two fixed names, so no request can reach outside the agent's job directory.
+async fn serve_log(
+    State(agent): State<Arc<Agent>>,
+    path: Result<Path<(JobId, u32, u32, String)>, PathRejection>,
+    q: Result<Query<TailQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Path((job, attempt, rank, stream)) = path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if stream != "stdout" && stream != "stderr" {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("stream {stream:?} must be stdout or stderr")));
+    }
+    let file = agent.cfg.work_dir.join(format!("jobs/{job}/attempt-{attempt}/rank-{rank}.{stream}"));
+    let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
+    let read = || -> std::io::Result<Vec<u8>> {
+        let mut f = std::fs::File::open(&file)?;
+        let len = f.metadata()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(tail)))?;
+        let mut bytes = Vec::new();
+        f.take(tail).read_to_end(&mut bytes)?;
+        Ok(bytes)
+    };
+    match read() {
+        Ok(bytes) => Ok(([("content-type", "text/plain; charset=utf-8")], bytes).into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {stream} log for job {job} attempt {attempt} local rank {rank} on node {}", agent.cfg.name),
+        )),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}", file.display()))),
+    }
+}

@@ -3,7 +3,7 @@
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
-use hyper::{Method, Request};
+use hyper::Request;
 use hyper_util::client::legacy::{connect::HttpConnector, Client as HyperClient};
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
@@ -11,6 +11,8 @@ use serde::Serialize;
 use std::time::Duration;
 
 use crate::api::ErrorBody;
+
+pub use hyper::Method;
 
 /// Largest response body read (logs are fetched as tails well below this).
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;

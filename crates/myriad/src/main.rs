@@ -1,8 +1,12 @@
 //! The `myriad` command. Wiring only: parse arguments, call the library crates, print results,
 //! turn errors into one line on stderr and a non-zero exit code.
 
+mod agent_progress;
 mod bench;
+mod cluster_cmd;
+mod local;
 mod progress;
+mod run_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -22,6 +26,24 @@ enum Command {
     /// Measure this machine: FMA peak, trainer throughput.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run a job like torchrun does: `myriad run --nnodes 2 --nproc-per-node 2 train.py`.
+    Run(run_cmd::RunArgs),
+    /// Start a local cluster (controller and agents) in the foreground.
+    Up(cluster_cmd::UpArgs),
+    /// Submit a job (TOML file or flags) to a controller.
+    Submit(cluster_cmd::SubmitArgs),
+    /// Jobs and nodes; one job in detail with its events.
+    Status(cluster_cmd::StatusArgs),
+    /// A rank's stdout or stderr.
+    Logs(cluster_cmd::LogsArgs),
+    /// Cancel a job.
+    Cancel(cluster_cmd::CancelArgs),
+    /// The cluster's nodes and their health.
+    Nodes(cluster_cmd::NodesArgs),
+    /// Run the controller (HTTP API, scheduling, SQLite state).
+    Controller(cluster_cmd::ControllerArgs),
+    /// Run a node agent.
+    Agent(cluster_cmd::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,6 +52,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
+        Command::Run(args) => run_cmd::run(args),
+        Command::Up(args) => cluster_cmd::up(args),
+        Command::Submit(args) => cluster_cmd::submit(args),
+        Command::Status(args) => cluster_cmd::status(args),
+        Command::Logs(args) => cluster_cmd::logs(args),
+        Command::Cancel(args) => cluster_cmd::cancel(args),
+        Command::Nodes(args) => cluster_cmd::nodes(args),
+        Command::Controller(args) => cluster_cmd::controller(args),
+        Command::Agent(args) => cluster_cmd::agent(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -163,6 +163,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     }
 
     let mut progress = Progress::new(last_step);
+    let mut agent = crate::agent_progress::AgentProgress::from_env();
     let start_step = trainer.step;
     let run_start = std::time::Instant::now();
     let mut last_loss = f32::NAN;
@@ -175,6 +176,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             }
         };
         last_loss = s.loss;
+        if let Some(agent) = agent.as_mut() {
+            agent.step_end(s.step, s.loss, s.tokens as u64, s.step_ms);
+        }
         let tokens_per_s = s.tokens as f64 / (s.step_ms / 1e3);
         let mfu = tokens_per_s * flops_per_token / (peak * 1e9);
         if a.json && leader {

@@ -1,0 +1,40 @@
+//! The rank's side of the progress protocol: when a Myriad agent launched this process
+//! (MYRIAD_AGENT_SOCKET is set), one JSON line per finished step goes to the agent's Unix socket.
+//! Best effort by design: a rank never blocks or fails because its agent is slow or gone.
+
+use serde_json::json;
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+pub struct AgentProgress {
+    stream: Option<UnixStream>,
+    job_id: u64,
+    attempt: u32,
+    local_rank: u32,
+}
+
+impl AgentProgress {
+    /// None unless this process runs under an agent.
+    pub fn from_env() -> Option<AgentProgress> {
+        let var = |k: &str| std::env::var(k).ok();
+        let socket = var("MYRIAD_AGENT_SOCKET")?;
+        let job_id = var("MYRIAD_JOB_ID")?.parse().ok()?;
+        let attempt = var("MYRIAD_ATTEMPT")?.parse().ok()?;
+        let local_rank = var("LOCAL_RANK").and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stream = UnixStream::connect(&socket).ok()?;
+        stream.set_write_timeout(Some(Duration::from_millis(50))).ok()?;
+        Some(AgentProgress { stream: Some(stream), job_id, attempt, local_rank })
+    }
+
+    pub fn step_end(&mut self, step: u64, loss: f32, tokens: u64, step_ms: f64) {
+        let Some(stream) = self.stream.as_mut() else { return };
+        let line = json!({
+            "job_id": self.job_id, "attempt": self.attempt, "local_rank": self.local_rank,
+            "event": "step_end", "step": step, "loss": loss, "tokens": tokens, "step_ms": step_ms,
+        });
+        if writeln!(stream, "{line}").is_err() {
+            self.stream = None;
+        }
+    }
+}

@@ -1,0 +1,553 @@
+//! The cluster commands: `controller`, `agent`, `up`, `run`, `submit`, `status`, `logs`, `cancel`,
+//! `nodes`. Wiring only: arguments in, calls to the controller's API, tables or JSON out.
+
+use clap::Args;
+use control::api::{Event, JobView, NodeView, SubmitReply};
+use control::client::Client;
+use control::core::CoreConfig;
+use control::spec::JobSpec;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::local::{LocalCluster, LocalOptions};
+
+/// Runs one future on a fresh single-threaded runtime (the CLI is otherwise synchronous).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime").block_on(f)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where the controller is and how to prove we may talk to it.
+#[derive(Args, Clone)]
+pub struct Conn {
+    /// Controller URL, http://HOST:PORT (default: the one `myriad up` wrote into --cluster).
+    #[arg(long, env = "MYRIAD_CONTROLLER")]
+    controller: Option<String>,
+    /// Directory of a cluster started by `myriad up`.
+    #[arg(long, env = "MYRIAD_CLUSTER", default_value = ".myriad")]
+    cluster: PathBuf,
+    /// File holding the cluster token (default: the cluster's; MYRIAD_TOKEN may hold the token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+const CLI_CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl Conn {
+    fn client(&self) -> Result<Client, String> {
+        let state = self.cluster.join("controller");
+        let url = match &self.controller {
+            Some(url) => url.clone(),
+            None => std::fs::read_to_string(state.join(control::server::URL_FILE))
+                .map(|s| s.trim().to_string())
+                .map_err(|_| {
+                    format!(
+                        "no controller named: pass --controller URL, set MYRIAD_CONTROLLER, or start one with `myriad up` \
+                         (looked for {})",
+                        state.join(control::server::URL_FILE).display()
+                    )
+                })?,
+        };
+        let token = match (&self.token_file, std::env::var("MYRIAD_TOKEN")) {
+            (Some(file), _) => control::auth::read_token(file)?,
+            (None, Ok(token)) if !token.is_empty() => token,
+            _ => control::auth::read_token(&state.join(control::server::TOKEN_FILE))
+                .map_err(|e| format!("{e} (pass --token-file or set MYRIAD_TOKEN)"))?,
+        };
+        Client::new(&url, &token, CLI_CALL_TIMEOUT)
+    }
+}
+
+// ------------------------------------------------------------------ controller and agent
+
+#[derive(Args)]
+pub struct ControllerArgs {
+    /// Address of the HTTP API (port 0 picks a free one; the URL is written to the state dir).
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// State directory: the SQLite database, the cluster token, controller.url.
+    #[arg(long)]
+    state: PathBuf,
+    /// Interval agents heartbeat at; a node is lost after 3 missed.
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// An attempt whose ranks have not all started by then fails.
+    #[arg(long, default_value_t = 120)]
+    launch_timeout_s: u64,
+}
+
+pub fn controller(a: ControllerArgs) -> Result<(), String> {
+    if a.heartbeat_ms < 10 {
+        return Err(format!("--heartbeat-ms {} must be at least 10", a.heartbeat_ms));
+    }
+    let cfg = CoreConfig {
+        heartbeat_interval_ms: a.heartbeat_ms,
+        launch_timeout_ms: a.launch_timeout_s * 1000,
+        ..CoreConfig::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(control::server::serve(&a.listen, &a.state, cfg))
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Controller URL, http://HOST:PORT.
+    #[arg(long)]
+    controller: String,
+    /// Node name, unique in the cluster.
+    #[arg(long)]
+    name: String,
+    /// Accelerator slots on this node (ranks it can hold).
+    #[arg(long)]
+    slots: u32,
+    /// Join as a hot spare.
+    #[arg(long)]
+    spare: bool,
+    /// Address other nodes reach this one at.
+    #[arg(long, default_value = "127.0.0.1")]
+    addr: String,
+    /// Where the agent's log endpoint listens.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    listen: String,
+    /// Rank logs and the progress socket (default .myriad/agents/NAME).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Root of jobs' checkpoint directories (default WORK_DIR/checkpoints).
+    #[arg(long)]
+    checkpoint_root: Option<PathBuf>,
+    /// File holding the cluster token (or set MYRIAD_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when stopping ranks.
+    #[arg(long, default_value_t = 10)]
+    stop_grace_s: u64,
+}
+
+pub fn agent(a: AgentArgs) -> Result<(), String> {
+    control::spec::validate_name("--name", &a.name).map_err(|e| e.to_string())?;
+    if a.slots == 0 {
+        return Err("--slots must be at least 1".into());
+    }
+    let token = match (&a.token_file, std::env::var("MYRIAD_TOKEN")) {
+        (Some(f), _) => control::auth::read_token(f)?,
+        (None, Ok(t)) if !t.is_empty() => t,
+        _ => return Err("the agent needs the cluster token: pass --token-file or set MYRIAD_TOKEN".into()),
+    };
+    let work_dir = a.work_dir.unwrap_or_else(|| PathBuf::from(".myriad/agents").join(&a.name));
+    let work_dir = absolute(&work_dir)?;
+    let checkpoint_root = absolute(&a.checkpoint_root.unwrap_or_else(|| work_dir.join("checkpoints")))?;
+    agent::run(agent::AgentConfig {
+        controller: a.controller,
+        token,
+        name: a.name,
+        slots: a.slots,
+        spare: a.spare,
+        addr: a.addr,
+        listen: a.listen,
+        work_dir,
+        checkpoint_root,
+        stop_grace: Duration::from_secs(a.stop_grace_s),
+    })
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+// ------------------------------------------------------------------ up
+
+#[derive(Args)]
+pub struct UpArgs {
+    /// Regular nodes.
+    #[arg(long, default_value_t = 2)]
+    nodes: u32,
+    /// Slots (accelerators) per node.
+    #[arg(long, default_value_t = 1)]
+    slots: u32,
+    /// Hot spare nodes, used only when regular ones do not suffice.
+    #[arg(long, default_value_t = 0)]
+    spares: u32,
+    /// Cluster directory: controller state, agents' work dirs, logs, checkpoints.
+    #[arg(long, env = "MYRIAD_CLUSTER", default_value = ".myriad")]
+    cluster: PathBuf,
+    /// Controller address (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    #[arg(long, default_value_t = 1000)]
+    heartbeat_ms: u64,
+    /// Print the cluster's URL and paths as one JSON object once it is up.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn up(a: UpArgs) -> Result<(), String> {
+    let dir = absolute(&a.cluster)?;
+    let opts = LocalOptions {
+        nodes: a.nodes,
+        slots: a.slots,
+        spares: a.spares,
+        listen: a.listen,
+        heartbeat_ms: a.heartbeat_ms,
+        startup_timeout: Duration::from_secs(30),
+    };
+    let mut cluster = LocalCluster::start(&dir, &opts)?;
+    let token_file = dir.join("controller").join(control::server::TOKEN_FILE);
+    if a.json {
+        let info = serde_json::json!({
+            "url": cluster.url, "cluster": dir, "token_file": token_file,
+            "nodes": a.nodes, "spares": a.spares, "slots": a.slots,
+        });
+        println!("{info}");
+    } else {
+        println!("cluster up: {} nodes + {} spares × {} slots, controller {}", a.nodes, a.spares, a.slots, cluster.url);
+        println!("state and logs in {}; token in {}", dir.display(), token_file.display());
+        println!("try: myriad submit --nnodes {} --nproc-per-node {} -- myriad train --preset tiny", a.nodes, a.slots);
+        println!("Ctrl-C stops the cluster and its jobs.");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let result = block_on(async {
+        loop {
+            tokio::select! {
+                _ = control::server::shutdown_signal() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if let Some(name) = cluster.exited_child() {
+                        return Err(format!("{name} exited; stopping the cluster (logs in {})", dir.join("logs").display()));
+                    }
+                }
+            }
+        }
+    });
+    eprintln!("stopping the cluster");
+    cluster.stop();
+    result
+}
+
+// ------------------------------------------------------------------ submit
+
+#[derive(Args)]
+pub struct SubmitArgs {
+    /// A TOML job file; or describe the job with the flags and `-- CMD ARGS…`.
+    file: Option<PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, alias = "nodes", default_value_t = 1)]
+    nnodes: u32,
+    #[arg(long, alias = "nproc_per_node", default_value_t = 1)]
+    nproc_per_node: u32,
+    #[arg(long, alias = "max_restarts", default_value_t = 0)]
+    max_restarts: u32,
+    /// Spare nodes the job may use.
+    #[arg(long, default_value_t = 0)]
+    spares: u32,
+    /// KEY=VALUE for every rank (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Relative to each agent's checkpoint root.
+    #[arg(long)]
+    checkpoint_dir: Option<String>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+    /// The program every rank runs, with its arguments.
+    #[arg(last = true)]
+    cmd: Vec<String>,
+}
+
+pub fn submit(a: SubmitArgs) -> Result<(), String> {
+    let client = a.conn.client()?;
+    let (body, content_type) = match (&a.file, a.cmd.is_empty()) {
+        (Some(file), true) => {
+            let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+            (text, "application/toml")
+        }
+        (Some(_), false) => return Err("give either a job file or `-- CMD ARGS…`, not both".into()),
+        (None, true) => return Err("nothing to run: give a job file or `-- CMD ARGS…`".into()),
+        (None, false) => {
+            let env = parse_env(&a.env)?;
+            let spec = JobSpec {
+                name: a.name.clone().unwrap_or_else(|| job_name_from(&a.cmd)),
+                argv: a.cmd.clone(),
+                env,
+                nodes: a.nnodes,
+                ranks_per_node: a.nproc_per_node,
+                spares: a.spares,
+                max_restarts: a.max_restarts,
+                checkpoint_dir: a.checkpoint_dir.clone(),
+                workdir: Some(current_dir()?),
+                run_id: None,
+            };
+            (serde_json::to_vec(&spec).expect("spec serialises"), "application/json")
+        }
+    };
+    let reply: SubmitReply = block_on(async {
+        let bytes = client.call(control::client::Method::POST, "/v1/jobs", Some((body, content_type))).await?;
+        serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
+    })
+    .map_err(|e| format!("submit: {e}"))?;
+    if a.json {
+        println!("{}", serde_json::json!({ "id": reply.id }));
+    } else {
+        println!("submitted job {}", reply.id);
+    }
+    Ok(())
+}
+
+fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(format!("--env {p:?} must be KEY=VALUE")),
+        })
+        .collect()
+}
+
+fn current_dir() -> Result<String, String> {
+    let dir = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+    dir.to_str().map(str::to_string).ok_or_else(|| format!("current directory {} is not UTF-8", dir.display()))
+}
+
+/// A job name from the program: its file name, reduced to the characters names allow.
+pub fn job_name_from(cmd: &[String]) -> String {
+    let prog = cmd.iter().find(|a| !a.starts_with('-') && !a.starts_with("python")).unwrap_or(&cmd[0]);
+    let base = Path::new(prog).file_name().and_then(|s| s.to_str()).unwrap_or("job");
+    let clean: String = base
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '-' })
+        .take(64)
+        .collect();
+    let clean = clean.trim_start_matches('.').to_string();
+    if clean.is_empty() {
+        "job".into()
+    } else {
+        clean
+    }
+}
+
+// ------------------------------------------------------------------ status, nodes, logs, cancel
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// One job in detail, with its events; without it, every job and node.
+    job: Option<u64>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn status(a: StatusArgs) -> Result<(), String> {
+    let client = a.conn.client()?;
+    match a.job {
+        Some(id) => {
+            let (job, events): (JobView, Vec<Event>) = block_on(async {
+                let job = client.get_json(&format!("/v1/jobs/{id}")).await?;
+                let events = client.get_json(&format!("/v1/jobs/{id}/events")).await?;
+                Ok::<_, control::client::ClientError>((job, events))
+            })
+            .map_err(|e| format!("status: {e}"))?;
+            if a.json {
+                println!("{}", serde_json::json!({ "job": job, "events": events }));
+                return Ok(());
+            }
+            print_jobs(std::slice::from_ref(&job));
+            if let Some(reason) = &job.reason {
+                println!("\nreason: {reason}");
+            }
+            println!("\nevents:");
+            for e in &events {
+                let t = (e.time_ms.saturating_sub(job.submitted_ms)) as f64 / 1e3;
+                let node = e.node.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
+                println!("  +{t:>8.1}s  {:<18} {}{node}", e.kind, e.message);
+            }
+        }
+        None => {
+            let (jobs, nodes): (Vec<JobView>, Vec<NodeView>) = block_on(async {
+                Ok::<_, control::client::ClientError>((
+                    client.get_json("/v1/jobs").await?,
+                    client.get_json("/v1/nodes").await?,
+                ))
+            })
+            .map_err(|e| format!("status: {e}"))?;
+            if a.json {
+                println!("{}", serde_json::json!({ "jobs": jobs, "nodes": nodes }));
+                return Ok(());
+            }
+            if jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                print_jobs(&jobs);
+            }
+            let healthy = nodes.iter().filter(|n| n.health == "healthy").count();
+            let slots: u32 = nodes.iter().filter(|n| n.health == "healthy").map(|n| n.slots).sum();
+            let used: u32 = nodes.iter().map(|n| n.slots_used).sum();
+            println!("\nnodes: {healthy} healthy of {}, slots {used}/{slots} in use", nodes.len());
+        }
+    }
+    Ok(())
+}
+
+fn print_jobs(jobs: &[JobView]) {
+    println!(
+        "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>8}  NODES",
+        "ID", "NAME", "STATE", "LAYOUT", "ATTEMPT", "STEP", "LOSS", "AGE"
+    );
+    let now = now_ms();
+    for j in jobs {
+        let layout = format!("{}x{}", j.spec.nodes, j.spec.ranks_per_node);
+        let step = j.step.map_or("-".into(), |s| s.to_string());
+        let loss = j.loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let age = format_age_s((j.ended_ms.unwrap_or(now).saturating_sub(j.submitted_ms)) as f64 / 1e3);
+        println!(
+            "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>8}  {}",
+            j.id,
+            truncate(&j.name, 16),
+            j.state,
+            layout,
+            j.attempt,
+            step,
+            loss,
+            age,
+            j.nodes.join(",")
+        );
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).collect::<String>() + "…"
+    }
+}
+
+fn format_age_s(s: f64) -> String {
+    if s < 60.0 {
+        format!("{s:.0}s")
+    } else if s < 3600.0 {
+        format!("{:.0}m{:02.0}s", (s / 60.0).floor(), s % 60.0)
+    } else {
+        format!("{:.0}h{:02.0}m", (s / 3600.0).floor(), (s % 3600.0) / 60.0)
+    }
+}
+
+#[derive(Args)]
+pub struct NodesArgs {
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn nodes(a: NodesArgs) -> Result<(), String> {
+    let client = a.conn.client()?;
+    let nodes: Vec<NodeView> = block_on(client.get_json("/v1/nodes")).map_err(|e| format!("nodes: {e}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&nodes).expect("serialises"));
+        return Ok(());
+    }
+    println!("{:<16} {:<8} {:>5} {:>5} {:<6} {:>10}  JOBS", "NAME", "HEALTH", "SLOTS", "USED", "SPARE", "HEARTBEAT");
+    for n in &nodes {
+        let age = n.heartbeat_age_ms.map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1e3));
+        let jobs: Vec<String> = n.jobs.iter().map(|j| j.to_string()).collect();
+        println!(
+            "{:<16} {:<8} {:>5} {:>5} {:<6} {:>10}  {}",
+            n.name,
+            n.health,
+            n.slots,
+            n.slots_used,
+            if n.spare { "yes" } else { "no" },
+            age,
+            jobs.join(",")
+        );
+    }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct LogsArgs {
+    job: u64,
+    /// Global rank.
+    #[arg(long, default_value_t = 0)]
+    rank: u32,
+    /// Attempt (default: the latest).
+    #[arg(long)]
+    attempt: Option<u32>,
+    /// Show stderr instead of stdout.
+    #[arg(long)]
+    stderr: bool,
+    /// Only the last this many bytes.
+    #[arg(long)]
+    tail_bytes: Option<u64>,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn logs(a: LogsArgs) -> Result<(), String> {
+    let client = a.conn.client()?;
+    let stream = if a.stderr { "stderr" } else { "stdout" };
+    let text = block_on(fetch_log(&client, a.job, a.rank, a.attempt, stream, a.tail_bytes))?;
+    if a.json {
+        let out = serde_json::json!({"job": a.job, "rank": a.rank, "attempt": a.attempt, "stream": stream, "text": text});
+        println!("{out}");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+async fn fetch_log(
+    client: &Client,
+    job: u64,
+    rank: u32,
+    attempt: Option<u32>,
+    stream: &str,
+    tail: Option<u64>,
+) -> Result<String, String> {
+    let mut path = format!("/v1/jobs/{job}/logs?rank={rank}&stream={stream}");
+    if let Some(a) = attempt {
+        path += &format!("&attempt={a}");
+    }
+    if let Some(t) = tail {
+        path += &format!("&tail_bytes={t}");
+    }
+    let bytes = client.call(control::client::Method::GET, &path, None).await.map_err(|e| format!("logs: {e}"))?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[derive(Args)]
+pub struct CancelArgs {
+    job: u64,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn cancel(a: CancelArgs) -> Result<(), String> {
+    let client = a.conn.client()?;
+    let job: JobView = block_on(async {
+        let bytes = client.call(control::client::Method::POST, &format!("/v1/jobs/{}/cancel", a.job), None).await?;
+        serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
+    })
+    .map_err(|e| format!("cancel: {e}"))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&job).expect("serialises"));
+    } else {
+        println!("job {} is {}", job.id, job.state);
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! A local embedded cluster: one controller and N agents as child processes of this one, all on
+//! this machine. `myriad up` keeps it in the foreground; `myriad run` starts one for a single job.
+
+use control::api::NodeView;
+use control::client::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct LocalCluster {
+    pub dir: PathBuf,
+    pub url: String,
+    pub token: String,
+    controller: Option<Child>,
+    agents: Vec<(String, Child)>,
+}
+
+pub struct LocalOptions {
+    pub nodes: u32,
+    pub slots: u32,
+    pub spares: u32,
+    pub listen: String,
+    pub heartbeat_ms: u64,
+    /// How long startup may take before giving up.
+    pub startup_timeout: Duration,
+}
+
+/// Seconds an agent gets to stop its ranks before it is killed.
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(10);
+
+impl LocalCluster {
+    pub fn start(dir: &Path, opts: &LocalOptions) -> Result<LocalCluster, String> {
+        if opts.nodes == 0 || opts.slots == 0 {
+            return Err("--nodes and --slots must be at least 1".into());
+        }
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).map_err(|e| format!("{}: {e}", logs.display()))?;
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find the myriad executable: {e}"))?;
+        let state = dir.join("controller");
+        let url_file = state.join(control::server::URL_FILE);
+        let _ = std::fs::remove_file(&url_file);
+        let log = |name: &str| -> Result<Stdio, String> {
+            let path = logs.join(name);
+            std::fs::File::create(&path).map(Stdio::from).map_err(|e| format!("{}: {e}", path.display()))
+        };
+        let controller = Command::new(&exe)
+            .args(["controller", "--listen", &opts.listen, "--heartbeat-ms", &opts.heartbeat_ms.to_string()])
+            .arg("--state")
+            .arg(&state)
+            .stdin(Stdio::null())
+            .stdout(log("controller.log")?)
+            .stderr(log("controller.log")?)
+            .spawn()
+            .map_err(|e| format!("cannot start the controller: {e}"))?;
+        let mut cluster =
+            LocalCluster { dir: dir.to_path_buf(), url: String::new(), token: String::new(), controller: Some(controller), agents: Vec::new() };
+        let deadline = Instant::now() + opts.startup_timeout;
+        cluster.url = loop {
+            if let Ok(url) = std::fs::read_to_string(&url_file) {
+                break url.trim().to_string();
+            }
+            if let Some(status) = cluster.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                return Err(format!("the controller exited ({status}); see {}", logs.join("controller.log").display()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the controller did not start within {:?}", opts.startup_timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        cluster.token = control::auth::read_token(&state.join(control::server::TOKEN_FILE))?;
+        for i in 0..opts.nodes + opts.spares {
+            let spare = i >= opts.nodes;
+            let name = if spare { format!("spare-{}", i - opts.nodes) } else { format!("node-{i}") };
+            let mut cmd = Command::new(&exe);
+            cmd.args(["agent", "--controller", &cluster.url, "--name", &name, "--slots", &opts.slots.to_string()])
+                .arg("--work-dir")
+                .arg(dir.join("agents").join(&name))
+                .arg("--checkpoint-root")
+                .arg(dir.join("checkpoints"))
+                .env("MYRIAD_TOKEN", &cluster.token)
+                .stdin(Stdio::null())
+                .stdout(log(&format!("{name}.log"))?)
+                .stderr(log(&format!("{name}.log"))?);
+            if spare {
+                cmd.arg("--spare");
+            }
+            let child = cmd.spawn().map_err(|e| format!("cannot start agent {name}: {e}"))?;
+            cluster.agents.push((name, child));
+        }
+        let want = (opts.nodes + opts.spares) as usize;
+        let client = cluster.client()?;
+        loop {
+            let nodes: Vec<NodeView> = crate::cluster_cmd::block_on(client.get_json("/v1/nodes")).unwrap_or_default();
+            if nodes.iter().filter(|n| n.health == "healthy").count() >= want {
+                break;
+            }
+            if let Some(name) = cluster.exited_child() {
+                return Err(format!("{name} exited during startup; see {}", logs.join(format!("{name}.log")).display()));
+            }
+            if Instant::now() > deadline {
+                return Err(format!("only {} of {want} agents registered within {:?}", nodes.len(), opts.startup_timeout));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(cluster)
+    }
+
+    pub fn client(&self) -> Result<Client, String> {
+        Client::new(&self.url, &self.token, Duration::from_secs(10))
+    }
+
+    /// The name of a child that has exited, if any (a local cluster is only whole with all).
+    pub fn exited_child(&mut self) -> Option<String> {
+        if self.controller.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
+            return Some("controller".into());
+        }
+        self.agents.iter_mut().find_map(|(n, c)| c.try_wait().ok().flatten().map(|_| n.clone()))
+    }
+
+    /// Agents first (they stop their ranks), then the controller; each gets a grace period.
+    pub fn stop(&mut self) {
+        let agents: Vec<Child> = self.agents.drain(..).map(|(_, c)| c).collect();
+        terminate(agents, AGENT_STOP_GRACE + Duration::from_secs(2));
+        terminate(self.controller.take().into_iter().collect(), Duration::from_secs(5));
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn terminate(mut children: Vec<Child>, grace: Duration) {
+    for c in &children {
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+        }
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && children.iter_mut().any(|c| c.try_wait().ok().flatten().is_none()) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for c in &mut children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
