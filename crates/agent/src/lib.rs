@@ -19,8 +19,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
 use control::api::{
-    Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport, RankState, RegisterReply,
-    RegisterRequest,
+    Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport, RankState,
+    RegisterReply, RegisterRequest,
 };
 use control::client::{Client, ClientError};
 use control::server::{require_token, ApiError, MAX_LOG_TAIL_BYTES};
@@ -95,7 +95,8 @@ pub fn run(cfg: AgentConfig) -> Result<(), String> {
 }
 
 async fn run_async(cfg: AgentConfig) -> Result<(), String> {
-    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| format!("work directory {}: {e}", cfg.work_dir.display()))?;
+    std::fs::create_dir_all(&cfg.work_dir)
+        .map_err(|e| format!("work directory {}: {e}", cfg.work_dir.display()))?;
     std::fs::create_dir_all(&cfg.checkpoint_root)
         .map_err(|e| format!("checkpoint root {}: {e}", cfg.checkpoint_root.display()))?;
     let client = Client::new(&cfg.controller, &cfg.token, CONTROLLER_CALL_TIMEOUT)?;
@@ -103,7 +104,9 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     let _ = std::fs::remove_file(&socket_path);
     let progress = tokio::net::UnixListener::bind(&socket_path)
         .map_err(|e| format!("progress socket {}: {e}", socket_path.display()))?;
-    let http = tokio::net::TcpListener::bind(&cfg.listen).await.map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let http = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let http_port = http.local_addr().map_err(|e| e.to_string())?.port();
     let agent = Arc::new(Agent { cfg, node: Mutex::new(Node::default()), wake: Notify::new(), socket_path });
 
@@ -160,7 +163,8 @@ async fn register(agent: &Agent, client: &Client, http_port: u16) -> RegisterRep
 }
 
 async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Result<(), String> {
-    let mut interval = Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
+    let mut interval =
+        Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
     let path = format!("/v1/agents/{}/heartbeat", agent.cfg.name);
     let mut unreachable_since: Option<Instant> = None;
     loop {
@@ -168,7 +172,11 @@ async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Re
         match client.post_json::<_, HeartbeatReply>(&path, &req).await {
             Ok(reply) => {
                 if let Some(since) = unreachable_since.take() {
-                    eprintln!("agent {}: controller reachable again after {:.1} s", agent.cfg.name, since.elapsed().as_secs_f64());
+                    eprintln!(
+                        "agent {}: controller reachable again after {:.1} s",
+                        agent.cfg.name,
+                        since.elapsed().as_secs_f64()
+                    );
                 }
                 let mut news = false;
                 for c in reply.commands {
@@ -183,12 +191,17 @@ async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Re
                 }
             }
             Err(ClientError::Status { status: 404, .. }) => {
-                interval = Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
+                interval = Duration::from_millis(
+                    register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10),
+                );
                 continue;
             }
             Err(e) => {
                 if unreachable_since.is_none() {
-                    eprintln!("agent {}: heartbeat failed ({e}); ranks keep running, retrying", agent.cfg.name);
+                    eprintln!(
+                        "agent {}: heartbeat failed ({e}); ranks keep running, retrying",
+                        agent.cfg.name
+                    );
                     unreachable_since = Some(Instant::now());
                 }
             }
@@ -217,7 +230,11 @@ impl Agent {
                     loss: r.loss,
                 })
                 .collect(),
-            ports: node.ports.iter().map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port }).collect(),
+            ports: node
+                .ports
+                .iter()
+                .map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port })
+                .collect(),
         }
     }
 
@@ -232,7 +249,8 @@ impl Agent {
         match command {
             Command::ReservePort { job_id, attempt } => {
                 let mut node = self.node.lock().expect("agent state");
-                if let std::collections::btree_map::Entry::Vacant(slot) = node.ports.entry((job_id, attempt)) {
+                if let std::collections::btree_map::Entry::Vacant(slot) = node.ports.entry((job_id, attempt))
+                {
                     // The OS picks a free port; rank 0 binds it moments later. Each attempt gets a
                     // new one, so a restarted job never meets its predecessor's store.
                     match std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()) {
@@ -254,7 +272,12 @@ impl Agent {
     }
 
     fn launch(self: &Arc<Self>, spec: LaunchSpec) {
-        let dir = self.cfg.work_dir.join("jobs").join(spec.job_id.to_string()).join(format!("attempt-{}", spec.attempt));
+        let dir = self
+            .cfg
+            .work_dir
+            .join("jobs")
+            .join(spec.job_id.to_string())
+            .join(format!("attempt-{}", spec.attempt));
         let checkpoint_dir = match validate_relative_path("checkpoint_dir", &spec.checkpoint_dir) {
             Ok(()) => self.cfg.checkpoint_root.join(&spec.checkpoint_dir),
             Err(e) => {
@@ -275,13 +298,31 @@ impl Agent {
                 Ok(child) => {
                     let pid = child.id();
                     tokio::spawn(watch(self.clone(), key, child));
-                    Rank { state: RankState::Running { pid: pid.unwrap_or(0) }, pid, step: None, loss: None, stopping: false }
+                    Rank {
+                        state: RankState::Running { pid: pid.unwrap_or(0) },
+                        pid,
+                        step: None,
+                        loss: None,
+                        stopping: false,
+                    }
                 }
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
-                    eprintln!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, r.local_rank);
-                    let _ = std::fs::write(dir.join(format!("rank-{}.stderr", r.local_rank)), format!("myriad agent: {message}\n"));
-                    Rank { state: RankState::Exited { code: Some(127), signal: None }, pid: None, step: None, loss: None, stopping: false }
+                    eprintln!(
+                        "agent {}: job {} rank {}: {message}",
+                        self.cfg.name, spec.job_id, r.local_rank
+                    );
+                    let _ = std::fs::write(
+                        dir.join(format!("rank-{}.stderr", r.local_rank)),
+                        format!("myriad agent: {message}\n"),
+                    );
+                    Rank {
+                        state: RankState::Exited { code: Some(127), signal: None },
+                        pid: None,
+                        step: None,
+                        loss: None,
+                        stopping: false,
+                    }
                 }
             };
             self.node.lock().expect("agent state").ranks.insert(key, rank);
@@ -429,7 +470,11 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
                 }
                 // Unknown or malformed messages are ignored: the protocol is optional for ranks.
                 let Ok(p) = serde_json::from_str::<Progress>(&line) else { continue };
-                if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&(p.job_id, p.attempt, p.local_rank)) {
+                if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&(
+                    p.job_id,
+                    p.attempt,
+                    p.local_rank,
+                )) {
                     r.step = p.step.or(r.step);
                     r.loss = p.loss.or(r.loss);
                 }
@@ -451,10 +496,14 @@ async fn serve_log(
     path: Result<Path<(JobId, u32, u32, String)>, PathRejection>,
     q: Result<Query<TailQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Path((job, attempt, rank, stream)) = path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Path((job, attempt, rank, stream)) =
+        path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if stream != "stdout" && stream != "stderr" {
-        return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("stream {stream:?} must be stdout or stderr")));
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("stream {stream:?} must be stdout or stderr"),
+        ));
     }
     let file = agent.cfg.work_dir.join(format!("jobs/{job}/attempt-{attempt}/rank-{rank}.{stream}"));
     let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
@@ -470,8 +519,13 @@ async fn serve_log(
         Ok(bytes) => Ok(([("content-type", "text/plain; charset=utf-8")], bytes).into_response()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("no {stream} log for job {job} attempt {attempt} local rank {rank} on node {}", agent.cfg.name),
+            format!(
+                "no {stream} log for job {job} attempt {attempt} local rank {rank} on node {}",
+                agent.cfg.name
+            ),
         )),
-        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}", file.display()))),
+        Err(e) => {
+            Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}", file.display())))
+        }
     }
 }

@@ -208,9 +208,15 @@ pub fn up(a: UpArgs) -> Result<(), String> {
         });
         println!("{info}");
     } else {
-        println!("cluster up: {} nodes + {} spares × {} slots, controller {}", a.nodes, a.spares, a.slots, cluster.url);
+        println!(
+            "cluster up: {} nodes + {} spares × {} slots, controller {}",
+            a.nodes, a.spares, a.slots, cluster.url
+        );
         println!("state and logs in {}; token in {}", dir.display(), token_file.display());
-        println!("try: myriad submit --nnodes {} --nproc-per-node {} -- myriad train --preset tiny", a.nodes, a.slots);
+        println!(
+            "try: myriad submit --nnodes {} --nproc-per-node {} -- myriad train --preset tiny",
+            a.nodes, a.slots
+        );
         println!("Ctrl-C stops the cluster and its jobs.");
     }
     use std::io::Write;
@@ -291,7 +297,8 @@ pub fn submit(a: SubmitArgs) -> Result<(), String> {
         }
     };
     let reply: SubmitReply = block_on(async {
-        let bytes = client.call(control::client::Method::POST, "/v1/jobs", Some((body, content_type))).await?;
+        let bytes =
+            client.call(control::client::Method::POST, "/v1/jobs", Some((body, content_type))).await?;
         serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
     })
     .map_err(|e| format!("submit: {e}"))?;
@@ -315,7 +322,9 @@ fn parse_env(pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
 
 fn current_dir() -> Result<String, String> {
     let dir = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
-    dir.to_str().map(str::to_string).ok_or_else(|| format!("current directory {} is not UTF-8", dir.display()))
+    dir.to_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("current directory {} is not UTF-8", dir.display()))
 }
 
 /// A job name from the program: its file name, reduced to the characters names allow.
@@ -457,7 +466,10 @@ pub fn nodes(a: NodesArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&nodes).expect("serialises"));
         return Ok(());
     }
-    println!("{:<16} {:<8} {:>5} {:>5} {:<6} {:>10}  JOBS", "NAME", "HEALTH", "SLOTS", "USED", "SPARE", "HEARTBEAT");
+    println!(
+        "{:<16} {:<8} {:>5} {:>5} {:<6} {:>10}  JOBS",
+        "NAME", "HEALTH", "SLOTS", "USED", "SPARE", "HEARTBEAT"
+    );
     for n in &nodes {
         let age = n.heartbeat_age_ms.map_or("-".into(), |ms| format!("{:.1}s ago", ms as f64 / 1e3));
         let jobs: Vec<String> = n.jobs.iter().map(|j| j.to_string()).collect();
@@ -524,7 +536,8 @@ async fn fetch_log(
     if let Some(t) = tail {
         path += &format!("&tail_bytes={t}");
     }
-    let bytes = client.call(control::client::Method::GET, &path, None).await.map_err(|e| format!("logs: {e}"))?;
+    let bytes =
+        client.call(control::client::Method::GET, &path, None).await.map_err(|e| format!("logs: {e}"))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -540,7 +553,8 @@ pub struct CancelArgs {
 pub fn cancel(a: CancelArgs) -> Result<(), String> {
     let client = a.conn.client()?;
     let job: JobView = block_on(async {
-        let bytes = client.call(control::client::Method::POST, &format!("/v1/jobs/{}/cancel", a.job), None).await?;
+        let bytes =
+            client.call(control::client::Method::POST, &format!("/v1/jobs/{}/cancel", a.job), None).await?;
         serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
     })
     .map_err(|e| format!("cancel: {e}"))?;

@@ -52,15 +52,23 @@ impl LocalCluster {
             .stderr(log("controller.log")?)
             .spawn()
             .map_err(|e| format!("cannot start the controller: {e}"))?;
-        let mut cluster =
-            LocalCluster { dir: dir.to_path_buf(), url: String::new(), token: String::new(), controller: Some(controller), agents: Vec::new() };
+        let mut cluster = LocalCluster {
+            dir: dir.to_path_buf(),
+            url: String::new(),
+            token: String::new(),
+            controller: Some(controller),
+            agents: Vec::new(),
+        };
         let deadline = Instant::now() + opts.startup_timeout;
         cluster.url = loop {
             if let Ok(url) = std::fs::read_to_string(&url_file) {
                 break url.trim().to_string();
             }
             if let Some(status) = cluster.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!("the controller exited ({status}); see {}", logs.join("controller.log").display()));
+                return Err(format!(
+                    "the controller exited ({status}); see {}",
+                    logs.join("controller.log").display()
+                ));
             }
             if Instant::now() > deadline {
                 return Err(format!("the controller did not start within {:?}", opts.startup_timeout));
@@ -72,15 +80,23 @@ impl LocalCluster {
             let spare = i >= opts.nodes;
             let name = if spare { format!("spare-{}", i - opts.nodes) } else { format!("node-{i}") };
             let mut cmd = Command::new(&exe);
-            cmd.args(["agent", "--controller", &cluster.url, "--name", &name, "--slots", &opts.slots.to_string()])
-                .arg("--work-dir")
-                .arg(dir.join("agents").join(&name))
-                .arg("--checkpoint-root")
-                .arg(dir.join("checkpoints"))
-                .env("MYRIAD_TOKEN", &cluster.token)
-                .stdin(Stdio::null())
-                .stdout(log(&format!("{name}.log"))?)
-                .stderr(log(&format!("{name}.log"))?);
+            cmd.args([
+                "agent",
+                "--controller",
+                &cluster.url,
+                "--name",
+                &name,
+                "--slots",
+                &opts.slots.to_string(),
+            ])
+            .arg("--work-dir")
+            .arg(dir.join("agents").join(&name))
+            .arg("--checkpoint-root")
+            .arg(dir.join("checkpoints"))
+            .env("MYRIAD_TOKEN", &cluster.token)
+            .stdin(Stdio::null())
+            .stdout(log(&format!("{name}.log"))?)
+            .stderr(log(&format!("{name}.log"))?);
             if spare {
                 cmd.arg("--spare");
             }
@@ -90,15 +106,23 @@ impl LocalCluster {
         let want = (opts.nodes + opts.spares) as usize;
         let client = cluster.client()?;
         loop {
-            let nodes: Vec<NodeView> = crate::cluster_cmd::block_on(client.get_json("/v1/nodes")).unwrap_or_default();
+            let nodes: Vec<NodeView> =
+                crate::cluster_cmd::block_on(client.get_json("/v1/nodes")).unwrap_or_default();
             if nodes.iter().filter(|n| n.health == "healthy").count() >= want {
                 break;
             }
             if let Some(name) = cluster.exited_child() {
-                return Err(format!("{name} exited during startup; see {}", logs.join(format!("{name}.log")).display()));
+                return Err(format!(
+                    "{name} exited during startup; see {}",
+                    logs.join(format!("{name}.log")).display()
+                ));
             }
             if Instant::now() > deadline {
-                return Err(format!("only {} of {want} agents registered within {:?}", nodes.len(), opts.startup_timeout));
+                return Err(format!(
+                    "only {} of {want} agents registered within {:?}",
+                    nodes.len(),
+                    opts.startup_timeout
+                ));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

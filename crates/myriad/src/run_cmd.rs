@@ -164,8 +164,10 @@ fn program_argv(cmd: &[String], module: bool, no_python: bool) -> Vec<String> {
 /// Submits, follows the job to its end (Ctrl-C cancels it), then prints every rank's output.
 async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), String> {
     let body = serde_json::to_vec(spec).expect("spec serialises");
-    let bytes =
-        client.call(Method::POST, "/v1/jobs", Some((body, "application/json"))).await.map_err(|e| format!("submit: {e}"))?;
+    let bytes = client
+        .call(Method::POST, "/v1/jobs", Some((body, "application/json")))
+        .await
+        .map_err(|e| format!("submit: {e}"))?;
     let id = serde_json::from_slice::<SubmitReply>(&bytes).map_err(|e| format!("submit: {e}"))?.id;
     eprintln!("myriad run: job {id}, {} nodes × {} ranks", spec.nodes, spec.ranks_per_node);
     let mut last_line = String::new();

@@ -1,6 +1,8 @@
 //! The `myriad` binary as a user meets it: bad input gets one clear line and a non-zero exit,
 //! never a panic; good input trains, prints JSON per step, checkpoints and resumes.
 
+mod cluster;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

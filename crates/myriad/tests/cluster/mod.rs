@@ -1,0 +1,409 @@
+//! The control plane end to end, with real processes: `myriad up`, a controller and agents started
+//! by hand, jobs submitted through the CLI. Every wait polls a condition under a deadline; every
+//! process is stopped when its guard drops, even when an assertion fails.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn exe() -> &'static str {
+    env!("CARGO_BIN_EXE_myriad")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("myriad-cluster-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A child process that is asked to stop (SIGTERM) and then killed when dropped.
+struct Guard(Option<Child>);
+
+impl Guard {
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for the exit, at most `within`.
+    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let mut c = self.0.take()?;
+        unsafe {
+            libc::kill(c.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = c.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        None
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.terminate(Duration::from_secs(15));
+    }
+}
+
+/// Polls `f` every 50 ms until it yields a value or `within` passes.
+fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs a CLI command against the cluster in `dir`.
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(exe())
+        .args(args)
+        .env("MYRIAD_CLUSTER", dir.join(".myriad"))
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn cli_json(dir: &Path, args: &[&str]) -> Value {
+    let out = cli(dir, args);
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn job_state(dir: &Path, id: u64) -> Value {
+    cli_json(dir, &["status", &id.to_string(), "--json"])
+}
+
+fn wait_job_state(dir: &Path, id: u64, states: &[&str], within: Duration) -> Value {
+    wait_for(&format!("job {id} to be {states:?}"), within, || {
+        let s = job_state(dir, id);
+        states.contains(&s["job"]["state"].as_str().unwrap()).then_some(s)
+    })
+}
+
+/// `myriad up` in `dir`; returns once it printed that the cluster is up.
+fn up(dir: &Path, args: &[&str]) -> Guard {
+    let mut child = Command::new(exe())
+        .arg("up")
+        .args(args)
+        .args(["--json", "--heartbeat-ms", "200"])
+        .env("MYRIAD_CLUSTER", dir.join(".myriad"))
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let info: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("`myriad up` printed {line:?}: {e}"));
+    assert!(info["url"].as_str().unwrap().starts_with("http://127.0.0.1:"));
+    Guard(Some(child))
+}
+
+fn submit(dir: &Path, args: &[&str]) -> u64 {
+    let mut all = vec!["submit", "--json"];
+    all.extend_from_slice(args);
+    cli_json(dir, &all)["id"].as_u64().unwrap()
+}
+
+#[test]
+fn up_runs_a_two_node_training_job_to_completion_with_logs_and_progress() {
+    let dir = scratch("e2e");
+    let mut cluster = up(&dir, &["--nodes", "3", "--slots", "2"]);
+    let nodes = cli_json(&dir, &["nodes", "--json"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 3);
+    let steps = "40";
+    let id = submit(
+        &dir,
+        &[
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--",
+            exe(),
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            steps,
+            "--batch",
+            "8",
+            "--seq",
+            "32",
+            "--peak-gflops",
+            "100",
+        ],
+    );
+    let done = wait_job_state(&dir, id, &["succeeded", "failed", "cancelled"], Duration::from_secs(120));
+    let job = &done["job"];
+    assert_eq!(job["state"], "succeeded", "{done:#}");
+    assert_eq!(job["nodes"].as_array().unwrap().len(), 2);
+    // Status shows the progress rank 0 reported to its agent.
+    assert_eq!(job["step"].as_u64(), Some(40), "{job:#}");
+    let loss = job["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0 && loss < 5.6, "loss {loss}");
+    // Every rank's logs can be fetched; rank 0 reports the run's end.
+    for rank in 0..4 {
+        for stream in [&[][..], &["--stderr"][..]] {
+            let mut args = vec!["logs", "1", "--rank"];
+            let r = rank.to_string();
+            args.push(&r);
+            args.extend_from_slice(stream);
+            let out = cli(&dir, &args);
+            assert!(
+                out.status.success(),
+                "logs of rank {rank} {stream:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let rank0 = cli(&dir, &["logs", "1", "--rank", "0", "--stderr"]);
+    let text = String::from_utf8_lossy(&rank0.stdout);
+    assert!(text.contains("done: step 40"), "rank 0's stderr: {text}");
+    assert!(text.contains("data parallel: 4 ranks"), "rank 0's stderr: {text}");
+    let table = String::from_utf8_lossy(&cli(&dir, &["status"]).stdout).into_owned();
+    assert!(table.contains("succeeded") && table.contains("40"), "{table}");
+    // A rank that does not exist, and a job that does not exist, are named.
+    let missing = cli(&dir, &["logs", "1", "--rank", "9"]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("rank 9 does not exist"));
+    let status = cluster.terminate(Duration::from_secs(30)).expect("`myriad up` stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn read_env(path: &Path) -> BTreeMap<String, String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+        .collect()
+}
+
+#[test]
+fn every_rank_gets_torchruns_environment_and_a_restart_gets_a_new_port() {
+    let dir = scratch("env");
+    let _cluster = up(&dir, &["--nodes", "2", "--slots", "2"]);
+    let dump = dir.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    // Every rank dumps its environment. In the first attempt the ranks wait until all four have,
+    // then fail; the second attempt succeeds.
+    let script = "env > \"$DUMP/env.$RANK.$TORCHELASTIC_RESTART_COUNT\"; \
+        [ \"$TORCHELASTIC_RESTART_COUNT\" -ge 1 ] && exit 0; \
+        while [ \"$(ls \"$DUMP\" | grep -c '[.]0$')\" -lt 4 ]; do sleep 0.05; done; exit 1";
+    let dump_env = format!("DUMP={}", dump.display());
+    let id = submit(
+        &dir,
+        &[
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "2",
+            "--env",
+            &dump_env,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let done = wait_job_state(&dir, id, &["succeeded", "failed"], Duration::from_secs(60));
+    assert_eq!(done["job"]["state"], "succeeded", "{done:#}");
+    assert_eq!(done["job"]["restarts"], 1);
+    let nodes = cli_json(&dir, &["nodes", "--json"]);
+    let addr = nodes[0]["addr"].as_str().unwrap().to_string();
+    let mut ports = Vec::new();
+    for attempt in 0..2 {
+        let mut port = None;
+        for rank in 0..4u32 {
+            let env = read_env(&dump.join(format!("env.{rank}.{attempt}")));
+            let (group, local) = (rank / 2, rank % 2);
+            let expect = [
+                ("RANK", rank.to_string()),
+                ("LOCAL_RANK", local.to_string()),
+                ("WORLD_SIZE", "4".into()),
+                ("LOCAL_WORLD_SIZE", "2".into()),
+                ("GROUP_RANK", group.to_string()),
+                ("GROUP_WORLD_SIZE", "2".into()),
+                ("ROLE_RANK", rank.to_string()),
+                ("ROLE_NAME", "default".into()),
+                ("ROLE_WORLD_SIZE", "4".into()),
+                ("MASTER_ADDR", addr.clone()),
+                ("TORCHELASTIC_RESTART_COUNT", attempt.to_string()),
+                ("TORCHELASTIC_MAX_RESTARTS", "2".into()),
+                ("TORCHELASTIC_RUN_ID", format!("myriad-{id}")),
+                ("TORCHELASTIC_USE_AGENT_STORE", "False".into()),
+                ("OMP_NUM_THREADS", "1".into()),
+                ("MYRIAD_JOB_ID", id.to_string()),
+                ("MYRIAD_ATTEMPT", attempt.to_string()),
+            ];
+            for (k, v) in expect {
+                assert_eq!(env.get(k), Some(&v), "{k} of rank {rank}, attempt {attempt}");
+            }
+            let p: u16 = env["MASTER_PORT"].parse().expect("MASTER_PORT is a port");
+            assert!(p > 0);
+            assert_eq!(*port.get_or_insert(p), p, "every rank of an attempt shares MASTER_PORT");
+            let socket = Path::new(&env["MYRIAD_AGENT_SOCKET"]);
+            assert!(socket.is_absolute() && socket.ends_with("agent.sock"), "{socket:?}");
+            let ckpt = Path::new(&env["MYRIAD_CHECKPOINT_DIR"]);
+            assert!(ckpt.is_dir() && ckpt.ends_with(format!("job-{id}")), "{ckpt:?}");
+            assert_eq!(env["DUMP"], dump.display().to_string(), "the job's own variables arrive too");
+        }
+        ports.push(port.unwrap());
+    }
+    assert_ne!(ports[0], ports[1], "a restart never meets the previous attempt's store");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn start_controller(state: &Path, listen: &str) -> Guard {
+    let child = Command::new(exe())
+        .args(["controller", "--listen", listen, "--heartbeat-ms", "200", "--state"])
+        .arg(state)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Guard(Some(child))
+}
+
+fn events(dir: &Path, id: u64) -> Vec<Value> {
+    job_state(dir, id)["events"].as_array().unwrap().clone()
+}
+
+#[test]
+fn a_controller_killed_mid_job_restarts_on_its_state_and_the_job_completes_with_every_event() {
+    let dir = scratch("restart");
+    let state = dir.join(".myriad/controller");
+    let url_file = state.join("controller.url");
+    let mut controller = start_controller(&state, "127.0.0.1:0");
+    let url = wait_for("controller.url", Duration::from_secs(20), || std::fs::read_to_string(&url_file).ok());
+    let listen = url.trim().trim_start_matches("http://").to_string();
+    let token = std::fs::read_to_string(state.join("token")).unwrap();
+    let _agents: Vec<Guard> = (0..2)
+        .map(|i| {
+            let name = format!("n{i}");
+            Guard(Some(
+                Command::new(exe())
+                    .args([
+                        "agent",
+                        "--controller",
+                        url.trim(),
+                        "--name",
+                        &name,
+                        "--slots",
+                        "2",
+                        "--work-dir",
+                    ])
+                    .arg(dir.join("agents").join(&name))
+                    .env("MYRIAD_TOKEN", &token)
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .unwrap(),
+            ))
+        })
+        .collect();
+    wait_for("two agents", Duration::from_secs(20), || {
+        (cli_json(&dir, &["nodes", "--json"]).as_array().unwrap().len() == 2).then_some(())
+    });
+    // Ranks wait for a file, so the job is running for as long as the test needs.
+    let go = dir.join("go");
+    let script =
+        format!("while [ ! -e {} ]; do sleep 0.05; done; touch {}/done.$RANK", go.display(), dir.display());
+    let id = submit(&dir, &["--nnodes", "2", "--nproc-per-node", "2", "--", "sh", "-c", &script]);
+    wait_job_state(&dir, id, &["running"], Duration::from_secs(30));
+    let before = events(&dir, id);
+
+    controller.kill9();
+    // While the controller is down the ranks finish: the agents must report it afterwards.
+    std::fs::write(&go, "").unwrap();
+    wait_for("every rank to finish", Duration::from_secs(20), || {
+        (0..4).all(|r| dir.join(format!("done.{r}")).exists()).then_some(())
+    });
+    let _controller = start_controller(&state, &listen);
+    let after_restart = wait_for("the restarted controller", Duration::from_secs(20), || {
+        let out = cli(&dir, &["status", &id.to_string(), "--json"]);
+        out.status.success().then(|| serde_json::from_slice::<Value>(&out.stdout).unwrap())
+    });
+    let state_now = after_restart["job"]["state"].as_str().unwrap().to_string();
+    assert!(
+        ["running", "stopping", "succeeded"].contains(&state_now.as_str()),
+        "job after restart: {after_restart:#}"
+    );
+    let done = wait_job_state(&dir, id, &["succeeded", "failed"], Duration::from_secs(30));
+    assert_eq!(done["job"]["state"], "succeeded", "{done:#}");
+    let all = events(&dir, id);
+    assert_eq!(&all[..before.len()], &before[..], "events recorded before the kill are all still there");
+    let exits = all.iter().filter(|e| e["kind"] == "rank_exited").count();
+    assert_eq!(exits, 4, "every rank's exit was recorded: {all:#?}");
+    let seqs: Vec<u64> = all.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "event sequence numbers only grow: {seqs:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn run_is_a_drop_in_for_torchrun_and_reports_failure_in_its_exit_status() {
+    let dir = scratch("run");
+    let out = Command::new(exe())
+        .args([
+            "run",
+            "--nnodes=2",
+            "--nproc_per_node",
+            "2",
+            "--no-python",
+            "sh",
+            "-c",
+            "echo rank $RANK of $WORLD_SIZE",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for r in 0..4 {
+        assert!(stdout.contains(&format!("[rank{r}]: rank {r} of 4")), "{stdout}");
+    }
+    let out =
+        Command::new(exe()).args(["run", "--", "sh", "-c", "exit 3"]).current_dir(&dir).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exited with code 3"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_bad_job_file_is_refused_naming_the_field() {
+    let dir = scratch("badjob");
+    let _cluster = up(&dir, &["--nodes", "1", "--slots", "1"]);
+    for (text, field) in [
+        ("name = \"x\"\nargv = [\"true\"]\nranks_per_node = 0\n", "ranks_per_node"),
+        ("name = \"x\"\nargv = [\"true\"]\nnodes = 5\n", "nodes"),
+        ("name = \"x\"\nargv = [\"true\"]\ncheckpoint_dir = \"../up\"\n", "checkpoint_dir"),
+        ("name = \"x\"\nargv = [\"true\"]\ncolour = 1\n", "colour"),
+        ("name = \"x\"\nargv = [\"true\"\n", "argv"),
+    ] {
+        let file = dir.join("job.toml");
+        std::fs::write(&file, text).unwrap();
+        let out = cli(&dir, &["submit", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{text}");
+        assert!(stderr.contains("HTTP 400") && stderr.contains(field), "{text}: {stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
