@@ -104,6 +104,9 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     let _ = std::fs::remove_file(&socket_path);
     let progress = tokio::net::UnixListener::bind(&socket_path)
         .map_err(|e| format!("progress socket {}: {e}", socket_path.display()))?;
+    // Only this user's processes (the ranks) may report progress.
+    std::fs::set_permissions(&socket_path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|e| format!("progress socket {}: {e}", socket_path.display()))?;
     let http = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;

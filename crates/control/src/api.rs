@@ -169,6 +169,8 @@ pub struct NodeView {
     pub slots: u32,
     pub slots_used: u32,
     pub addr: String,
+    /// Port of the agent's HTTP endpoint (rank logs).
+    pub http_port: u16,
     pub heartbeat_age_ms: Option<u64>,
     pub jobs: Vec<JobId>,
 }

@@ -924,6 +924,7 @@ impl Core {
                 slots: n.slots,
                 slots_used: n.slots_used(),
                 addr: n.addr.clone(),
+                http_port: n.http_port,
                 heartbeat_age_ms: Some(now_ms.saturating_sub(n.last_heartbeat_ms)),
                 jobs: n.allocations.iter().map(|a| a.job_id).collect(),
             })

@@ -109,6 +109,9 @@ impl Controller {
     pub fn open(state_dir: &FsPath, cfg: CoreConfig) -> Result<Controller, String> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+        // The database holds jobs' environments: readable by the cluster's owner only.
+        std::fs::set_permissions(state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
         let token = load_or_create_token(&state_dir.join(TOKEN_FILE))?;
         let store = Store::open(&state_dir.join(DB_FILE)).map_err(|e| e.to_string())?;
         let snap = store.load().map_err(|e| e.to_string())?;

@@ -3,6 +3,7 @@
 
 use control::api::NodeView;
 use control::client::Client;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ impl LocalCluster {
             let path = logs.join(name);
             std::fs::File::create(&path).map(Stdio::from).map_err(|e| format!("{}: {e}", path.display()))
         };
-        let controller = Command::new(&exe)
+        let controller = die_with_parent(Command::new(&exe))
             .args(["controller", "--listen", &opts.listen, "--heartbeat-ms", &opts.heartbeat_ms.to_string()])
             .arg("--state")
             .arg(&state)
@@ -153,6 +154,21 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The cluster's processes get SIGTERM when the process that started them dies, however it dies,
+/// so a killed `myriad up` or `myriad run` leaves nothing behind (agents then stop their ranks).
+fn die_with_parent(mut cmd: Command) -> Command {
+    // SAFETY: prctl is async-signal-safe and affects only the child being started.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
 }
 
 fn terminate(mut children: Vec<Child>, grace: Duration) {

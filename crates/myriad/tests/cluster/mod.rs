@@ -184,9 +184,28 @@ fn up_runs_a_two_node_training_job_to_completion_with_logs_and_progress() {
     let missing = cli(&dir, &["logs", "1", "--rank", "9"]);
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("rank 9 does not exist"));
+    // Over the wire too, the controller and each agent refuse a request without the token.
+    let url = std::fs::read_to_string(dir.join(".myriad/controller/controller.url")).unwrap();
+    let controller_addr = url.trim().trim_start_matches("http://").to_string();
+    assert_eq!(raw_get_status(&controller_addr, "/v1/jobs"), 401);
+    for n in cli_json(&dir, &["nodes", "--json"]).as_array().unwrap() {
+        let agent_addr = format!("{}:{}", n["addr"].as_str().unwrap(), n["http_port"]);
+        assert_eq!(raw_get_status(&agent_addr, "/v1/logs/1/0/0/stdout"), 401, "agent {}", n["name"]);
+    }
     let status = cluster.terminate(Duration::from_secs(30)).expect("`myriad up` stops on SIGTERM");
     assert!(status.success(), "{status}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Status code of a plain GET without credentials, over a real socket.
+fn raw_get_status(addr: &str, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
 }
 
 fn read_env(path: &Path) -> BTreeMap<String, String> {
