@@ -12,19 +12,22 @@
 //! are full state, so a controller that restarts or misses a heartbeat loses nothing. While the
 //! controller is unreachable the ranks run on and the agent keeps trying.
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+pub mod checkpoints;
+
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
 use control::api::{
-    Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport, RankState,
-    RegisterReply, RegisterRequest,
+    CheckpointReport, Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport,
+    RankState, RegisterReply, RegisterRequest,
 };
 use control::client::{Client, ClientError};
 use control::server::{require_token, ApiError, MAX_LOG_TAIL_BYTES};
 use control::spec::validate_relative_path;
+use hyper::body::Bytes;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -50,6 +53,8 @@ pub struct AgentConfig {
     pub work_dir: PathBuf,
     /// Jobs' checkpoint directories are created under this root.
     pub checkpoint_root: PathBuf,
+    /// In-memory checkpoints (best on tmpfs) live under this root, a directory per job.
+    pub memory_root: PathBuf,
     /// Time between SIGTERM and SIGKILL when stopping a rank.
     pub stop_grace: Duration,
 }
@@ -70,6 +75,20 @@ struct Node {
     ranks: BTreeMap<RankKey, Rank>,
     ports: BTreeMap<(JobId, u32), u16>,
     acked_command_seq: u64,
+    /// Jobs whose rank 0 runs here: this agent replicates and persists their checkpoints.
+    leading: BTreeMap<JobId, Leader>,
+    /// Checkpoints that failed to verify, reported until the job is purged.
+    bad: Vec<CheckpointReport>,
+}
+
+struct Leader {
+    buddy: Option<String>,
+    persist_dir: PathBuf,
+    checkpoint_every: u64,
+    persist_every: u64,
+    /// A copy is under way; `pending` is the newest step that arrived meanwhile.
+    busy: bool,
+    pending: Option<u64>,
 }
 
 struct Agent {
@@ -82,6 +101,8 @@ struct Agent {
 
 /// Longest progress message accepted from a rank.
 const MAX_PROGRESS_LINE_BYTES: usize = 64 * 1024;
+/// Largest checkpoint file one PUT may carry.
+const MAX_CHECKPOINT_FILE_BYTES: usize = 16 << 30;
 /// Deadline of every call to the controller.
 const CONTROLLER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -111,11 +132,19 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let http_port = http.local_addr().map_err(|e| e.to_string())?.port();
+    std::fs::create_dir_all(&cfg.memory_root)
+        .map_err(|e| format!("memory root {}: {e}", cfg.memory_root.display()))?;
     let agent = Arc::new(Agent { cfg, node: Mutex::new(Node::default()), wake: Notify::new(), socket_path });
 
     let token: Arc<str> = agent.cfg.token.clone().into();
     let app = Router::new()
         .route("/v1/logs/{job}/{attempt}/{rank}/{stream}", get(serve_log))
+        .route(
+            "/v1/checkpoints/{job}/{step}/{file}",
+            get(serve_checkpoint_file)
+                .put(receive_checkpoint_file)
+                .layer(DefaultBodyLimit::max(MAX_CHECKPOINT_FILE_BYTES)),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(token, require_token))
         .with_state(agent.clone());
@@ -132,6 +161,8 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     };
     agent.stop_everything().await;
     let _ = std::fs::remove_file(&agent.socket_path);
+    // A node that goes away takes its memory with it.
+    let _ = std::fs::remove_dir_all(&agent.cfg.memory_root);
     result
 }
 
@@ -217,9 +248,17 @@ async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Re
 }
 
 impl Agent {
+    fn job_memory(&self, job_id: JobId) -> PathBuf {
+        self.cfg.memory_root.join(format!("job-{job_id}"))
+    }
+
     fn report(&self) -> HeartbeatRequest {
         let node = self.node.lock().expect("agent state");
+        let persisted: Vec<(JobId, PathBuf)> =
+            node.leading.iter().map(|(&j, l)| (j, l.persist_dir.clone())).collect();
         HeartbeatRequest {
+            checkpoints: checkpoints::report(&self.cfg.memory_root, &persisted),
+            bad_checkpoints: node.bad.clone(),
             acked_command_seq: node.acked_command_seq,
             ranks: node
                 .ranks
@@ -264,7 +303,13 @@ impl Agent {
                     }
                 }
             }
-            Command::Launch(spec) => self.launch(spec),
+            Command::Launch(spec) => self.launch(spec).await,
+            Command::Purge { job_id } => {
+                let _ = std::fs::remove_dir_all(self.job_memory(job_id));
+                let mut node = self.node.lock().expect("agent state");
+                node.leading.remove(&job_id);
+                node.bad.retain(|b| b.job_id != job_id);
+            }
             Command::Stop { job_id, attempt } => self.stop(job_id, attempt),
             Command::Forget { job_id, attempt } => {
                 let mut node = self.node.lock().expect("agent state");
@@ -274,7 +319,7 @@ impl Agent {
         }
     }
 
-    fn launch(self: &Arc<Self>, spec: LaunchSpec) {
+    async fn launch(self: &Arc<Self>, spec: LaunchSpec) {
         let dir = self
             .cfg
             .work_dir
@@ -288,15 +333,79 @@ impl Agent {
                 self.cfg.checkpoint_root.join(format!("job-{}", spec.job_id))
             }
         };
-        for r in &spec.ranks {
-            let key = (spec.job_id, spec.attempt, r.local_rank);
-            if self.node.lock().expect("agent state").ranks.contains_key(&key) {
-                continue;
+        let memory_dir = self.job_memory(spec.job_id);
+        let fresh: Vec<u32> = {
+            let node = self.node.lock().expect("agent state");
+            spec.ranks
+                .iter()
+                .map(|r| r.local_rank)
+                .filter(|&l| !node.ranks.contains_key(&(spec.job_id, spec.attempt, l)))
+                .collect()
+        };
+        if fresh.is_empty() {
+            return;
+        }
+        if spec.leader {
+            self.node.lock().expect("agent state").leading.insert(
+                spec.job_id,
+                Leader {
+                    buddy: spec.buddy.clone(),
+                    persist_dir: checkpoint_dir.clone(),
+                    checkpoint_every: spec.checkpoint_every.max(1),
+                    persist_every: spec.persist_every.max(1),
+                    busy: false,
+                    pending: None,
+                },
+            );
+        }
+        let _ = std::fs::create_dir_all(&memory_dir);
+        // Every rank starts from the step the controller chose, verified, or not at all.
+        let restore = match &spec.restore {
+            None => Ok(None),
+            Some(r) => {
+                checkpoints::resolve_restore(&self.cfg.token, spec.job_id, r, &memory_dir, &checkpoint_dir)
+                    .await
+                    .map(Some)
+                    .map_err(|e| (r.step, e))
             }
+        };
+        let restore_dir = match restore {
+            Ok(dir) => dir,
+            Err((step, message)) => {
+                eprintln!("agent {}: job {}: cannot restore {message}", self.cfg.name, spec.job_id);
+                let mut node = self.node.lock().expect("agent state");
+                node.bad.push(CheckpointReport {
+                    job_id: spec.job_id,
+                    step,
+                    tier: control::api::Tier::Memory,
+                });
+                for &l in &fresh {
+                    let failed = RankState::Exited { code: Some(RESTORE_FAILED_EXIT), signal: None };
+                    node.ranks.insert(
+                        (spec.job_id, spec.attempt, l),
+                        Rank { state: failed, pid: None, step: None, loss: None, stopping: false },
+                    );
+                }
+                return;
+            }
+        };
+        let extra_env = {
+            let mut env = vec![
+                ("MYRIAD_MEMORY_CHECKPOINT_DIR".to_string(), memory_dir.display().to_string()),
+                ("MYRIAD_CHECKPOINT_EVERY".to_string(), spec.checkpoint_every.max(1).to_string()),
+            ];
+            if let Some(d) = &restore_dir {
+                env.push(("MYRIAD_RESTORE_DIR".to_string(), d.display().to_string()));
+            }
+            env
+        };
+        for r in spec.ranks.iter().filter(|r| fresh.contains(&r.local_rank)) {
+            let key = (spec.job_id, spec.attempt, r.local_rank);
+            let env: Vec<(String, String)> = r.env.iter().cloned().chain(extra_env.iter().cloned()).collect();
             let outcome = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
                 .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))
-                .and_then(|_| self.spawn_rank(&spec, &r.env, &dir, &checkpoint_dir, r.local_rank));
+                .and_then(|_| self.spawn_rank(&spec, &env, &dir, &checkpoint_dir, r.local_rank));
             let rank = match outcome {
                 Ok(child) => {
                     let pid = child.id();
@@ -449,12 +558,78 @@ async fn watch(agent: Arc<Agent>, key: RankKey, mut child: tokio::process::Child
     agent.wake.notify_one();
 }
 
+/// Exit code reported for ranks that could not start because their checkpoint failed to verify.
+pub const RESTORE_FAILED_EXIT: i32 = 75;
+
+impl Agent {
+    /// Rank 0 finished an in-memory checkpoint: copy it to the buddy and maybe persist it, one
+    /// copy at a time per job (a newer checkpoint that arrives meanwhile is copied next; older
+    /// ones in between are skipped).
+    fn checkpoint_taken(self: &Arc<Self>, job_id: JobId, step: u64) {
+        {
+            let mut node = self.node.lock().expect("agent state");
+            let Some(leader) = node.leading.get_mut(&job_id) else { return };
+            if leader.busy {
+                leader.pending = Some(step);
+                return;
+            }
+            leader.busy = true;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut step = step;
+            loop {
+                agent.replicate(job_id, step).await;
+                let mut node = agent.node.lock().expect("agent state");
+                let Some(leader) = node.leading.get_mut(&job_id) else { return };
+                match leader.pending.take() {
+                    Some(next) => step = next,
+                    None => {
+                        leader.busy = false;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn replicate(&self, job_id: JobId, step: u64) {
+        let (buddy, persist_dir, persist) = {
+            let node = self.node.lock().expect("agent state");
+            let Some(l) = node.leading.get(&job_id) else { return };
+            let nth = step / l.checkpoint_every;
+            (l.buddy.clone(), l.persist_dir.clone(), nth % l.persist_every == 0)
+        };
+        let dir = self.job_memory(job_id).join(checkpoints::step_dir_name(step));
+        if let Some(buddy) = buddy {
+            if let Err(e) = checkpoints::push(&self.cfg.token, &buddy, job_id, step, &dir).await {
+                eprintln!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name);
+            }
+        }
+        if persist {
+            let copy = tokio::task::spawn_blocking(move || {
+                let result = checkpoints::copy_dir(&dir, &persist_dir, step);
+                checkpoints::prune(&persist_dir, PERSISTED_KEEP);
+                result
+            });
+            if let Ok(Err(e)) = copy.await {
+                eprintln!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name);
+            }
+        }
+    }
+}
+
+/// Persisted checkpoints kept per job.
+const PERSISTED_KEEP: usize = 3;
+
 /// One progress message from a rank (newline-delimited JSON on the agent's Unix socket).
 #[derive(Deserialize)]
 struct Progress {
     job_id: JobId,
     attempt: u32,
     local_rank: u32,
+    #[serde(default)]
+    event: Option<String>,
     #[serde(default)]
     step: Option<u64>,
     #[serde(default)]
@@ -473,6 +648,12 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
                 }
                 // Unknown or malformed messages are ignored: the protocol is optional for ranks.
                 let Ok(p) = serde_json::from_str::<Progress>(&line) else { continue };
+                if p.event.as_deref() == Some("checkpoint") {
+                    if let Some(step) = p.step {
+                        agent.checkpoint_taken(p.job_id, step);
+                    }
+                    continue;
+                }
                 if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&(
                     p.job_id,
                     p.attempt,
@@ -531,4 +712,57 @@ async fn serve_log(
             Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {}: {e}", file.display())))
         }
     }
+}
+
+fn checkpoint_path(agent: &Agent, job: JobId, step: u64, file: &str) -> Result<PathBuf, ApiError> {
+    if !checkpoints::valid_file_name(file) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{file:?} is not a checkpoint file name"),
+        ));
+    }
+    Ok(agent.job_memory(job).join(checkpoints::step_dir_name(step)).join(file))
+}
+
+/// A file of an in-memory checkpoint this node holds (a restarting node fetches it).
+async fn serve_checkpoint_file(
+    State(agent): State<Arc<Agent>>,
+    path: Result<Path<(JobId, u64, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((job, step, file)) = path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let path = checkpoint_path(&agent, job, step, &file)?;
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => Ok(([("content-type", "application/octet-stream")], bytes).into_response()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("node {} holds no {file} of job {job} step {step}", agent.cfg.name),
+        )),
+        Err(e) => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", path.display()))),
+    }
+}
+
+/// A file of a buddy's checkpoint. Files arrive in a temporary directory; the manifest comes last
+/// and commits the directory by renaming it, so a half-received checkpoint never counts.
+async fn receive_checkpoint_file(
+    State(agent): State<Arc<Agent>>,
+    path: Result<Path<(JobId, u64, String)>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Path((job, step, file)) = path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    checkpoint_path(&agent, job, step, &file)?;
+    let root = agent.job_memory(job);
+    let incoming = root.join(format!(".{}.incoming", checkpoints::step_dir_name(step)));
+    let io = |e: std::io::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", incoming.display()))
+    };
+    std::fs::create_dir_all(&incoming).map_err(io)?;
+    std::fs::write(incoming.join(&file), &body).map_err(io)?;
+    if file == checkpoints::MANIFEST {
+        let fin = root.join(checkpoints::step_dir_name(step));
+        let _ = std::fs::remove_dir_all(&fin);
+        std::fs::rename(&incoming, &fin).map_err(io)?;
+        checkpoints::prune(&root, checkpoints::KEEP_IN_MEMORY);
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

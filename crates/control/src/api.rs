@@ -88,6 +88,28 @@ pub struct HeartbeatRequest {
     pub acked_command_seq: u64,
     pub ranks: Vec<RankReport>,
     pub ports: Vec<PortReport>,
+    /// Complete checkpoints this node holds in memory, and persisted ones it can see.
+    #[serde(default)]
+    pub checkpoints: Vec<CheckpointReport>,
+    /// Checkpoints that failed verification when this node tried to restore them.
+    #[serde(default)]
+    pub bad_checkpoints: Vec<CheckpointReport>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// In the agent's memory (tmpfs): survives a rank crash; a buddy node holds a copy.
+    Memory,
+    /// In the job's checkpoint directory: survives anything, slower to write.
+    Persisted,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CheckpointReport {
+    pub job_id: JobId,
+    pub step: u64,
+    pub tier: Tier,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -111,6 +133,8 @@ pub enum Command {
     Launch(LaunchSpec),
     /// Stop every rank of this attempt (SIGTERM, then SIGKILL after a grace period).
     Stop { job_id: JobId, attempt: u32 },
+    /// The job has ended: drop its in-memory checkpoints.
+    Purge { job_id: JobId },
     /// The controller has recorded how this attempt's ranks ended; drop them from reports.
     Forget { job_id: JobId, attempt: u32 },
 }
@@ -124,6 +148,29 @@ pub struct LaunchSpec {
     /// Relative to the agent's checkpoint root (validated: no absolute path, no `..`).
     pub checkpoint_dir: String,
     pub ranks: Vec<LaunchRank>,
+    /// The checkpoint every rank starts from, when the job has one.
+    #[serde(default)]
+    pub restore: Option<RestoreSpec>,
+    /// This node hosts rank 0: it copies each in-memory checkpoint to `buddy` and persists every
+    /// `persist_every`-th one into the checkpoint directory.
+    #[serde(default)]
+    pub leader: bool,
+    /// Base URL (`http://HOST:PORT`) of the agent that keeps a copy of this node's checkpoints.
+    #[serde(default)]
+    pub buddy: Option<String>,
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    #[serde(default)]
+    pub persist_every: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RestoreSpec {
+    pub step: u64,
+    /// Agents holding the step in memory (base URLs), nearest first.
+    pub sources: Vec<String>,
+    /// Whether the step is also in the persisted tier.
+    pub persisted: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -16,7 +16,7 @@ use std::fmt;
 
 use crate::api::{
     Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchRank, LaunchSpec, NodeView,
-    RankState, RegisterReply, RegisterRequest, SeqCommand,
+    RankState, RegisterReply, RegisterRequest, SeqCommand, Tier,
 };
 use crate::spec::{validate_name, JobSpec, SpecError};
 
@@ -62,6 +62,9 @@ pub struct Node {
     /// Commands not yet acknowledged, oldest first.
     pub commands: VecDeque<SeqCommand>,
     pub next_command_seq: u64,
+    /// Steps of each job's checkpoints this node holds in memory (its own and its buddy's).
+    #[serde(default)]
+    pub checkpoints: BTreeMap<JobId, BTreeSet<u64>>,
     /// Not persisted: a restarted controller gives every node a fresh grace period.
     #[serde(skip)]
     pub last_heartbeat_ms: u64,
@@ -156,6 +159,12 @@ pub struct Job {
     /// Rank 0's last reported step and loss.
     pub step: Option<u64>,
     pub loss: Option<f64>,
+    /// Steps in the persisted tier, as the leader's agent last reported them.
+    #[serde(default)]
+    pub persisted: BTreeSet<u64>,
+    /// Steps that failed verification somewhere: never restored from again.
+    #[serde(default)]
+    pub bad_steps: BTreeSet<u64>,
 }
 
 /// Errors the API turns into 4xx responses.
@@ -323,6 +332,7 @@ impl Core {
                     allocations: Vec::new(),
                     commands: VecDeque::new(),
                     next_command_seq: 0,
+                    checkpoints: BTreeMap::new(),
                     last_heartbeat_ms: now_ms,
                 };
                 let what = if node.spare { "spare node" } else { "node" };
@@ -365,6 +375,7 @@ impl Core {
             );
         }
 
+        self.checkpoint_reports(name, &req, now_ms);
         for port in &req.ports {
             self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
         }
@@ -394,6 +405,70 @@ impl Core {
         }
         self.schedule(now_ms);
         Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+    }
+
+    /// Records which checkpoints the node holds, which failed to verify, and purges the
+    /// in-memory checkpoints of jobs that have ended.
+    fn checkpoint_reports(&mut self, name: &str, req: &HeartbeatRequest, now_ms: u64) {
+        let mut memory: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
+        let mut persisted: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
+        for c in &req.checkpoints {
+            let into = if c.tier == Tier::Memory { &mut memory } else { &mut persisted };
+            into.entry(c.job_id).or_default().insert(c.step);
+        }
+        let ended: Vec<JobId> = memory
+            .keys()
+            .copied()
+            .filter(|id| self.jobs.get(id).is_none_or(|j| j.state.is_final()))
+            .collect();
+        for job_id in ended {
+            self.push_once(name, Command::Purge { job_id });
+        }
+        let node = self.nodes.get_mut(name).expect("caller checked the node");
+        if node.checkpoints != memory {
+            node.checkpoints = memory;
+            self.dirty_nodes.insert(name.to_string());
+        }
+        for (job_id, steps) in persisted {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                if job.persisted != steps {
+                    job.persisted = steps;
+                    self.dirty_jobs.insert(job_id);
+                }
+            }
+        }
+        for bad in &req.bad_checkpoints {
+            let Some(job) = self.jobs.get_mut(&bad.job_id) else { continue };
+            if job.bad_steps.insert(bad.step) {
+                self.dirty_jobs.insert(bad.job_id);
+                let message = format!(
+                    "checkpoint of step {} failed verification; falling back to an older one",
+                    bad.step
+                );
+                self.event(now_ms, Some(bad.job_id), Some(name), "checkpoint_corrupt", message);
+            }
+        }
+    }
+
+    /// The newest checkpoint every rank can start from: held in memory by a healthy node or
+    /// persisted, and never seen corrupt.
+    fn restore_point(&self, job: &Job) -> Option<crate::api::RestoreSpec> {
+        let in_memory = self
+            .nodes
+            .values()
+            .filter(|n| n.health == Health::Healthy)
+            .filter_map(|n| n.checkpoints.get(&job.id))
+            .flat_map(|steps| steps.iter().copied());
+        let step =
+            in_memory.chain(job.persisted.iter().copied()).filter(|s| !job.bad_steps.contains(s)).max()?;
+        let sources = self
+            .nodes
+            .values()
+            .filter(|n| n.health == Health::Healthy)
+            .filter(|n| n.checkpoints.get(&job.id).is_some_and(|s| s.contains(&step)))
+            .map(|n| format!("http://{}:{}", n.addr, n.http_port))
+            .collect();
+        Some(crate::api::RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
     }
 
     fn push_once(&mut self, name: &str, command: Command) {
@@ -485,6 +560,16 @@ impl Core {
                 LaunchRank { local_rank: local, env }
             })
             .collect();
+        // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next
+        // node of the job, or for a one-node job any other healthy node.
+        let buddy = if group == 0 {
+            let other = a.nodes.get(1).and_then(|n| self.nodes.get(n)).or_else(|| {
+                self.nodes.values().find(|n| n.health == Health::Healthy && n.name != a.nodes[0])
+            });
+            other.map(|n| format!("http://{}:{}", n.addr, n.http_port))
+        } else {
+            None
+        };
         LaunchSpec {
             job_id: job.id,
             attempt: a.number,
@@ -492,6 +577,11 @@ impl Core {
             workdir: spec.workdir.clone(),
             checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_else(|| format!("job-{}", job.id)),
             ranks,
+            restore: self.restore_point(job),
+            leader: group == 0,
+            buddy,
+            checkpoint_every: spec.checkpoint_every,
+            persist_every: spec.persist_every,
         }
     }
 
@@ -733,6 +823,8 @@ impl Core {
                 placements: Vec::new(),
                 step: None,
                 loss: None,
+                persisted: BTreeSet::new(),
+                bad_steps: BTreeSet::new(),
             },
         );
         self.dirty_jobs.insert(id);
@@ -817,26 +909,34 @@ impl Core {
         let queued: Vec<JobId> =
             self.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
         for job_id in queued {
-            let spec = &self.jobs[&job_id].spec;
-            let (need, per_node, spares) = (spec.nodes as usize, spec.ranks_per_node, spec.spares as usize);
-            let free = |n: &&Node| n.health == Health::Healthy && n.slots - n.slots_used() >= per_node;
-            let mut chosen: Vec<String> = self
-                .nodes
-                .values()
-                .filter(|n| !n.spare)
-                .filter(free)
-                .take(need)
-                .map(|n| n.name.clone())
-                .collect();
-            if chosen.len() < need {
-                let extra = (need - chosen.len()).min(spares);
-                chosen.extend(
-                    self.nodes.values().filter(|n| n.spare).filter(free).take(extra).map(|n| n.name.clone()),
-                );
+            let job = &self.jobs[&job_id];
+            let (need, per_node) = (job.spec.nodes as usize, job.spec.ranks_per_node);
+            let mut spares_left = job.spec.spares as usize;
+            let free = |n: &Node| n.health == Health::Healthy && n.slots - n.slots_used() >= per_node;
+            // A restart goes back to the nodes it ran on (their memory holds its checkpoints), each
+            // in its old group rank; only the missing ones are replaced, regular nodes first.
+            let mut slots: Vec<Option<String>> = vec![None; need];
+            if let Some(previous) = job.placements.last() {
+                for (slot, name) in slots.iter_mut().zip(previous) {
+                    if let Some(n) = self.nodes.get(name).filter(|n| free(n) && (!n.spare || spares_left > 0))
+                    {
+                        spares_left -= n.spare as usize;
+                        *slot = Some(n.name.clone());
+                    }
+                }
             }
-            if chosen.len() < need {
-                return;
+            for spare in [false, true] {
+                for n in self.nodes.values().filter(|n| n.spare == spare && free(n)) {
+                    let taken = slots.iter().flatten().any(|s| *s == n.name);
+                    if let Some(hole) = slots.iter_mut().find(|s| s.is_none()) {
+                        if !taken && (!spare || spares_left > 0) {
+                            spares_left -= spare as usize;
+                            *hole = Some(n.name.clone());
+                        }
+                    }
+                }
             }
+            let Some(chosen) = slots.into_iter().collect::<Option<Vec<String>>>() else { return };
             self.start_attempt(job_id, chosen, now_ms);
         }
     }

@@ -2,7 +2,7 @@
 //! real agent does (idempotently, acknowledging by sequence number).
 
 use super::*;
-use crate::api::{PortReport, RankReport};
+use crate::api::{CheckpointReport, PortReport, RankReport, Tier};
 
 /// A fake agent: the ranks it runs, the ports it reserved, the last command it carried out.
 #[derive(Default)]
@@ -11,6 +11,9 @@ struct FakeAgent {
     ranks: BTreeMap<(JobId, u32, u32), RankState>,
     ports: Vec<PortReport>,
     launched_env: BTreeMap<(JobId, u32, u32), Vec<(String, String)>>,
+    launched: Vec<LaunchSpec>,
+    checkpoints: Vec<CheckpointReport>,
+    bad: Vec<CheckpointReport>,
 }
 
 struct World {
@@ -66,6 +69,8 @@ impl World {
                 })
                 .collect(),
             ports: agent.ports.clone(),
+            checkpoints: agent.checkpoints.clone(),
+            bad_checkpoints: agent.bad.clone(),
         };
         let reply = self.core.heartbeat(name, req, self.now_ms).unwrap();
         let agent = self.agents.get_mut(name).unwrap();
@@ -77,6 +82,7 @@ impl World {
                     agent.ports.push(PortReport { job_id, attempt, port: 29_000 + attempt as u16 })
                 }
                 Command::Launch(l) => {
+                    agent.launched.push(l.clone());
                     for r in l.ranks {
                         agent
                             .ranks
@@ -92,6 +98,7 @@ impl World {
                         }
                     }
                 }
+                Command::Purge { job_id } => agent.checkpoints.retain(|c| c.job_id != job_id),
                 Command::Forget { job_id, attempt } => {
                     agent.ranks.retain(|k, _| !(k.0 == job_id && k.1 == attempt));
                     agent.ports.retain(|p| !(p.job_id == job_id && p.attempt == attempt));
@@ -361,4 +368,51 @@ fn a_restored_core_carries_on_where_the_old_one_stopped() {
         w.core.take_changes().events.iter().all(|e| e.seq >= c.next_event_seq),
         "sequence numbers continue"
     );
+}
+
+#[test]
+fn a_restart_starts_from_the_newest_good_checkpoint_on_its_old_nodes_with_a_spare_for_the_lost_one() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("c", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(3, 1, 5);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert!(w.agents["a"].launched[0].restore.is_none(), "a fresh job restores nothing");
+    assert!(w.agents["a"].launched[0].leader && !w.agents["b"].launched[0].leader);
+    assert_eq!(w.agents["a"].launched[0].buddy.as_deref(), Some("http://10.0.0.2:7000"), "b is a's buddy");
+    // Rank 0's node holds steps 4 and 5 in memory, its buddy b holds 5, step 3 is persisted.
+    let mem = |step| CheckpointReport { job_id: id, step, tier: Tier::Memory };
+    w.agents.get_mut("a").unwrap().checkpoints = vec![mem(4), mem(5)];
+    w.agents.get_mut("b").unwrap().checkpoints =
+        vec![mem(5), CheckpointReport { job_id: id, step: 3, tier: Tier::Persisted }];
+    w.round();
+    // b dies; a's copy of step 5 survives, the job moves b's place to the spare, keeping order.
+    w.agents.remove("b");
+    for _ in 0..10 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s", "c"], "same nodes, same group order");
+    let restore = w.agents["s"].launched[0].restore.clone().unwrap();
+    assert_eq!(restore.step, 5);
+    assert_eq!(restore.sources, ["http://10.0.0.1:7000"], "only healthy holders are sources");
+    // The spare finds step 5 corrupt everywhere: the next attempt falls back to step 4.
+    w.agents.get_mut("s").unwrap().bad = vec![mem(5)];
+    w.exit("s", id, 1, 0, 75);
+    for _ in 0..6 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.attempt.as_ref().unwrap().number, 2);
+    assert!(job.bad_steps.contains(&5));
+    assert_eq!(w.agents["c"].launched.last().unwrap().restore.as_ref().unwrap().step, 4);
+    // When the job ends, every node drops its in-memory checkpoints.
+    w.exit_all(id, 2, 0);
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Succeeded);
+    assert!(w.agents["a"].checkpoints.is_empty(), "purged");
 }

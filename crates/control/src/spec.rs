@@ -26,6 +26,9 @@ pub const RESERVED_ENV: &[&str] = &[
     "MYRIAD_ATTEMPT",
     "MYRIAD_AGENT_SOCKET",
     "MYRIAD_CHECKPOINT_DIR",
+    "MYRIAD_MEMORY_CHECKPOINT_DIR",
+    "MYRIAD_RESTORE_DIR",
+    "MYRIAD_CHECKPOINT_EVERY",
 ];
 
 const MAX_NAME_LEN: usize = 64;
@@ -66,6 +69,20 @@ pub struct JobSpec {
     /// TORCHELASTIC_RUN_ID (torchrun's --rdzv-id); defaults to `myriad-<id>`.
     #[serde(default)]
     pub run_id: Option<String>,
+    /// Steps between in-memory checkpoints (MYRIAD_CHECKPOINT_EVERY for ranks that take them).
+    #[serde(default = "one_u64")]
+    pub checkpoint_every: u64,
+    /// Every this many in-memory checkpoints, one is persisted to the checkpoint directory.
+    #[serde(default = "ten")]
+    pub persist_every: u64,
+}
+
+fn one_u64() -> u64 {
+    1
+}
+
+fn ten() -> u64 {
+    10
 }
 
 fn one() -> u32 {
@@ -169,6 +186,12 @@ impl JobSpec {
                 "ranks_per_node",
                 format!("{} exceeds the limit of {MAX_RANKS_PER_NODE}", self.ranks_per_node),
             ));
+        }
+        if self.checkpoint_every == 0 {
+            return Err(err("checkpoint_every", "must be at least 1 step"));
+        }
+        if self.persist_every == 0 {
+            return Err(err("persist_every", "must be at least 1 (every in-memory checkpoint)"));
         }
         if let Some(dir) = &self.checkpoint_dir {
             validate_relative_path("checkpoint_dir", dir)?;

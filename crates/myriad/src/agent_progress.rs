@@ -37,4 +37,16 @@ impl AgentProgress {
             self.stream = None;
         }
     }
+
+    /// A checkpoint of `step` is complete in the agent's memory directory.
+    pub fn checkpoint(&mut self, step: u64) {
+        let Some(stream) = self.stream.as_mut() else { return };
+        let line = json!({
+            "job_id": self.job_id, "attempt": self.attempt, "local_rank": self.local_rank,
+            "event": "checkpoint", "step": step,
+        });
+        if writeln!(stream, "{line}").is_err() {
+            self.stream = None;
+        }
+    }
 }

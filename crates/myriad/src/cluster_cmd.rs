@@ -127,6 +127,9 @@ pub struct AgentArgs {
     /// File holding the cluster token (or set MYRIAD_TOKEN).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// In-memory checkpoints (default: a directory on /dev/shm, removed when the agent stops).
+    #[arg(long)]
+    memory_dir: Option<PathBuf>,
     /// Seconds between SIGTERM and SIGKILL when stopping ranks.
     #[arg(long, default_value_t = 10)]
     stop_grace_s: u64,
@@ -145,6 +148,10 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
     let work_dir = a.work_dir.unwrap_or_else(|| PathBuf::from(".myriad/agents").join(&a.name));
     let work_dir = absolute(&work_dir)?;
     let checkpoint_root = absolute(&a.checkpoint_root.unwrap_or_else(|| work_dir.join("checkpoints")))?;
+    let memory_root = match a.memory_dir {
+        Some(d) => absolute(&d)?,
+        None => default_memory_dir(&a.name, std::process::id(), &work_dir),
+    };
     agent::run(agent::AgentConfig {
         controller: a.controller,
         token,
@@ -155,8 +162,20 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
         listen: a.listen,
         work_dir,
         checkpoint_root,
+        memory_root,
         stop_grace: Duration::from_secs(a.stop_grace_s),
     })
+}
+
+/// Memory, not disk: tmpfs when the machine has it. The pid keeps a restarted agent from finding
+/// a memory it is not supposed to have.
+pub fn default_memory_dir(name: &str, pid: u32, work_dir: &Path) -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.join(format!("myriad-agent-{name}-{pid}"))
+    } else {
+        work_dir.join(format!("memory-{pid}"))
+    }
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
@@ -261,6 +280,12 @@ pub struct SubmitArgs {
     /// Relative to each agent's checkpoint root.
     #[arg(long)]
     checkpoint_dir: Option<String>,
+    /// Steps between in-memory checkpoints (for ranks that take them, like `myriad train`).
+    #[arg(long, default_value_t = 1)]
+    checkpoint_every: u64,
+    /// Persist every this many in-memory checkpoints.
+    #[arg(long, default_value_t = 10)]
+    persist_every: u64,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -292,6 +317,8 @@ pub fn submit(a: SubmitArgs) -> Result<(), String> {
                 checkpoint_dir: a.checkpoint_dir.clone(),
                 workdir: Some(current_dir()?),
                 run_id: None,
+                checkpoint_every: a.checkpoint_every,
+                persist_every: a.persist_every,
             };
             (serde_json::to_vec(&spec).expect("spec serialises"), "application/json")
         }

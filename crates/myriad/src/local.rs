@@ -144,9 +144,18 @@ impl LocalCluster {
 
     /// Agents first (they stop their ranks), then the controller; each gets a grace period.
     pub fn stop(&mut self) {
+        // Agents killed without a chance to clean up leave their memory tier behind.
+        let memory: Vec<PathBuf> = self
+            .agents
+            .iter()
+            .map(|(name, c)| crate::cluster_cmd::default_memory_dir(name, c.id(), &self.dir))
+            .collect();
         let agents: Vec<Child> = self.agents.drain(..).map(|(_, c)| c).collect();
         terminate(agents, AGENT_STOP_GRACE + Duration::from_secs(2));
         terminate(self.controller.take().into_iter().collect(), Duration::from_secs(5));
+        for dir in memory {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

@@ -87,7 +87,11 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         }
         _ => None,
     };
-    let mut trainer = match &a.resume {
+    // Launched by an agent after a failure: start from the checkpoint it verified for us.
+    let restore_dir = std::env::var_os("MYRIAD_RESTORE_DIR").filter(|_| a.resume.is_none());
+    let resume = a.resume.clone().or_else(|| restore_dir.map(|d| d.to_string_lossy().into_owned()));
+    let memory = MemoryTier::from_env()?;
+    let mut trainer = match &resume {
         Some(which) => {
             let dir = if which == "latest" {
                 let root = a.checkpoint_dir.as_ref().ok_or("--resume latest needs --checkpoint-dir")?;
@@ -197,6 +201,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 eta_s,
             );
         }
+        if let Some(tier) = &memory {
+            tier.maybe_save(&trainer, agent.as_mut())?;
+        }
         if let Some(root) = &a.checkpoint_dir {
             let due = a.checkpoint_every > 0 && s.step % a.checkpoint_every == 0;
             if due || s.step == last_step {
@@ -214,4 +221,65 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The in-memory checkpoint tier a Myriad agent offers (MYRIAD_MEMORY_CHECKPOINT_DIR): every
+/// MYRIAD_CHECKPOINT_EVERY steps rank 0 writes a checkpoint there and tells its agent, which
+/// copies it to another node and persists some. Ranks of a plain data-parallel group all hold the
+/// same state, so rank 0's copy is the whole checkpoint.
+struct MemoryTier {
+    root: PathBuf,
+    every: u64,
+}
+
+/// In-memory checkpoints kept by the rank (the agent's buddy keeps its own two).
+const MEMORY_KEEP: usize = 2;
+
+impl MemoryTier {
+    fn from_env() -> Result<Option<MemoryTier>, String> {
+        let Some(root) = std::env::var_os("MYRIAD_MEMORY_CHECKPOINT_DIR") else { return Ok(None) };
+        let every = match std::env::var("MYRIAD_CHECKPOINT_EVERY") {
+            Ok(v) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or(format!("MYRIAD_CHECKPOINT_EVERY={v:?} is not a positive integer"))?,
+            Err(_) => 1,
+        };
+        Ok(Some(MemoryTier { root: PathBuf::from(root), every }))
+    }
+
+    fn maybe_save(
+        &self,
+        trainer: &Trainer,
+        agent: Option<&mut crate::agent_progress::AgentProgress>,
+    ) -> Result<(), String> {
+        // A ZeRO-1 checkpoint needs every rank's shard in one directory; node-local memory is not
+        // one (persisted --checkpoint-dir checkpoints still work).
+        if trainer.step % self.every != 0 || trainer.is_zero1() || trainer.rank() != 0 {
+            return Ok(());
+        }
+        trainer.save(&self.root).map_err(|e| format!("in-memory checkpoint: {e}"))?;
+        prune_checkpoints(&self.root, MEMORY_KEEP);
+        if let Some(agent) = agent {
+            agent.checkpoint(trainer.step);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the newest `keep` complete `step_N` directories under `root`.
+fn prune_checkpoints(root: &std::path::Path, keep: usize) {
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let mut steps: Vec<(u64, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let step = e.file_name().to_str()?.strip_prefix("step_")?.parse().ok()?;
+            Some((step, e.path()))
+        })
+        .collect();
+    steps.sort_unstable_by_key(|(s, _)| std::cmp::Reverse(*s));
+    for (_, dir) in steps.into_iter().skip(keep) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
