@@ -35,7 +35,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncBufReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use tokio::sync::Notify;
 
 #[derive(Clone, Debug)]
@@ -73,7 +73,9 @@ struct Rank {
 #[derive(Default)]
 struct Node {
     ranks: BTreeMap<RankKey, Rank>,
-    ports: BTreeMap<(JobId, u32), u16>,
+    /// Each reservation keeps its listener open until the attempt's ranks are launched, so no
+    /// other process can take the port in between.
+    ports: BTreeMap<(JobId, u32), (u16, Option<std::net::TcpListener>)>,
     acked_command_seq: u64,
     /// Jobs whose rank 0 runs here: this agent replicates and persists their checkpoints.
     leading: BTreeMap<JobId, Leader>,
@@ -275,7 +277,7 @@ impl Agent {
             ports: node
                 .ports
                 .iter()
-                .map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port })
+                .map(|(&(job_id, attempt), &(port, _))| PortReport { job_id, attempt, port })
                 .collect(),
         }
     }
@@ -295,9 +297,10 @@ impl Agent {
                 {
                     // The OS picks a free port; rank 0 binds it moments later. Each attempt gets a
                     // new one, so a restarted job never meets its predecessor's store.
-                    match std::net::TcpListener::bind("0.0.0.0:0").and_then(|l| l.local_addr()) {
-                        Ok(addr) => {
-                            slot.insert(addr.port());
+                    let listener = std::net::TcpListener::bind("0.0.0.0:0");
+                    match listener.and_then(|l| Ok((l.local_addr()?.port(), l))) {
+                        Ok((port, listener)) => {
+                            slot.insert((port, Some(listener)));
                         }
                         Err(e) => eprintln!("agent {}: cannot reserve a port: {e}", self.cfg.name),
                     }
@@ -359,6 +362,12 @@ impl Agent {
             );
         }
         let _ = std::fs::create_dir_all(&memory_dir);
+        // Rank 0 binds the reserved port now: let it go.
+        if let Some((_, listener)) =
+            self.node.lock().expect("agent state").ports.get_mut(&(spec.job_id, spec.attempt))
+        {
+            listener.take();
+        }
         // Every rank starts from the step the controller chose, verified, or not at all.
         let restore = match &spec.restore {
             None => Ok(None),
@@ -598,7 +607,7 @@ impl Agent {
             let node = self.node.lock().expect("agent state");
             let Some(l) = node.leading.get(&job_id) else { return };
             let nth = step / l.checkpoint_every;
-            (l.buddy.clone(), l.persist_dir.clone(), nth % l.persist_every == 0)
+            (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every))
         };
         let dir = self.job_memory(job_id).join(checkpoints::step_dir_name(step));
         if let Some(buddy) = buddy {
@@ -638,16 +647,31 @@ struct Progress {
 
 async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: back off rather than spin the agent's only thread.
+                eprintln!("agent {}: progress socket: {e}", agent.cfg.name);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(stream).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.len() > MAX_PROGRESS_LINE_BYTES {
-                    return;
+            let mut reader = tokio::io::BufReader::new(stream);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                // A line longer than the limit ends the connection instead of growing the buffer.
+                let limit = MAX_PROGRESS_LINE_BYTES as u64 + 1;
+                match (&mut reader).take(limit).read_until(b'\n', &mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) if n as u64 >= limit => return,
+                    Ok(_) => {}
                 }
+                let Ok(line) = std::str::from_utf8(&buf) else { continue };
                 // Unknown or malformed messages are ignored: the protocol is optional for ranks.
-                let Ok(p) = serde_json::from_str::<Progress>(&line) else { continue };
+                let Ok(p) = serde_json::from_str::<Progress>(line) else { continue };
                 if p.event.as_deref() == Some("checkpoint") {
                     if let Some(step) = p.step {
                         agent.checkpoint_taken(p.job_id, step);

@@ -40,7 +40,11 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
 /// Reads an existing token file (agents and the CLI).
 pub fn read_token(path: &Path) -> Result<String, String> {
     let token = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
-    Ok(token.trim().to_string())
+    let token = token.trim().to_string();
+    if token.len() < 32 {
+        return Err(format!("token file {}: the token is shorter than 32 characters", path.display()));
+    }
+    Ok(token)
 }
 
 /// Equality whose running time does not depend on where the inputs first differ.

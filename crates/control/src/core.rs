@@ -68,6 +68,9 @@ pub struct Node {
     /// Not persisted: a restarted controller gives every node a fresh grace period.
     #[serde(skip)]
     pub last_heartbeat_ms: u64,
+    /// Ranks still running per (job, attempt) in the node's last heartbeat.
+    #[serde(skip)]
+    pub reported_running: BTreeMap<(JobId, u32), u32>,
 }
 
 impl Node {
@@ -334,6 +337,7 @@ impl Core {
                     next_command_seq: 0,
                     checkpoints: BTreeMap::new(),
                     last_heartbeat_ms: now_ms,
+                    reported_running: BTreeMap::new(),
                 };
                 let what = if node.spare { "spare node" } else { "node" };
                 let message = format!("{what} {name} joined with {} slots", node.slots);
@@ -380,23 +384,31 @@ impl Core {
             self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
         }
 
-        // Attempts this node reported on, and whether any of their ranks still runs here.
-        let mut reported: BTreeMap<(JobId, u32), bool> = BTreeMap::new();
+        // Ranks still running per attempt, as this node sees them.
+        let mut reported: BTreeMap<(JobId, u32), u32> = BTreeMap::new();
         for r in &req.ranks {
-            *reported.entry((r.job_id, r.attempt)).or_default() |= r.state.is_running();
+            *reported.entry((r.job_id, r.attempt)).or_default() += r.state.is_running() as u32;
             self.rank_report(name, r.job_id, r.attempt, r.local_rank, r.state, r.step, r.loss, now_ms);
         }
         for (&(job_id, attempt), &running) in &reported {
-            if !self.is_current(job_id, attempt) {
-                // A leftover of an attempt that ended (or of a job this controller never saw).
-                let command = if running {
-                    Command::Stop { job_id, attempt }
-                } else {
-                    Command::Forget { job_id, attempt }
-                };
-                self.push_once(name, command);
+            if self.nodes[name].holds(job_id, attempt) {
+                continue;
+            }
+            // Ranks of an attempt this node holds no slots for: a leftover of an attempt that
+            // ended while the node was cut off, or of a job this controller never saw. Running
+            // ones keep their slots occupied until they are gone.
+            let node = self.nodes.get_mut(name).expect("checked above");
+            if running > 0 {
+                node.allocations.push(Allocation { job_id, attempt, slots: running });
+                node.push(Command::Stop { job_id, attempt });
+                self.dirty_nodes.insert(name.to_string());
+                let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
+                self.event(now_ms, Some(job_id), Some(name), "leftover_ranks", message);
+            } else {
+                self.push_once(name, Command::Forget { job_id, attempt });
             }
         }
+        self.nodes.get_mut(name).expect("checked above").reported_running = reported.clone();
         let mut touched: BTreeSet<JobId> = self.nodes[name].allocations.iter().map(|a| a.job_id).collect();
         touched.extend(reported.keys().map(|&(job_id, _)| job_id));
         for job_id in touched {
@@ -477,10 +489,6 @@ impl Core {
             node.push(command);
             self.dirty_nodes.insert(name.to_string());
         }
-    }
-
-    fn is_current(&self, job_id: JobId, attempt: u32) -> bool {
-        self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref()).is_some_and(|a| a.number == attempt)
     }
 
     fn port_reserved(&mut self, node: &str, job_id: JobId, attempt: u32, port: u16, now_ms: u64) {
@@ -605,9 +613,10 @@ impl Core {
         }
         let Some(group) = a.nodes.iter().position(|n| n == node) else { return };
         let rank = group as u32 * nproc + local_rank;
-        if rank == 0 {
+        if rank == 0 && (step.is_some() && step != job.step || loss.is_some() && loss != job.loss) {
             job.step = step.or(job.step);
             job.loss = loss.or(job.loss);
+            self.dirty_jobs.insert(job_id);
         }
         let slot = &mut a.ranks[rank as usize];
         if *slot == Some(state) {
@@ -619,17 +628,18 @@ impl Core {
         self.dirty_jobs.insert(job_id);
         let all_reported = a.ranks.iter().all(Option::is_some);
         let ending = a.outcome.is_some();
+        // Every rank has been seen (a fast one may be seen only once it has already exited).
+        if all_reported && job.state == JobState::Starting && !ending {
+            job.state = JobState::Running;
+            self.event(
+                now_ms,
+                Some(job_id),
+                None,
+                "running",
+                format!("attempt {attempt}: all ranks started"),
+            );
+        }
         if !newly_exited {
-            if all_reported && job.state == JobState::Starting {
-                job.state = JobState::Running;
-                self.event(
-                    now_ms,
-                    Some(job_id),
-                    None,
-                    "running",
-                    format!("attempt {attempt}: all ranks started"),
-                );
-            }
             return;
         }
         let RankState::Exited { code, signal } = state else { unreachable!() };
@@ -686,10 +696,8 @@ impl Core {
             if !node.holds(job_id, attempt) {
                 continue;
             }
-            // A launch not yet delivered need not be: drop it, then stop whatever did start.
-            node.commands.retain(
-                |c| !matches!(&c.command, Command::Launch(l) if l.job_id == job_id && l.attempt == attempt),
-            );
+            // A launch already sent may be carried out before its acknowledgement arrives: it stays
+            // queued, the Stop follows it, and the slots wait for the ranks to be reported gone.
             if outcome != Outcome::Succeed && node.health == Health::Healthy {
                 self.push_once(&n, Command::Stop { job_id, attempt });
             }
@@ -699,30 +707,39 @@ impl Core {
         self.maybe_finish_attempt(job_id, now_ms);
     }
 
-    /// Returns a node's slots for an ended attempt once none of its ranks can still be running.
+    /// Returns a node's slots for an ended attempt once none of its ranks can still be running:
+    /// the node is lost, or its last report shows none running, its rank table shows none running,
+    /// and no launch for the attempt waits undelivered.
     fn try_release(&mut self, name: &str, job_id: JobId, _now_ms: u64) {
-        let Some(job) = self.jobs.get(&job_id) else { return };
-        let Some(a) = job.attempt.as_ref() else { return };
+        let job = self.jobs.get(&job_id);
+        let current = job.and_then(|j| j.attempt.as_ref());
         let node = &self.nodes[name];
-        let current = a.number;
-        let stale: Vec<u32> = node
+        let releasable: Vec<u32> = node
             .allocations
             .iter()
-            .filter(|al| al.job_id == job_id && (al.attempt != current || a.outcome.is_some()))
+            .filter(|al| al.job_id == job_id)
             .map(|al| al.attempt)
-            .collect();
-        let releasable: Vec<u32> = stale
-            .into_iter()
             .filter(|&attempt| {
-                if attempt != current {
+                let active = current.is_some_and(|a| a.number == attempt && a.outcome.is_none());
+                if active {
+                    return false;
+                }
+                if node.health == Health::Lost {
                     return true;
                 }
-                let group = a.nodes.iter().position(|n| n == name);
-                let nproc = job.spec.ranks_per_node as usize;
-                let none_running = group.is_none_or(|g| {
-                    a.ranks[g * nproc..(g + 1) * nproc].iter().all(|r| !r.is_some_and(|s| s.is_running()))
-                });
-                node.health == Health::Lost || (none_running && !node.has_unacked_launch(job_id, attempt))
+                let table_running = match (job, current) {
+                    (Some(job), Some(a)) if a.number == attempt => {
+                        let nproc = job.spec.ranks_per_node as usize;
+                        a.nodes.iter().position(|n| n == name).is_some_and(|g| {
+                            a.ranks[g * nproc..(g + 1) * nproc]
+                                .iter()
+                                .any(|r| r.is_some_and(|s| s.is_running()))
+                        })
+                    }
+                    _ => false,
+                };
+                let reported = node.reported_running.get(&(job_id, attempt)).copied().unwrap_or(0);
+                !table_running && reported == 0 && !node.has_unacked_launch(job_id, attempt)
             })
             .collect();
         for attempt in releasable {

@@ -82,6 +82,15 @@ impl World {
                     agent.ports.push(PortReport { job_id, attempt, port: 29_000 + attempt as u16 })
                 }
                 Command::Launch(l) => {
+                    let overlap = agent
+                        .ranks
+                        .iter()
+                        .any(|(k, st)| k.0 == l.job_id && k.1 != l.attempt && st.is_running());
+                    assert!(
+                        !overlap,
+                        "attempt {} of job {} launched on {name} while an older one still runs",
+                        l.attempt, l.job_id
+                    );
                     agent.launched.push(l.clone());
                     for r in l.ranks {
                         agent
@@ -415,4 +424,62 @@ fn a_restart_starts_from_the_newest_good_checkpoint_on_its_old_nodes_with_a_spar
     }
     assert_eq!(w.state(id), JobState::Succeeded);
     assert!(w.agents["a"].checkpoints.is_empty(), "purged");
+}
+
+#[test]
+fn a_node_cut_off_during_a_job_has_its_leftover_ranks_stopped_when_it_returns() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 0), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    // b is partitioned: silent, but its rank keeps running.
+    let cut_off = w.agents.remove("b").unwrap();
+    for _ in 0..6 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Failed);
+    w.agents.insert("b".into(), cut_off);
+    w.beat("b");
+    assert!(w.agents["b"].ranks.values().all(|s| !s.is_running()), "the leftover rank is stopped");
+    let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
+    assert_eq!(b.slots_used, 1, "its slot stays taken until the rank is reported gone");
+    w.round();
+    w.round();
+    let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
+    assert_eq!(b.slots_used, 0);
+    assert!(w.agents["b"].ranks.is_empty(), "and then forgotten");
+}
+
+#[test]
+fn a_restart_waits_for_ranks_launched_by_a_command_not_yet_acknowledged() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 1), w.now_ms).unwrap();
+    w.beat("a"); // a reserves the port
+    w.beat("a"); // a reports it: launches are queued for a and b; a starts its rank
+    w.beat("b"); // b starts its rank; its acknowledgement is still to come
+    w.exit("a", id, 0, 0, 1);
+    w.beat("a"); // the attempt fails while b's launch is unacknowledged
+    assert_eq!(w.state(id), JobState::Stopping, "b's rank may be running: no restart yet");
+    // The fake agents assert that no node ever runs two attempts of the job at once.
+    for _ in 0..6 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!((job.state, job.attempt.as_ref().unwrap().number), (JobState::Running, 1));
+}
+
+#[test]
+fn a_rank_first_seen_after_it_already_exited_still_counts_as_started() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 0), w.now_ms).unwrap();
+    w.beat("a");
+    w.beat("a");
+    w.beat("b"); // b launches, then its rank exits 0 before b reports it
+    w.exit("b", id, 0, 0, 0);
+    w.round();
+    assert_eq!(w.state(id), JobState::Running);
+    w.exit("a", id, 0, 0, 0);
+    w.round();
+    assert_eq!(w.state(id), JobState::Succeeded);
 }

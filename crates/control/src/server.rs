@@ -132,10 +132,13 @@ impl Controller {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let result = f(&mut inner.core, now_ms());
         let changes = inner.core.take_changes();
-        inner
-            .store
-            .save(&changes)
-            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        if let Err(e) = inner.store.save(&changes) {
+            // The core has moved on and the disk has not: answering now would acknowledge state
+            // a restart would not have. Fail-stop; a restarted controller reloads the last
+            // committed state and the agents re-report everything since.
+            eprintln!("controller: cannot persist state ({e}); stopping so a restart reloads it");
+            std::process::exit(70);
+        }
         Ok(result?)
     }
 

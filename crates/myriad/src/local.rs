@@ -80,7 +80,7 @@ impl LocalCluster {
         for i in 0..opts.nodes + opts.spares {
             let spare = i >= opts.nodes;
             let name = if spare { format!("spare-{}", i - opts.nodes) } else { format!("node-{i}") };
-            let mut cmd = Command::new(&exe);
+            let mut cmd = die_with_parent(Command::new(&exe));
             cmd.args([
                 "agent",
                 "--controller",
@@ -168,6 +168,9 @@ impl Drop for LocalCluster {
 /// The cluster's processes get SIGTERM when the process that started them dies, however it dies,
 /// so a killed `myriad up` or `myriad run` leaves nothing behind (agents then stop their ranks).
 fn die_with_parent(mut cmd: Command) -> Command {
+    // Their own process group: a Ctrl-C at the terminal reaches only the launcher, which then
+    // cancels jobs and stops the cluster in order.
+    cmd.process_group(0);
     // SAFETY: prctl is async-signal-safe and affects only the child being started.
     unsafe {
         cmd.pre_exec(|| {

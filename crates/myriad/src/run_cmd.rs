@@ -174,15 +174,28 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
     eprintln!("myriad run: job {id}, {} nodes × {} ranks", spec.nodes, spec.ranks_per_node);
     let mut last_line = String::new();
     let mut unreachable_since: Option<Instant> = None;
-    let mut cancelled = false;
+    let (mut cancel_wanted, mut cancel_sent) = (false, false);
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| format!("SIGINT handler: {e}"))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| format!("SIGTERM handler: {e}"))?;
     let job = loop {
-        tokio::select! {
-            _ = control::server::shutdown_signal(), if !cancelled => {
-                eprintln!("myriad run: interrupted, cancelling job {id}");
-                let _ = client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await;
-                cancelled = true;
+        let signalled = tokio::select! {
+            _ = interrupt.recv() => true,
+            _ = terminate.recv() => true,
+            _ = tokio::time::sleep(POLL_EVERY) => false,
+        };
+        if signalled {
+            if cancel_wanted {
+                return Err(format!("interrupted again; job {id} may still be stopping"));
             }
-            _ = tokio::time::sleep(POLL_EVERY) => {}
+            eprintln!("myriad run: interrupted, cancelling job {id} (interrupt again to leave at once)");
+            cancel_wanted = true;
+        }
+        if cancel_wanted && !cancel_sent {
+            match client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await {
+                Ok(_) | Err(control::client::ClientError::Status { status: 409, .. }) => cancel_sent = true,
+                Err(e) => eprintln!("myriad run: cancel failed ({e}); retrying"),
+            }
         }
         match client.get_json::<JobView>(&format!("/v1/jobs/{id}")).await {
             Ok(job) => {
