@@ -256,7 +256,7 @@ impl MemoryTier {
     ) -> Result<(), String> {
         // A ZeRO-1 checkpoint needs every rank's shard in one directory; node-local memory is not
         // one (persisted --checkpoint-dir checkpoints still work).
-        if trainer.step % self.every != 0 || trainer.is_zero1() || trainer.rank() != 0 {
+        if !trainer.step.is_multiple_of(self.every) || trainer.is_zero1() || trainer.rank() != 0 {
             return Ok(());
         }
         trainer.save(&self.root).map_err(|e| format!("in-memory checkpoint: {e}"))?;
