@@ -21,8 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
 use control::api::{
-    CheckpointReport, Command, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport,
-    RankState, RegisterReply, RegisterRequest,
+    CheckpointReport, Command, HangReport, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport,
+    RankReport, RankState, RegisterReply, RegisterRequest, StepTime,
 };
 use control::client::{Client, ClientError};
 use control::server::{require_token, ApiError, MAX_LOG_TAIL_BYTES};
@@ -57,6 +57,12 @@ pub struct AgentConfig {
     pub memory_root: PathBuf,
     /// Time between SIGTERM and SIGKILL when stopping a rank.
     pub stop_grace: Duration,
+    /// A rank that speaks the progress protocol is hung after max(floor, factor × its median
+    /// step time) without progress while not waiting in a collective.
+    pub hang_floor: Duration,
+    pub hang_factor: f64,
+    /// The allowance before a rank's first step (model build, restore, rendezvous).
+    pub hang_startup: Duration,
 }
 
 /// Key of one rank on this node: job, attempt, local rank.
@@ -68,6 +74,53 @@ struct Rank {
     step: Option<u64>,
     loss: Option<f64>,
     stopping: bool,
+    exited_at_ms: Option<u64>,
+    /// Last progress message (or the launch): the hang detector's clock.
+    last_progress: Instant,
+    /// Whether the rank speaks the progress protocol at all; silent programs are never "hung".
+    speaks: bool,
+    phase: Option<String>,
+    steps: std::collections::VecDeque<StepTime>,
+    tokens_per_s: Option<f64>,
+    mfu: Option<f64>,
+    hang: Option<HangReport>,
+}
+
+impl Rank {
+    fn new(state: RankState, pid: Option<u32>) -> Rank {
+        Rank {
+            state,
+            pid,
+            step: None,
+            loss: None,
+            stopping: false,
+            exited_at_ms: None,
+            last_progress: Instant::now(),
+            speaks: false,
+            phase: None,
+            steps: Default::default(),
+            tokens_per_s: None,
+            mfu: None,
+            hang: None,
+        }
+    }
+
+    /// Median of the recent step times, once there are a few.
+    fn median_step_ms(&self) -> Option<f64> {
+        if self.steps.len() < 3 {
+            return None;
+        }
+        let mut ms: Vec<f64> = self.steps.iter().map(|s| s.ms).collect();
+        ms.sort_by(f64::total_cmp);
+        Some(ms[ms.len() / 2])
+    }
+}
+
+/// Step times kept (and reported) per rank.
+const STEPS_KEPT: usize = 32;
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Default)]
@@ -141,6 +194,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     let token: Arc<str> = agent.cfg.token.clone().into();
     let app = Router::new()
         .route("/v1/logs/{job}/{attempt}/{rank}/{stream}", get(serve_log))
+        .route("/v1/wake", axum::routing::post(wake))
         .route(
             "/v1/checkpoints/{job}/{step}/{file}",
             get(serve_checkpoint_file)
@@ -156,6 +210,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         }
     });
     tokio::spawn(accept_progress(agent.clone(), progress));
+    tokio::spawn(detect_hangs(agent.clone()));
 
     let result = tokio::select! {
         r = heartbeat_loop(agent.clone(), client, http_port) => r,
@@ -272,6 +327,11 @@ impl Agent {
                     state: r.state,
                     step: r.step,
                     loss: r.loss,
+                    exited_at_ms: r.exited_at_ms,
+                    hang: r.hang.clone(),
+                    steps: r.steps.iter().copied().collect(),
+                    tokens_per_s: r.tokens_per_s,
+                    mfu: r.mfu,
                 })
                 .collect(),
             ports: node
@@ -390,10 +450,7 @@ impl Agent {
                 });
                 for &l in &fresh {
                     let failed = RankState::Exited { code: Some(RESTORE_FAILED_EXIT), signal: None };
-                    node.ranks.insert(
-                        (spec.job_id, spec.attempt, l),
-                        Rank { state: failed, pid: None, step: None, loss: None, stopping: false },
-                    );
+                    node.ranks.insert((spec.job_id, spec.attempt, l), Rank::new(failed, None));
                 }
                 return;
             }
@@ -419,13 +476,7 @@ impl Agent {
                 Ok(child) => {
                     let pid = child.id();
                     tokio::spawn(watch(self.clone(), key, child));
-                    Rank {
-                        state: RankState::Running { pid: pid.unwrap_or(0) },
-                        pid,
-                        step: None,
-                        loss: None,
-                        stopping: false,
-                    }
+                    Rank::new(RankState::Running { pid: pid.unwrap_or(0) }, pid)
                 }
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
@@ -437,13 +488,7 @@ impl Agent {
                         dir.join(format!("rank-{}.stderr", r.local_rank)),
                         format!("myriad agent: {message}\n"),
                     );
-                    Rank {
-                        state: RankState::Exited { code: Some(127), signal: None },
-                        pid: None,
-                        step: None,
-                        loss: None,
-                        stopping: false,
-                    }
+                    Rank::new(RankState::Exited { code: Some(127), signal: None }, None)
                 }
             };
             self.node.lock().expect("agent state").ranks.insert(key, rank);
@@ -563,6 +608,7 @@ async fn watch(agent: Arc<Agent>, key: RankKey, mut child: tokio::process::Child
     signal_groups(&pid.into_iter().collect::<Vec<_>>(), libc::SIGKILL);
     if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&key) {
         r.state = state;
+        r.exited_at_ms = Some(unix_ms());
     }
     agent.wake.notify_one();
 }
@@ -643,6 +689,14 @@ struct Progress {
     step: Option<u64>,
     #[serde(default)]
     loss: Option<f64>,
+    #[serde(default)]
+    step_ms: Option<f64>,
+    #[serde(default)]
+    tokens: Option<u64>,
+    #[serde(default)]
+    mfu: Option<f64>,
+    #[serde(default)]
+    phase: Option<String>,
 }
 
 async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
@@ -678,13 +732,27 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
                     }
                     continue;
                 }
-                if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&(
-                    p.job_id,
-                    p.attempt,
-                    p.local_rank,
-                )) {
+                let mut node = agent.node.lock().expect("agent state");
+                let Some(r) = node.ranks.get_mut(&(p.job_id, p.attempt, p.local_rank)) else { continue };
+                r.last_progress = Instant::now();
+                r.speaks = true;
+                if p.phase.is_some() {
+                    r.phase = p.phase.clone();
+                }
+                if p.event.as_deref() == Some("step_end") {
+                    r.phase = None;
                     r.step = p.step.or(r.step);
                     r.loss = p.loss.or(r.loss);
+                    r.mfu = p.mfu.or(r.mfu);
+                    if let (Some(step), Some(ms)) = (p.step, p.step_ms) {
+                        if let Some(tokens) = p.tokens {
+                            r.tokens_per_s = Some(tokens as f64 / (ms / 1e3));
+                        }
+                        r.steps.push_back(StepTime { step, ms, end_ms: unix_ms() });
+                        if r.steps.len() > STEPS_KEPT {
+                            r.steps.pop_front();
+                        }
+                    }
                 }
             }
         });
@@ -789,4 +857,107 @@ async fn receive_checkpoint_file(
         checkpoints::prune(&root, checkpoints::KEEP_IN_MEMORY);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// How often ranks are checked for hangs.
+const HANG_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// Finds ranks that stopped making progress, captures their stacks and kills them; the exit
+/// wakes the heartbeat, and the controller ends the attempt. Nobody waits for a collective's
+/// deadline, let alone a 600 s watchdog.
+async fn detect_hangs(agent: Arc<Agent>) {
+    loop {
+        tokio::time::sleep(HANG_CHECK_EVERY).await;
+        let now = Instant::now();
+        let mut hung: Vec<(RankKey, u32, HangReport)> = Vec::new();
+        {
+            let node = agent.node.lock().expect("agent state");
+            for (key, r) in node.ranks.iter() {
+                let (Some(pid), true, false, true) = (r.pid, r.state.is_running(), r.stopping, r.speaks)
+                else {
+                    continue;
+                };
+                if r.hang.is_some() {
+                    continue;
+                }
+                let threshold = match r.median_step_ms() {
+                    Some(ms) => {
+                        agent.cfg.hang_floor.max(Duration::from_secs_f64(agent.cfg.hang_factor * ms / 1e3))
+                    }
+                    None if r.step.is_none() => agent.cfg.hang_startup,
+                    None => agent.cfg.hang_floor,
+                };
+                // A stopped (T) or spinning (R) rank is a culprit. A sleeping one is most likely
+                // waiting on a culprit elsewhere: it gets half again as long, so the culprit's
+                // report reaches the controller first and names the right rank.
+                let state = process_state(pid);
+                let culprit = matches!(state, Some('T' | 't' | 'R'));
+                let threshold = if culprit { threshold } else { threshold.mul_f64(1.5) };
+                let stalled = now.duration_since(r.last_progress);
+                if stalled < threshold {
+                    continue;
+                }
+                let report = HangReport {
+                    stalled_ms: stalled.as_millis() as u64,
+                    threshold_ms: threshold.as_millis() as u64,
+                    phase: r.phase.clone(),
+                    stack: String::new(),
+                };
+                hung.push((*key, pid, report));
+            }
+        }
+        for (key, pid, mut report) in hung {
+            report.stack = capture_stacks(pid);
+            eprintln!(
+                "agent {}: job {} rank {} hung ({} ms without progress); killing it",
+                agent.cfg.name, key.0, key.2, report.stalled_ms
+            );
+            if let Some(r) = agent.node.lock().expect("agent state").ranks.get_mut(&key) {
+                r.hang = Some(report);
+            }
+            signal_groups(&[pid], libc::SIGKILL);
+        }
+    }
+}
+
+/// The one-letter state of a process (R, S, D, T, t, Z, …) from /proc/PID/stat.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// Every thread of `pid`: name, state, wait channel and kernel stack (when readable), bounded.
+fn capture_stacks(pid: u32) -> String {
+    const MAX_BYTES: usize = 16 * 1024;
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("/proc/{pid}/task is not readable");
+    };
+    let mut tids: Vec<u32> = tasks.flatten().filter_map(|t| t.file_name().to_str()?.parse().ok()).collect();
+    tids.sort_unstable();
+    for tid in tids {
+        let base = format!("/proc/{pid}/task/{tid}");
+        let read = |f: &str| std::fs::read_to_string(format!("{base}/{f}")).unwrap_or_default();
+        let comm = read("comm");
+        let stat = read("stat");
+        let state =
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).unwrap_or('?');
+        out += &format!("thread {tid} {:?} state {state} wchan {}\n", comm.trim(), read("wchan").trim());
+        for line in read("stack").lines().take(12) {
+            out += &format!("    {line}\n");
+        }
+        if out.len() > MAX_BYTES {
+            out.truncate(MAX_BYTES);
+            out += "\n[truncated]\n";
+            break;
+        }
+    }
+    out
+}
+
+/// The controller has commands for this node: heartbeat now.
+async fn wake(State(agent): State<Arc<Agent>>) -> StatusCode {
+    agent.wake.notify_one();
+    StatusCode::NO_CONTENT
 }

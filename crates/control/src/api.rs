@@ -73,6 +73,38 @@ pub struct RankReport {
     pub step: Option<u64>,
     #[serde(default)]
     pub loss: Option<f64>,
+    /// When the rank exited, on the agent's clock (ms since the Unix epoch).
+    #[serde(default)]
+    pub exited_at_ms: Option<u64>,
+    /// Set when the agent found the rank hung and killed it.
+    #[serde(default)]
+    pub hang: Option<HangReport>,
+    /// The rank's most recent step times (bounded; the controller keeps rank 0's).
+    #[serde(default)]
+    pub steps: Vec<StepTime>,
+    #[serde(default)]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default)]
+    pub mfu: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct HangReport {
+    /// How long the rank had made no progress when it was declared hung.
+    pub stalled_ms: u64,
+    pub threshold_ms: u64,
+    /// The rank's last reported phase (forward, backward, allreduce, checkpoint).
+    pub phase: Option<String>,
+    /// Every thread's state, wait channel and kernel stack, from /proc, before the kill.
+    pub stack: String,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+pub struct StepTime {
+    pub step: u64,
+    pub ms: f64,
+    /// When the step ended, on the agent's clock (ms since the Unix epoch).
+    pub end_ms: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -206,6 +238,29 @@ pub struct JobView {
     pub ended_ms: Option<u64>,
     /// Why the job ended or the last attempt failed.
     pub reason: Option<String>,
+    pub tokens_per_s: Option<f64>,
+    pub mfu: Option<f64>,
+    /// Effective training time (DESIGN.md): committed step time over wall time since submission.
+    pub ettr: Option<f64>,
+    pub time: TimeAccount,
+    /// Faults the job recovered from, or is recovering from.
+    pub faults: u32,
+}
+
+/// Where a job's wall-clock time went, in milliseconds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct TimeAccount {
+    pub wall_ms: u64,
+    /// Sum of the durations of committed steps (never rolled back).
+    pub committed_ms: f64,
+    /// Submission until the first step began.
+    pub startup_ms: f64,
+    /// Faults until the controller noticed them.
+    pub detection_ms: f64,
+    /// Detection until the next attempt began its first step (stop, relaunch, restore, rendezvous).
+    pub restart_ms: f64,
+    /// Steps computed again after a rollback to an older checkpoint.
+    pub recompute_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -230,6 +285,9 @@ pub struct Event {
     pub node: Option<String>,
     pub kind: String,
     pub message: String,
+    /// Figures of the event (a recovery's detection, restart and recomputation seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -16,7 +16,7 @@ use std::fmt;
 
 use crate::api::{
     Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchRank, LaunchSpec, NodeView,
-    RankState, RegisterReply, RegisterRequest, SeqCommand, Tier,
+    RankReport, RankState, RegisterReply, RegisterRequest, SeqCommand, StepTime, Tier, TimeAccount,
 };
 use crate::spec::{validate_name, JobSpec, SpecError};
 
@@ -168,6 +168,106 @@ pub struct Job {
     /// Steps that failed verification somewhere: never restored from again.
     #[serde(default)]
     pub bad_steps: BTreeSet<u64>,
+    #[serde(default)]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default)]
+    pub mfu: Option<f64>,
+    /// Committed step time and lost time, for effective training time.
+    #[serde(default)]
+    pub account: Account,
+}
+
+/// Steps kept one by one for rollback; older ones are folded into a sum.
+const STEP_WINDOW: usize = 256;
+
+/// The time ledger of a job (DESIGN.md's effective training time).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    /// Total duration of committed steps older than the window.
+    pub committed_base_ms: f64,
+    /// Rank 0's recent steps: duration and end, by step.
+    pub recent: BTreeMap<u64, StepTime>,
+    pub startup_ms: Option<f64>,
+    pub detection_ms: f64,
+    pub restart_ms: f64,
+    pub recompute_ms: f64,
+    pub faults: u32,
+    /// A fault detected whose recovery is not complete (the next attempt has not stepped yet).
+    pub pending: Option<PendingFault>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingFault {
+    pub cause: String,
+    pub fault_ms: u64,
+    pub detected_ms: u64,
+    pub recompute_ms: f64,
+    pub lost_steps: u64,
+    pub restore_step: u64,
+}
+
+impl Account {
+    pub fn committed_ms(&self) -> f64 {
+        self.committed_base_ms + self.recent.values().map(|s| s.ms).sum::<f64>()
+    }
+
+    /// A new attempt starts from `restore_step`: every later step will be computed again.
+    fn roll_back(&mut self, restore_step: u64) {
+        let lost: Vec<u64> = self.recent.range(restore_step + 1..).map(|(&s, _)| s).collect();
+        let lost_ms: f64 = lost.iter().map(|s| self.recent[s].ms).sum();
+        for s in &lost {
+            self.recent.remove(s);
+        }
+        if let Some(p) = self.pending.as_mut() {
+            p.recompute_ms += lost_ms;
+            p.lost_steps += lost.len() as u64;
+            p.restore_step = restore_step;
+        }
+    }
+
+    /// Records rank 0's step times. Returns the recovery event (message, figures) when these are
+    /// the first steps after a fault.
+    fn record_steps(
+        &mut self,
+        steps: &[StepTime],
+        attempt: u32,
+        submitted_ms: u64,
+    ) -> Option<(String, serde_json::Value)> {
+        let first =
+            steps.iter().filter(|s| !self.recent.contains_key(&s.step)).min_by_key(|s| s.step).copied();
+        for s in steps {
+            self.recent.insert(s.step, *s);
+        }
+        while self.recent.len() > STEP_WINDOW {
+            let (_, oldest) = self.recent.pop_first().expect("non-empty");
+            self.committed_base_ms += oldest.ms;
+        }
+        let first = first?;
+        let began_ms = first.end_ms as f64 - first.ms;
+        if attempt == 0 && self.startup_ms.is_none() {
+            self.startup_ms = Some((began_ms - submitted_ms as f64).max(0.0));
+        }
+        let p = self.pending.take()?;
+        let detection_ms = p.detected_ms.saturating_sub(p.fault_ms) as f64;
+        let restart_ms = (began_ms - p.detected_ms as f64).max(0.0);
+        self.detection_ms += detection_ms;
+        self.restart_ms += restart_ms;
+        self.recompute_ms += p.recompute_ms;
+        let message = format!(
+            "recovered from step {} after: {}; detection {:.2} s, restart {:.2} s, recomputation {:.2} s ({} steps)",
+            p.restore_step,
+            p.cause,
+            detection_ms / 1e3,
+            restart_ms / 1e3,
+            p.recompute_ms / 1e3,
+            p.lost_steps
+        );
+        let data = serde_json::json!({
+            "cause": p.cause, "restore_step": p.restore_step, "detection_s": detection_ms / 1e3,
+            "restart_s": restart_ms / 1e3, "recompute_s": p.recompute_ms / 1e3, "lost_steps": p.lost_steps,
+        });
+        Some((message, data))
+    }
 }
 
 /// Errors the API turns into 4xx responses.
@@ -279,6 +379,7 @@ impl Core {
             node: node.map(str::to_string),
             kind: kind.to_string(),
             message,
+            data: None,
         });
         self.next_event_seq += 1;
     }
@@ -319,7 +420,7 @@ impl Core {
                 );
                 for (job_id, attempt) in held {
                     let reason = format!("the agent on node {name} restarted and lost its ranks");
-                    self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+                    self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
                     self.maybe_finish_attempt(job_id, now_ms);
                 }
             }
@@ -388,7 +489,7 @@ impl Core {
         let mut reported: BTreeMap<(JobId, u32), u32> = BTreeMap::new();
         for r in &req.ranks {
             *reported.entry((r.job_id, r.attempt)).or_default() += r.state.is_running() as u32;
-            self.rank_report(name, r.job_id, r.attempt, r.local_rank, r.state, r.step, r.loss, now_ms);
+            self.rank_report(name, r, now_ms);
         }
         for (&(job_id, attempt), &running) in &reported {
             if self.nodes[name].holds(job_id, attempt) {
@@ -499,6 +600,10 @@ impl Core {
         }
         a.master_port = Some(port);
         self.dirty_jobs.insert(job_id);
+        let restore_step = self.restore_point(&self.jobs[&job_id]).map_or(0, |r| r.step);
+        let job = self.jobs.get_mut(&job_id).expect("checked above");
+        job.account.roll_back(restore_step);
+        job.step = Some(restore_step);
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");
         let launches: Vec<(String, LaunchSpec)> = a
@@ -593,18 +698,9 @@ impl Core {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn rank_report(
-        &mut self,
-        node: &str,
-        job_id: JobId,
-        attempt: u32,
-        local_rank: u32,
-        state: RankState,
-        step: Option<u64>,
-        loss: Option<f64>,
-        now_ms: u64,
-    ) {
+    fn rank_report(&mut self, node: &str, r: &RankReport, now_ms: u64) {
+        let (job_id, attempt, local_rank, state) = (r.job_id, r.attempt, r.local_rank, r.state);
+        let (step, loss) = (r.step, r.loss);
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let nproc = job.spec.ranks_per_node;
         let Some(a) = job.attempt.as_mut() else { return };
@@ -618,6 +714,21 @@ impl Core {
             job.loss = loss.or(job.loss);
             self.dirty_jobs.insert(job_id);
         }
+        if rank == 0 {
+            job.tokens_per_s = r.tokens_per_s.or(job.tokens_per_s);
+            job.mfu = r.mfu.or(job.mfu);
+            let submitted_ms = job.submitted_ms;
+            if let Some(recovered) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
+                self.dirty_jobs.insert(job_id);
+                let (message, data) = recovered;
+                self.event(now_ms, Some(job_id), None, "recovered", message);
+                self.events.last_mut().expect("just pushed").data = Some(data);
+            } else if !r.steps.is_empty() {
+                self.dirty_jobs.insert(job_id);
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(a) = job.attempt.as_mut() else { return };
         let slot = &mut a.ranks[rank as usize];
         if *slot == Some(state) {
             return;
@@ -648,25 +759,54 @@ impl Core {
             (Some(c), None) => format!("exited with code {c}"),
             (None, None) => "exited".to_string(),
         };
+        if let Some(h) = &r.hang {
+            let message = format!(
+                "rank {rank} hung: no progress for {:.1} s (threshold {:.1} s); stack captured, killed",
+                h.stalled_ms as f64 / 1e3,
+                h.threshold_ms as f64 / 1e3
+            );
+            self.event(now_ms, Some(job_id), Some(node), "rank_hung", message);
+            let data = serde_json::json!({"stalled_ms": h.stalled_ms, "phase": h.phase, "stack": h.stack});
+            self.events.last_mut().expect("just pushed").data = Some(data);
+        }
         self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
         if ending {
             return;
         }
         if !state.succeeded() {
-            let reason = format!("rank {rank} on node {node} {how}");
-            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+            let reason = match &r.hang {
+                Some(h) => format!(
+                    "rank {rank} on node {node} hung: no progress for {:.1} s{}",
+                    h.stalled_ms as f64 / 1e3,
+                    h.phase.as_deref().map(|p| format!(" (in {p})")).unwrap_or_default()
+                ),
+                None => format!("rank {rank} on node {node} {how}"),
+            };
+            let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
+            let fault_ms = r.hang.as_ref().map_or(exited_ms, |h| exited_ms.saturating_sub(h.stalled_ms));
+            self.end_attempt(job_id, attempt, Outcome::Restart, reason, fault_ms, now_ms);
             return;
         }
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");
         if a.ranks.iter().all(|r| r.is_some_and(|s| s.succeeded())) {
-            self.end_attempt(job_id, attempt, Outcome::Succeed, "every rank exited 0".into(), now_ms);
+            self.end_attempt(job_id, attempt, Outcome::Succeed, "every rank exited 0".into(), now_ms, now_ms);
         }
     }
 
     /// Ends an attempt: records why, tells every node still running its ranks to stop. The job
     /// moves on in [`Core::maybe_finish_attempt`] once all its slots are released.
-    fn end_attempt(&mut self, job_id: JobId, attempt: u32, outcome: Outcome, reason: String, now_ms: u64) {
+    /// `fault_ms` is when the fault happened as far as anyone can tell (a rank's exit, a node's
+    /// last heartbeat, a hung rank's last progress); the gap to `now_ms` is detection time.
+    fn end_attempt(
+        &mut self,
+        job_id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        reason: String,
+        fault_ms: u64,
+        now_ms: u64,
+    ) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(a) = job.attempt.as_mut() else { return };
         if a.number != attempt {
@@ -679,6 +819,17 @@ impl Core {
             (None, o) => o,
         };
         a.outcome = Some(outcome);
+        if matches!(outcome, Outcome::Restart | Outcome::Fail) {
+            job.account.faults += 1;
+            job.account.pending = Some(PendingFault {
+                cause: reason.clone(),
+                fault_ms: fault_ms.min(now_ms),
+                detected_ms: now_ms,
+                recompute_ms: 0.0,
+                lost_steps: 0,
+                restore_step: 0,
+            });
+        }
         if job.state != JobState::Queued {
             job.state = JobState::Stopping;
         }
@@ -842,6 +993,9 @@ impl Core {
                 loss: None,
                 persisted: BTreeSet::new(),
                 bad_steps: BTreeSet::new(),
+                tokens_per_s: None,
+                mfu: None,
+                account: Account::default(),
             },
         );
         self.dirty_jobs.insert(id);
@@ -865,7 +1019,7 @@ impl Core {
             return Ok(());
         }
         let attempt = job.attempt.as_ref().expect("a started job has an attempt").number;
-        self.end_attempt(id, attempt, Outcome::Cancel, "cancelled by request".into(), now_ms);
+        self.end_attempt(id, attempt, Outcome::Cancel, "cancelled by request".into(), now_ms, now_ms);
         self.maybe_finish_attempt(id, now_ms);
         Ok(())
     }
@@ -896,7 +1050,7 @@ impl Core {
             );
             for (job_id, attempt) in held {
                 let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
-                self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+                self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms - age_ms, now_ms);
                 self.try_release(&name, job_id, now_ms);
                 self.maybe_finish_attempt(job_id, now_ms);
             }
@@ -913,7 +1067,7 @@ impl Core {
             .collect();
         for (job_id, attempt) in late {
             let reason = format!("ranks did not all start within {} ms", self.cfg.launch_timeout_ms);
-            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms);
+            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
         self.schedule(now_ms);
@@ -1002,7 +1156,13 @@ impl Core {
         self.nodes.get(name)
     }
 
-    pub fn job_view(&self, id: JobId) -> Option<JobView> {
+    /// Effective training time: committed step time over wall time since submission.
+    fn ettr(&self, job: &Job, now_ms: u64) -> Option<f64> {
+        let wall_ms = job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms);
+        (wall_ms > 0 && !job.account.recent.is_empty()).then(|| job.account.committed_ms() / wall_ms as f64)
+    }
+
+    pub fn job_view(&self, id: JobId, now_ms: u64) -> Option<JobView> {
         let job = self.jobs.get(&id)?;
         let a = job.attempt.as_ref();
         let count = |f: fn(&RankState) -> bool| {
@@ -1025,6 +1185,18 @@ impl Core {
             submitted_ms: job.submitted_ms,
             ended_ms: job.ended_ms,
             reason: job.reason.clone(),
+            tokens_per_s: job.tokens_per_s,
+            mfu: job.mfu,
+            ettr: self.ettr(job, now_ms),
+            time: TimeAccount {
+                wall_ms: job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms),
+                committed_ms: job.account.committed_ms(),
+                startup_ms: job.account.startup_ms.unwrap_or(0.0),
+                detection_ms: job.account.detection_ms,
+                restart_ms: job.account.restart_ms,
+                recompute_ms: job.account.recompute_ms,
+            },
+            faults: job.account.faults,
         })
     }
 

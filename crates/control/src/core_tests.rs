@@ -158,7 +158,7 @@ fn a_job_runs_on_all_its_nodes_at_once_and_succeeds() {
     w.round(); // a and b launch
     w.round(); // they report running
     assert_eq!(w.state(id), JobState::Running);
-    let view = w.core.job_view(id).unwrap();
+    let view = w.core.job_view(id, w.now_ms).unwrap();
     assert_eq!((view.ranks_running, view.step, view.loss), (4, Some(7), Some(2.5)));
     assert!(w.agents["c"].ranks.is_empty(), "gang of two nodes uses exactly two");
     w.exit_all(id, 0, 0);

@@ -101,6 +101,8 @@ pub struct Controller {
 pub const TOKEN_FILE: &str = "token";
 pub const URL_FILE: &str = "controller.url";
 const DB_FILE: &str = "state.db";
+/// Deadline for a doorbell to an agent.
+const DOORBELL_TIMEOUT: Duration = Duration::from_secs(1);
 /// Deadline for the controller's calls to agents (log fetches).
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -139,7 +141,25 @@ impl Controller {
             eprintln!("controller: cannot persist state ({e}); stopping so a restart reloads it");
             std::process::exit(70);
         }
+        self.ring_doorbells(&changes);
         Ok(result?)
+    }
+
+    /// Nodes with new commands are told to heartbeat now instead of at their next interval: a
+    /// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
+    fn ring_doorbells(&self, changes: &crate::core::Changes) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        for node in changes
+            .nodes
+            .iter()
+            .filter(|n| !n.commands.is_empty() && n.health == crate::core::Health::Healthy)
+        {
+            let base = format!("http://{}:{}", node.addr, node.http_port);
+            let Ok(client) = Client::new(&base, &self.token, DOORBELL_TIMEOUT) else { continue };
+            runtime.spawn(async move {
+                let _ = client.call(Method::POST, "/v1/wake", None).await;
+            });
+        }
     }
 
     fn read<T>(&self, f: impl FnOnce(&Core, &Store) -> T) -> T {
@@ -237,7 +257,7 @@ async fn submit(
 }
 
 async fn list_jobs(State(ctl): State<Arc<Controller>>) -> Json<Vec<JobView>> {
-    Json(ctl.read(|core, _| core.jobs().filter_map(|j| core.job_view(j.id)).collect()))
+    Json(ctl.read(|core, _| core.jobs().filter_map(|j| core.job_view(j.id, now_ms())).collect()))
 }
 
 async fn get_job(
@@ -245,7 +265,7 @@ async fn get_job(
     id: Result<Path<JobId>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
-    ctl.read(|core, _| core.job_view(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core, _| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
 }
 
 async fn cancel(
@@ -254,7 +274,7 @@ async fn cancel(
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
     ctl.apply(|core, now| core.cancel(id, now))?;
-    ctl.read(|core, _| core.job_view(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core, _| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
 }
 
 #[derive(Deserialize)]

@@ -59,7 +59,7 @@ impl Store {
              CREATE TABLE IF NOT EXISTS jobs (id INTEGER PRIMARY KEY, row TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS events (
                  seq INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, job_id INTEGER, node TEXT,
-                 kind TEXT NOT NULL, message TEXT NOT NULL);
+                 kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT);
              CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);",
         )?;
         Ok(Store { conn })
@@ -111,8 +111,16 @@ impl Store {
         }
         for e in &changes.events {
             tx.execute(
-                "INSERT INTO events (seq, time_ms, job_id, node, kind, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![e.seq as i64, e.time_ms as i64, e.job_id.map(|j| j as i64), e.node, e.kind, e.message],
+                "INSERT INTO events (seq, time_ms, job_id, node, kind, message, data) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    e.seq as i64,
+                    e.time_ms as i64,
+                    e.job_id.map(|j| j as i64),
+                    e.node,
+                    e.kind,
+                    e.message,
+                    e.data.as_ref().map(|d| d.to_string())
+                ],
             )?;
         }
         for (key, value) in [("next_job_id", changes.next_job_id), ("next_event_seq", changes.next_event_seq)]
@@ -134,7 +142,7 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Event>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT seq, time_ms, job_id, node, kind, message FROM events
+            "SELECT seq, time_ms, job_id, node, kind, message, data FROM events
              WHERE seq > ?1 AND (?2 IS NULL OR job_id = ?2) ORDER BY seq LIMIT ?3",
         )?;
         let rows =
@@ -146,6 +154,7 @@ impl Store {
                     node: r.get(3)?,
                     kind: r.get(4)?,
                     message: r.get(5)?,
+                    data: r.get::<_, Option<String>>(6)?.and_then(|d| serde_json::from_str(&d).ok()),
                 })
             })?;
         Ok(rows.collect::<Result<_, _>>()?)

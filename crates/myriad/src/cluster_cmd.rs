@@ -133,6 +133,14 @@ pub struct AgentArgs {
     /// Seconds between SIGTERM and SIGKILL when stopping ranks.
     #[arg(long, default_value_t = 10)]
     stop_grace_s: u64,
+    /// A rank is hung after max(--hang-floor-s, --hang-factor × median step) without progress.
+    #[arg(long, default_value_t = 4.0)]
+    hang_floor_s: f64,
+    #[arg(long, default_value_t = 4.0)]
+    hang_factor: f64,
+    /// Allowance before a rank's first step.
+    #[arg(long, default_value_t = 120.0)]
+    hang_startup_s: f64,
 }
 
 pub fn agent(a: AgentArgs) -> Result<(), String> {
@@ -164,7 +172,17 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
         checkpoint_root,
         memory_root,
         stop_grace: Duration::from_secs(a.stop_grace_s),
+        hang_floor: secs("--hang-floor-s", a.hang_floor_s)?,
+        hang_factor: a.hang_factor,
+        hang_startup: secs("--hang-startup-s", a.hang_startup_s)?,
     })
+}
+
+fn secs(flag: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or(format!("{flag} {s} must be a positive number of seconds"))
 }
 
 /// Memory, not disk: tmpfs when the machine has it. The pid keeps a restarted agent from finding
