@@ -66,6 +66,11 @@ impl World {
                     state,
                     step: Some(7),
                     loss: Some(2.5),
+                    exited_at_ms: None,
+                    hang: None,
+                    steps: Vec::new(),
+                    tokens_per_s: None,
+                    mfu: None,
                 })
                 .collect(),
             ports: agent.ports.clone(),
@@ -482,4 +487,34 @@ fn a_rank_first_seen_after_it_already_exited_still_counts_as_started() {
     w.exit("a", id, 0, 0, 0);
     w.round();
     assert_eq!(w.state(id), JobState::Succeeded);
+}
+
+#[test]
+fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
+    let step = |step: u64, end_ms: u64| StepTime { step, ms: 100.0, end_ms };
+    let mut acc = Account::default();
+    // Submitted at 0; the first step begins at 900 ms.
+    assert!(acc.record_steps(&[step(1, 1000), step(2, 1100), step(3, 1200)], 0, 0).is_none());
+    assert_eq!(acc.startup_ms, Some(900.0));
+    assert_eq!(acc.committed_ms(), 300.0);
+    // A rank dies at 1250 ms, noticed at 1300 ms; the restart resumes from step 1.
+    acc.pending = Some(PendingFault {
+        cause: "rank 1 died".into(),
+        fault_ms: 1250,
+        detected_ms: 1300,
+        recompute_ms: 0.0,
+        lost_steps: 0,
+        restore_step: 0,
+    });
+    acc.roll_back(1);
+    assert_eq!(acc.committed_ms(), 100.0, "steps 2 and 3 are no longer committed");
+    // The new attempt's first step (step 2 again) begins at 2000 ms.
+    let (message, data) = acc.record_steps(&[step(2, 2100)], 1, 0).expect("recovered");
+    assert!(message.contains("recovered from step 1"), "{message}");
+    assert_eq!(data["detection_s"], 0.05);
+    assert_eq!(data["restart_s"], 0.7);
+    assert_eq!(data["recompute_s"], 0.2);
+    assert_eq!(data["lost_steps"], 2);
+    assert_eq!((acc.detection_ms, acc.restart_ms, acc.recompute_ms), (50.0, 700.0, 200.0));
+    assert_eq!(acc.committed_ms(), 200.0);
 }
