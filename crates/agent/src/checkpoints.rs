@@ -18,6 +18,8 @@ pub const MANIFEST: &str = "manifest.json";
 /// In-memory checkpoints kept per job and node (the newest and the one before, in case the newest
 /// turns out corrupt).
 pub const KEEP_IN_MEMORY: usize = 2;
+/// Largest checkpoint file fetched from another agent.
+const MAX_FILE_BYTES: usize = 16 << 30;
 /// Deadline for copying one checkpoint file between agents.
 const COPY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -190,7 +192,7 @@ async fn fetch(
     step: u64,
     job_root: &Path,
 ) -> Result<PathBuf, String> {
-    let client = Client::new(source, token, COPY_TIMEOUT)?;
+    let client = Client::new(source, token, COPY_TIMEOUT)?.with_response_limit(MAX_FILE_BYTES);
     let tmp = job_root.join(format!(".{}.fetch", step_dir_name(step)));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;

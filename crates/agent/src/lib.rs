@@ -151,6 +151,8 @@ struct Agent {
     node: Mutex<Node>,
     /// Wakes the heartbeat loop early: a rank exited, so the controller should hear now.
     wake: Notify,
+    /// Chaos: no heartbeats until then (a network partition).
+    silent_until: Mutex<Option<Instant>>,
     socket_path: PathBuf,
 }
 
@@ -189,12 +191,19 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     let http_port = http.local_addr().map_err(|e| e.to_string())?.port();
     std::fs::create_dir_all(&cfg.memory_root)
         .map_err(|e| format!("memory root {}: {e}", cfg.memory_root.display()))?;
-    let agent = Arc::new(Agent { cfg, node: Mutex::new(Node::default()), wake: Notify::new(), socket_path });
+    let agent = Arc::new(Agent {
+        cfg,
+        node: Mutex::new(Node::default()),
+        wake: Notify::new(),
+        silent_until: Mutex::new(None),
+        socket_path,
+    });
 
     let token: Arc<str> = agent.cfg.token.clone().into();
     let app = Router::new()
         .route("/v1/logs/{job}/{attempt}/{rank}/{stream}", get(serve_log))
         .route("/v1/wake", axum::routing::post(wake))
+        .route("/v1/chaos", axum::routing::post(chaos))
         .route(
             "/v1/checkpoints/{job}/{step}/{file}",
             get(serve_checkpoint_file)
@@ -259,6 +268,11 @@ async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Re
     let path = format!("/v1/agents/{}/heartbeat", agent.cfg.name);
     let mut unreachable_since: Option<Instant> = None;
     loop {
+        let silent = agent.silent_until.lock().expect("agent state").is_some_and(|t| Instant::now() < t);
+        if silent {
+            tokio::time::sleep(interval.min(Duration::from_millis(100))).await;
+            continue;
+        }
         let req = agent.report();
         match client.post_json::<_, HeartbeatReply>(&path, &req).await {
             Ok(reply) => {
@@ -960,4 +974,104 @@ fn capture_stacks(pid: u32) -> String {
 async fn wake(State(agent): State<Arc<Agent>>) -> StatusCode {
     agent.wake.notify_one();
     StatusCode::NO_CONTENT
+}
+
+/// Injects a fault on this node (`myriad chaos`, through the controller).
+async fn chaos(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    use control::api::{ChaosAction, ChaosRequest};
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let req: ChaosRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("chaos: {e}")))?;
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    let rank_pid = || -> Result<u32, ApiError> {
+        let (job, local) = (req.job_id.ok_or(bad("job_id missing".into()))?, req.rank.unwrap_or(0));
+        let node = agent.node.lock().expect("agent state");
+        node.ranks
+            .iter()
+            .filter(|(k, r)| k.0 == job && k.2 == local && r.state.is_running())
+            .max_by_key(|(k, _)| k.1)
+            .and_then(|(_, r)| r.pid)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("no running local rank {local} of job {job} here"),
+                )
+            })
+    };
+    let seconds = req.seconds.unwrap_or(10.0);
+    if !(seconds.is_finite() && seconds > 0.0 && seconds <= 3600.0) {
+        return Err(bad(format!("seconds {seconds} must be in (0, 3600]")));
+    }
+    match req.action {
+        ChaosAction::KillRank => signal_pid(rank_pid()?, libc::SIGKILL),
+        ChaosAction::HangRank => signal_pid(rank_pid()?, libc::SIGSTOP),
+        ChaosAction::SlowRank => {
+            let pid = rank_pid()?;
+            let factor = req.factor.unwrap_or(2.0);
+            if !(factor.is_finite() && factor > 1.0 && factor <= 100.0) {
+                return Err(bad(format!("factor {factor} must be in (1, 100]")));
+            }
+            // Runs 1/factor of each 100 ms period, stopped the rest.
+            tokio::spawn(async move {
+                let period = Duration::from_millis(100);
+                let run = period.div_f64(factor);
+                let end = Instant::now() + Duration::from_secs_f64(seconds);
+                while Instant::now() < end {
+                    tokio::time::sleep(run).await;
+                    signal_pid(pid, libc::SIGSTOP);
+                    tokio::time::sleep(period - run).await;
+                    signal_pid(pid, libc::SIGCONT);
+                }
+            });
+        }
+        ChaosAction::KillAgent => {
+            eprintln!("agent {}: chaos: exiting at once (node loss)", agent.cfg.name);
+            // Answer first, then vanish without cleanup, the way a node dies.
+            tokio::spawn(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                std::process::exit(137);
+            });
+        }
+        ChaosAction::Partition => {
+            *agent.silent_until.lock().expect("agent state") =
+                Some(Instant::now() + Duration::from_secs_f64(seconds));
+        }
+        ChaosAction::CorruptCheckpoint => {
+            let job = req.job_id.ok_or(bad("job_id missing".into()))?;
+            let dir =
+                agent.node.lock().expect("agent state").leading.get(&job).map(|l| l.persist_dir.clone());
+            let dir = dir.ok_or_else(|| {
+                ApiError::new(StatusCode::CONFLICT, format!("this node does not lead job {job}"))
+            })?;
+            let step = checkpoints::steps_in(&dir).into_iter().max();
+            let step = step.ok_or_else(|| {
+                ApiError::new(StatusCode::CONFLICT, format!("job {job} has no persisted checkpoint yet"))
+            })?;
+            let file = dir.join(checkpoints::step_dir_name(step)).join("model.safetensors");
+            flip_middle_byte(&file).map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", file.display()))
+            })?;
+            eprintln!("agent {}: chaos: corrupted {}", agent.cfg.name, file.display());
+        }
+    }
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn signal_pid(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on one of our ranks.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+fn flip_middle_byte(path: &FsPath) -> std::io::Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let mid = bytes.len() / 2;
+    if let Some(b) = bytes.get_mut(mid) {
+        *b ^= 0xff;
+    }
+    std::fs::write(path, bytes)
 }

@@ -294,3 +294,40 @@ pub struct Event {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// A fault to inject (`myriad chaos`), as sent to the controller and forwarded to an agent.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChaosRequest {
+    pub action: ChaosAction,
+    #[serde(default)]
+    pub job_id: Option<JobId>,
+    /// Global rank at the controller; the agent receives the local rank.
+    #[serde(default)]
+    pub rank: Option<u32>,
+    #[serde(default)]
+    pub node: Option<String>,
+    /// How long a partition or a slowdown lasts.
+    #[serde(default)]
+    pub seconds: Option<f64>,
+    /// Slowdown factor (2 = half speed).
+    #[serde(default)]
+    pub factor: Option<f64>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChaosAction {
+    /// SIGKILL a rank.
+    KillRank,
+    /// SIGSTOP a rank: it hangs.
+    HangRank,
+    /// Stop and continue a rank in turns: a straggler.
+    SlowRank,
+    /// The agent exits at once, its ranks with it: a lost node.
+    KillAgent,
+    /// The agent stops heartbeating for a while; its ranks run on.
+    Partition,
+    /// Flip a byte in the newest persisted checkpoint of a job.
+    CorruptCheckpoint,
+}

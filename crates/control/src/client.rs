@@ -44,6 +44,7 @@ pub struct Client {
     base: String,
     token: String,
     timeout: Duration,
+    max_response_bytes: usize,
     inner: HyperClient<HttpConnector, Full<Bytes>>,
 }
 
@@ -63,7 +64,19 @@ impl Client {
         let inner = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
             .build(connector);
-        Ok(Client { base: trimmed.to_string(), token: token.to_string(), timeout, inner })
+        Ok(Client {
+            base: trimmed.to_string(),
+            token: token.to_string(),
+            timeout,
+            max_response_bytes: MAX_RESPONSE_BYTES,
+            inner,
+        })
+    }
+
+    /// Raises (or lowers) the bound on response bodies, for bulk transfers such as checkpoints.
+    pub fn with_response_limit(mut self, bytes: usize) -> Client {
+        self.max_response_bytes = bytes;
+        self
     }
 
     pub fn base(&self) -> &str {
@@ -95,7 +108,7 @@ impl Client {
                 .await
                 .map_err(|e| ClientError::Unreachable(format!("{method} {url}: {e}")))?;
             let status = response.status().as_u16();
-            let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            let body = Limited::new(response.into_body(), self.max_response_bytes)
                 .collect()
                 .await
                 .map_err(|e| ClientError::Unreachable(format!("{method} {url}: reading the response: {e}")))?

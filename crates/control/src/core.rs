@@ -198,6 +198,9 @@ pub struct Account {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PendingFault {
+    /// The attempt the fault ended; only a later attempt's steps complete the recovery.
+    #[serde(default)]
+    pub attempt: u32,
     pub cause: String,
     pub fault_ms: u64,
     pub detected_ms: u64,
@@ -246,6 +249,9 @@ impl Account {
         let began_ms = first.end_ms as f64 - first.ms;
         if attempt == 0 && self.startup_ms.is_none() {
             self.startup_ms = Some((began_ms - submitted_ms as f64).max(0.0));
+        }
+        if self.pending.as_ref().is_none_or(|p| attempt <= p.attempt) {
+            return None;
         }
         let p = self.pending.take()?;
         let detection_ms = p.detected_ms.saturating_sub(p.fault_ms) as f64;
@@ -382,6 +388,18 @@ impl Core {
             data: None,
         });
         self.next_event_seq += 1;
+    }
+
+    /// Records an event decided outside the core (a fault injected on purpose).
+    pub fn record(
+        &mut self,
+        now_ms: u64,
+        job_id: Option<JobId>,
+        node: Option<&str>,
+        kind: &str,
+        message: String,
+    ) {
+        self.event(now_ms, job_id, node, kind, message);
     }
 
     // ---------------------------------------------------------------- nodes
@@ -771,6 +789,17 @@ impl Core {
         }
         self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
         if ending {
+            // Peers of a dead rank fail a moment after it; whichever exit happened first (on the
+            // agents' clocks) is the fault, whichever report arrived first.
+            let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
+            let job = self.jobs.get_mut(&job_id).expect("checked above");
+            if let Some(p) = job.account.pending.as_mut().filter(|p| p.attempt == attempt) {
+                if exited_ms < p.fault_ms && !state.succeeded() {
+                    p.cause = format!("rank {rank} on node {node} {how}");
+                    p.fault_ms = exited_ms;
+                    job.reason = Some(p.cause.clone());
+                }
+            }
             return;
         }
         if !state.succeeded() {
@@ -819,9 +848,12 @@ impl Core {
             (None, o) => o,
         };
         a.outcome = Some(outcome);
-        if matches!(outcome, Outcome::Restart | Outcome::Fail) {
+        // A failure while recovering from an earlier one (a restore that fails, a second fault)
+        // extends that recovery: the original fault and its detection stand.
+        if matches!(outcome, Outcome::Restart | Outcome::Fail) && job.account.pending.is_none() {
             job.account.faults += 1;
             job.account.pending = Some(PendingFault {
+                attempt,
                 cause: reason.clone(),
                 fault_ms: fault_ms.min(now_ms),
                 detected_ms: now_ms,

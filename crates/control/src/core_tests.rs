@@ -499,6 +499,7 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
     assert_eq!(acc.committed_ms(), 300.0);
     // A rank dies at 1250 ms, noticed at 1300 ms; the restart resumes from step 1.
     acc.pending = Some(PendingFault {
+        attempt: 0,
         cause: "rank 1 died".into(),
         fault_ms: 1250,
         detected_ms: 1300,
@@ -506,15 +507,19 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
         lost_steps: 0,
         restore_step: 0,
     });
+    assert!(
+        acc.record_steps(&[step(4, 1290)], 0, 0).is_none(),
+        "the failed attempt's own steps recover nothing"
+    );
     acc.roll_back(1);
-    assert_eq!(acc.committed_ms(), 100.0, "steps 2 and 3 are no longer committed");
+    assert_eq!(acc.committed_ms(), 100.0, "steps 2 to 4 are no longer committed");
     // The new attempt's first step (step 2 again) begins at 2000 ms.
     let (message, data) = acc.record_steps(&[step(2, 2100)], 1, 0).expect("recovered");
     assert!(message.contains("recovered from step 1"), "{message}");
     assert_eq!(data["detection_s"], 0.05);
     assert_eq!(data["restart_s"], 0.7);
-    assert_eq!(data["recompute_s"], 0.2);
-    assert_eq!(data["lost_steps"], 2);
-    assert_eq!((acc.detection_ms, acc.restart_ms, acc.recompute_ms), (50.0, 700.0, 200.0));
+    assert_eq!(data["recompute_s"], 0.3);
+    assert_eq!(data["lost_steps"], 3);
+    assert_eq!((acc.detection_ms, acc.restart_ms, acc.recompute_ms), (50.0, 700.0, 300.0));
     assert_eq!(acc.committed_ms(), 200.0);
 }

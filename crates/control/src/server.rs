@@ -100,6 +100,7 @@ pub struct Controller {
 
 pub const TOKEN_FILE: &str = "token";
 pub const URL_FILE: &str = "controller.url";
+pub const PID_FILE: &str = "controller.pid";
 const DB_FILE: &str = "state.db";
 /// Deadline for a doorbell to an agent.
 const DOORBELL_TIMEOUT: Duration = Duration::from_secs(1);
@@ -193,6 +194,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/events", get(all_events))
+        .route("/v1/chaos", post(chaos))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(token, require_token))
@@ -371,6 +373,7 @@ pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let url = format!("http://{addr}");
     write_atomically(&ctl.state_dir.join(URL_FILE), url.as_bytes())?;
+    write_atomically(&ctl.state_dir.join(PID_FILE), std::process::id().to_string().as_bytes())?;
     eprintln!("controller listening on {url} (state in {})", state_dir.display());
 
     let ticker = ctl.clone();
@@ -411,3 +414,48 @@ pub fn write_atomically(path: &FsPath, bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 #[path = "server_tests.rs"]
 mod tests;
+
+/// Injects a fault through the agent that can: the node of a job's rank (or of its rank 0 for
+/// checkpoints), or a node named directly. Recorded as an event, so the timeline shows cause and
+/// effect.
+async fn chaos(
+    State(ctl): State<Arc<Controller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    use crate::api::{ChaosAction, ChaosRequest};
+    let mut req: ChaosRequest = parse_json(&body?, "chaos")?;
+    let (base, node_name) = ctl.read(|core, _| -> Result<(String, String), ApiError> {
+        let node = match (&req.node, req.job_id) {
+            (Some(name), _) => core.node(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?,
+            (None, Some(job)) => {
+                let rank =
+                    if req.action == ChaosAction::CorruptCheckpoint { 0 } else { req.rank.unwrap_or(0) };
+                let (node, _, local) = core.locate_rank(job, rank, None)?;
+                req.rank = Some(local);
+                node
+            }
+            (None, None) => return Err(ApiError::bad_request("chaos needs job_id (and rank) or node")),
+        };
+        Ok((format!("http://{}:{}", node.addr, node.http_port), node.name.clone()))
+    })?;
+    let agent = Client::new(&base, &ctl.token, AGENT_CALL_TIMEOUT).map_err(ApiError::bad_request)?;
+    let json = serde_json::to_vec(&req).expect("serialises");
+    agent.call(Method::POST, "/v1/chaos", Some((json, "application/json"))).await.map_err(|e| match e {
+        ClientError::Status { status, message } => {
+            ApiError::new(StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY), message)
+        }
+        e => ApiError::new(StatusCode::BAD_GATEWAY, format!("node {node_name}: {e}")),
+    })?;
+    let what = format!("{:?}", req.action);
+    ctl.apply(|core, now| {
+        core.record(
+            now,
+            req.job_id,
+            Some(&node_name),
+            "chaos",
+            format!("injected {what} on node {node_name}"),
+        );
+        Ok(())
+    })?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}

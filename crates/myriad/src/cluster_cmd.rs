@@ -259,12 +259,15 @@ pub fn up(a: UpArgs) -> Result<(), String> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let result = block_on(async {
+        let mut reported = std::collections::BTreeSet::new();
         loop {
             tokio::select! {
                 _ = control::server::shutdown_signal() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if let Some(name) = cluster.exited_child() {
-                        return Err(format!("{name} exited; stopping the cluster (logs in {})", dir.join("logs").display()));
+                    for name in cluster.supervise()? {
+                        if reported.insert(name.clone()) {
+                            eprintln!("agent {name} exited: that node is gone (logs in {})", dir.join("logs").display());
+                        }
                     }
                 }
             }
@@ -608,5 +611,78 @@ pub fn cancel(a: CancelArgs) -> Result<(), String> {
     } else {
         println!("job {} is {}", job.id, job.state);
     }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ chaos
+
+#[derive(Args)]
+pub struct ChaosArgs {
+    /// kill-rank, hang-rank, slow-rank, kill-agent, partition, corrupt-checkpoint, kill-controller.
+    action: String,
+    #[arg(long)]
+    job: Option<u64>,
+    /// Global rank (default 0).
+    #[arg(long)]
+    rank: Option<u32>,
+    /// A node by name (kill-agent, partition).
+    #[arg(long)]
+    node: Option<String>,
+    /// Length of a partition or a slowdown.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Slowdown factor (slow-rank).
+    #[arg(long)]
+    factor: Option<f64>,
+    #[command(flatten)]
+    conn: Conn,
+}
+
+pub fn chaos(a: ChaosArgs) -> Result<(), String> {
+    use control::api::{ChaosAction, ChaosRequest};
+    if a.action == "kill-controller" {
+        let pid_file = a.conn.cluster.join("controller").join(control::server::PID_FILE);
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (kill-controller works on a cluster started by `myriad up`)",
+                    pid_file.display()
+                )
+            })?
+            .trim()
+            .parse()
+            .map_err(|_| format!("{} does not hold a process id", pid_file.display()))?;
+        // SAFETY: kill(2) on the pid the controller wrote about itself.
+        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+            return Err(format!(
+                "cannot kill the controller (pid {pid}): {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        println!("killed the controller (pid {pid})");
+        return Ok(());
+    }
+    let action = match a.action.as_str() {
+        "kill-rank" => ChaosAction::KillRank,
+        "hang-rank" => ChaosAction::HangRank,
+        "slow-rank" => ChaosAction::SlowRank,
+        "kill-agent" => ChaosAction::KillAgent,
+        "partition" => ChaosAction::Partition,
+        "corrupt-checkpoint" => ChaosAction::CorruptCheckpoint,
+        other => return Err(format!("unknown chaos action {other:?}: kill-rank, hang-rank, slow-rank, kill-agent, partition, corrupt-checkpoint, kill-controller")),
+    };
+    let req = ChaosRequest {
+        action,
+        job_id: a.job,
+        rank: a.rank,
+        node: a.node,
+        seconds: a.seconds,
+        factor: a.factor,
+    };
+    let client = a.conn.client()?;
+    let json = serde_json::to_vec(&req).expect("serialises");
+    block_on(client.call(control::client::Method::POST, "/v1/chaos", Some((json, "application/json"))))
+        .map_err(|e| format!("chaos: {e}"))?;
+    println!("injected {}", a.action);
     Ok(())
 }

@@ -14,6 +14,8 @@ pub struct LocalCluster {
     pub token: String,
     controller: Option<Child>,
     agents: Vec<(String, Child)>,
+    heartbeat_ms: u64,
+    pub controller_restarts: u32,
 }
 
 pub struct LocalOptions {
@@ -44,21 +46,15 @@ impl LocalCluster {
             let path = logs.join(name);
             std::fs::File::create(&path).map(Stdio::from).map_err(|e| format!("{}: {e}", path.display()))
         };
-        let controller = die_with_parent(Command::new(&exe))
-            .args(["controller", "--listen", &opts.listen, "--heartbeat-ms", &opts.heartbeat_ms.to_string()])
-            .arg("--state")
-            .arg(&state)
-            .stdin(Stdio::null())
-            .stdout(log("controller.log")?)
-            .stderr(log("controller.log")?)
-            .spawn()
-            .map_err(|e| format!("cannot start the controller: {e}"))?;
+        let controller = spawn_controller(&exe, &opts.listen, opts.heartbeat_ms, &state, &logs)?;
         let mut cluster = LocalCluster {
             dir: dir.to_path_buf(),
             url: String::new(),
             token: String::new(),
             controller: Some(controller),
             agents: Vec::new(),
+            heartbeat_ms: opts.heartbeat_ms,
+            controller_restarts: 0,
         };
         let deadline = Instant::now() + opts.startup_timeout;
         cluster.url = loop {
@@ -134,6 +130,32 @@ impl LocalCluster {
         Client::new(&self.url, &self.token, Duration::from_secs(10))
     }
 
+    /// Keeps the cluster whole the way an init system would: a controller that died is started
+    /// again on its state directory and address. Returns the names of agents that have exited
+    /// (lost nodes stay lost; their jobs move to spares).
+    pub fn supervise(&mut self) -> Result<Vec<String>, String> {
+        if let Some(status) = self.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let listen = self.url.trim_start_matches("http://").to_string();
+            eprintln!("controller exited ({status}); restarting it on {listen}");
+            let state = self.dir.join("controller");
+            self.controller =
+                Some(spawn_controller(&exe, &listen, self.heartbeat_ms, &state, &self.dir.join("logs"))?);
+            self.controller_restarts += 1;
+        }
+        let gone: Vec<String> = self
+            .agents
+            .iter_mut()
+            .filter_map(|(n, c)| c.try_wait().ok().flatten().map(|_| n.clone()))
+            .collect();
+        Ok(gone)
+    }
+
+    /// The controller's process id (for `myriad chaos kill-controller`).
+    pub fn controller_pid(&self) -> Option<u32> {
+        self.controller.as_ref().map(Child::id)
+    }
+
     /// The name of a child that has exited, if any (a local cluster is only whole with all).
     pub fn exited_child(&mut self) -> Option<String> {
         if self.controller.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some()) {
@@ -163,6 +185,33 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+fn spawn_controller(
+    exe: &Path,
+    listen: &str,
+    heartbeat_ms: u64,
+    state: &Path,
+    logs: &Path,
+) -> Result<Child, String> {
+    let path = logs.join("controller.log");
+    let log = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map(Stdio::from)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    die_with_parent(Command::new(exe))
+        .args(["controller", "--listen", listen, "--heartbeat-ms", &heartbeat_ms.to_string()])
+        .arg("--state")
+        .arg(state)
+        .stdin(Stdio::null())
+        .stdout(log()?)
+        .stderr(log()?)
+        .spawn()
+        .map_err(|e| format!("cannot start the controller: {e}"))
 }
 
 /// The cluster's processes get SIGTERM when the process that started them dies, however it dies,

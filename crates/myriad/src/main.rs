@@ -4,6 +4,7 @@
 mod agent_progress;
 mod bench;
 mod cluster_cmd;
+mod demo_cmd;
 mod local;
 mod progress;
 mod run_cmd;
@@ -21,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole system in a few minutes: a local cluster trains through injected faults.
+    Demo(demo_cmd::DemoArgs),
     /// Train a GPT model with the reference CPU trainer.
     Train(train_cmd::TrainArgs),
     /// Measure this machine: FMA peak, trainer throughput.
@@ -44,6 +47,8 @@ enum Command {
     Controller(cluster_cmd::ControllerArgs),
     /// Run a node agent.
     Agent(cluster_cmd::AgentArgs),
+    /// Inject a fault: kill-rank, hang-rank, slow-rank, kill-agent, partition, corrupt-checkpoint, kill-controller.
+    Chaos(cluster_cmd::ChaosArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run_cmd::run(args),
         Command::Up(args) => cluster_cmd::up(args),
@@ -61,6 +67,7 @@ fn main() -> ExitCode {
         Command::Nodes(args) => cluster_cmd::nodes(args),
         Command::Controller(args) => cluster_cmd::controller(args),
         Command::Agent(args) => cluster_cmd::agent(args),
+        Command::Chaos(args) => cluster_cmd::chaos(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

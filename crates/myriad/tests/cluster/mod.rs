@@ -426,3 +426,85 @@ fn a_bad_job_file_is_refused_naming_the_field() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `myriad demo` with the given extra arguments; returns its JSON summary.
+fn demo(dir: &Path, extra: &[&str]) -> Value {
+    let out = Command::new(exe())
+        .args(["demo", "--json", "--preset", "tiny", "--nodes", "2", "--spares", "1", "--steps", "160"])
+        .args(["--batch", "16", "--seq", "128", "--checkpoint-every", "1", "--heartbeat-ms", "300"])
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo {extra:?} failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("demo printed no JSON ({e}): {stderr}"))
+}
+
+/// SHA-256 of every file of a checkpoint, from its manifest.
+fn checkpoint_hashes(root: &Path) -> Vec<(String, String)> {
+    let step = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("step_"));
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(step.expect("a final checkpoint").path().join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    manifest["manifest"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap().to_string(), f["sha256"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn event_time(events: &[Value], kind: &str, contains: &str) -> Option<u64> {
+    events
+        .iter()
+        .find(|e| e["kind"] == kind && e["message"].as_str().unwrap_or("").contains(contains))
+        .and_then(|e| e["time_ms"].as_u64())
+}
+
+#[test]
+fn a_job_hit_by_every_kind_of_fault_ends_bitwise_identical_to_one_that_never_failed() {
+    let dir = scratch("soak");
+    let clean_ckpt = dir.join("clean");
+    let faulted_ckpt = dir.join("faulted");
+    let clean = demo(&dir, &["--no-faults", "--final-checkpoint", clean_ckpt.to_str().unwrap()]);
+    let faults = "kill-rank@25,hang-rank@50,corrupt-checkpoint@75,kill-agent@90,kill-controller@115";
+    let faulted = demo(&dir, &["--faults", faults, "--final-checkpoint", faulted_ckpt.to_str().unwrap()]);
+
+    assert_eq!(clean["faults"], 0);
+    assert!(faulted["faults"].as_u64().unwrap() >= 3, "{faulted:#}");
+    assert_eq!(faulted["steps"], 160);
+    // The same weights and optimizer state, bit for bit, and the same loss at every step.
+    assert_eq!(checkpoint_hashes(&clean_ckpt), checkpoint_hashes(&faulted_ckpt));
+    let (a, b) = (clean["losses"].as_array().unwrap(), faulted["losses"].as_array().unwrap());
+    assert_eq!(a.len(), 160);
+    assert_eq!(a, b, "committed losses differ");
+
+    // Detection bounds, from the recovery records and the event timeline.
+    let recoveries = faulted["recoveries"].as_array().unwrap();
+    let detection = |cause: &str| {
+        recoveries
+            .iter()
+            .find(|r| r["cause"].as_str().unwrap().contains(cause))
+            .unwrap_or_else(|| panic!("no recovery from {cause:?}: {recoveries:#?}"))["detection_s"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(detection("killed by signal 9") <= 1.0, "crash detection");
+    // Steps are far shorter than a second here, so the bound is the 5 s floor.
+    assert!(detection("hung") <= 5.0, "hang detection");
+    let events = faulted["events"].as_array().unwrap();
+    let killed = event_time(events, "chaos", "KillAgent").expect("agent killed");
+    let lost = event_time(events, "node_lost", "").expect("node loss detected");
+    assert!(lost - killed <= 3 * 300 + 300, "node loss detected after {} ms", lost - killed);
+    for r in recoveries {
+        for figure in ["detection_s", "restart_s", "recompute_s"] {
+            assert!(r[figure].as_f64().is_some(), "recovery without {figure}: {r}");
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
