@@ -27,11 +27,20 @@ pub struct CoreConfig {
     pub node_timeout_heartbeats: u32,
     /// An attempt whose ranks have not all started by then fails.
     pub launch_timeout_ms: u64,
+    /// The period the edge calls [`Core::tick`] at. A node is declared lost two ticks before its
+    /// silence reaches the timeout: checked every tick, with a tick's slack for a late one,
+    /// detection never takes longer than the timeout itself.
+    pub tick_ms: u64,
 }
 
 impl Default for CoreConfig {
     fn default() -> Self {
-        CoreConfig { heartbeat_interval_ms: 1000, node_timeout_heartbeats: 3, launch_timeout_ms: 120_000 }
+        CoreConfig {
+            heartbeat_interval_ms: 1000,
+            node_timeout_heartbeats: 3,
+            launch_timeout_ms: 120_000,
+            tick_ms: 50,
+        }
     }
 }
 
@@ -841,6 +850,18 @@ impl Core {
         if a.number != attempt {
             return;
         }
+        // A fault found while the attempt is already ending (a lost node whose ranks' peers
+        // failed first) is the cause if it happened earlier.
+        if a.outcome.is_some() && matches!(outcome, Outcome::Restart | Outcome::Fail) {
+            if let Some(p) =
+                job.account.pending.as_mut().filter(|p| p.attempt == attempt && fault_ms < p.fault_ms)
+            {
+                p.cause = reason.clone();
+                p.fault_ms = fault_ms;
+                job.reason = Some(reason.clone());
+                self.dirty_jobs.insert(job_id);
+            }
+        }
         let outcome = match (a.outcome, outcome) {
             (Some(_), Outcome::Cancel) => Outcome::Cancel,
             (Some(_), _) => return,
@@ -1058,7 +1079,8 @@ impl Core {
 
     /// Time-driven decisions: lost nodes, launches that take too long, then scheduling.
     pub fn tick(&mut self, now_ms: u64) {
-        let timeout_ms = self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64;
+        let timeout_ms = (self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64)
+            .saturating_sub(2 * self.cfg.tick_ms);
         let silent: Vec<String> = self
             .nodes
             .values()

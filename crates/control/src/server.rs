@@ -377,7 +377,7 @@ pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<
     eprintln!("controller listening on {url} (state in {})", state_dir.display());
 
     let ticker = ctl.clone();
-    let tick_every = (ctl.heartbeat_interval() / 4).max(Duration::from_millis(50));
+    let tick_every = Duration::from_millis(ctl.read(|c, _| c.config().tick_ms).max(1));
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

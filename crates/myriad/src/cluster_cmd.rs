@@ -88,6 +88,7 @@ pub fn controller(a: ControllerArgs) -> Result<(), String> {
     let cfg = CoreConfig {
         heartbeat_interval_ms: a.heartbeat_ms,
         launch_timeout_ms: a.launch_timeout_s * 1000,
+        tick_ms: (a.heartbeat_ms / 10).max(5),
         ..CoreConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

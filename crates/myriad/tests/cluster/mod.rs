@@ -500,7 +500,16 @@ fn a_job_hit_by_every_kind_of_fault_ends_bitwise_identical_to_one_that_never_fai
     let events = faulted["events"].as_array().unwrap();
     let killed = event_time(events, "chaos", "KillAgent").expect("agent killed");
     let lost = event_time(events, "node_lost", "").expect("node loss detected");
-    assert!(lost - killed <= 3 * 300 + 300, "node loss detected after {} ms", lost - killed);
+    // The node died after its last heartbeat: the silence at detection bounds the delay.
+    let message = events.iter().find(|e| e["kind"] == "node_lost").unwrap()["message"].as_str().unwrap();
+    let silence_ms: u64 =
+        message.split("no heartbeat for ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+    eprintln!(
+        "node loss: {silence_ms} ms of silence at detection, {} ms after the kill was requested",
+        lost - killed
+    );
+    assert!(silence_ms <= 3 * 300, "node loss detected after {silence_ms} ms without heartbeats");
+    assert!(lost - killed <= 3 * 300);
     for r in recoveries {
         for figure in ["detection_s", "restart_s", "recompute_s"] {
             assert!(r[figure].as_f64().is_some(), "recovery without {figure}: {r}");
