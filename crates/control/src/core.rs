@@ -39,7 +39,7 @@ impl Default for CoreConfig {
             heartbeat_interval_ms: 1000,
             node_timeout_heartbeats: 3,
             launch_timeout_ms: 120_000,
-            tick_ms: 50,
+            tick_ms: 100,
         }
     }
 }
