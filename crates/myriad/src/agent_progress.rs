@@ -28,24 +28,26 @@ impl AgentProgress {
     }
 
     pub fn step_end(&mut self, step: u64, loss: f32, tokens: u64, step_ms: f64, mfu: f64) {
-        let Some(stream) = self.stream.as_mut() else { return };
         let line = json!({
             "job_id": self.job_id, "attempt": self.attempt, "local_rank": self.local_rank,
             "event": "step_end", "step": step, "loss": loss, "tokens": tokens, "step_ms": step_ms,
             "mfu": mfu,
         });
-        if writeln!(stream, "{line}").is_err() {
-            self.stream = None;
-        }
+        self.send(line);
     }
 
     /// A checkpoint of `step` is complete in the agent's memory directory.
     pub fn checkpoint(&mut self, step: u64) {
-        let Some(stream) = self.stream.as_mut() else { return };
         let line = json!({
             "job_id": self.job_id, "attempt": self.attempt, "local_rank": self.local_rank,
             "event": "checkpoint", "step": step,
         });
+        self.send(line);
+    }
+
+    /// One line; after a failed write the agent is considered gone and nothing more is sent.
+    fn send(&mut self, line: serde_json::Value) {
+        let Some(stream) = self.stream.as_mut() else { return };
         if writeln!(stream, "{line}").is_err() {
             self.stream = None;
         }

@@ -38,6 +38,25 @@ pub struct Conn {
 
 const CLI_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The cluster token: from `file`, else the MYRIAD_TOKEN variable, else the `fallback` file.
+pub fn token(file: Option<&Path>, fallback: Option<&Path>, who: &str) -> Result<String, String> {
+    if let Some(file) = file {
+        return control::auth::read_token(file);
+    }
+    if let Ok(token) = std::env::var("MYRIAD_TOKEN") {
+        if token.trim().len() < 32 {
+            return Err("MYRIAD_TOKEN is shorter than 32 characters".into());
+        }
+        return Ok(token.trim().to_string());
+    }
+    match fallback {
+        Some(f) => {
+            control::auth::read_token(f).map_err(|e| format!("{e} (pass --token-file or set MYRIAD_TOKEN)"))
+        }
+        None => Err(format!("{who} needs the cluster token: pass --token-file or set MYRIAD_TOKEN")),
+    }
+}
+
 impl Conn {
     fn client(&self) -> Result<Client, String> {
         let state = self.cluster.join("controller");
@@ -53,12 +72,11 @@ impl Conn {
                     )
                 })?,
         };
-        let token = match (&self.token_file, std::env::var("MYRIAD_TOKEN")) {
-            (Some(file), _) => control::auth::read_token(file)?,
-            (None, Ok(token)) if !token.is_empty() => token,
-            _ => control::auth::read_token(&state.join(control::server::TOKEN_FILE))
-                .map_err(|e| format!("{e} (pass --token-file or set MYRIAD_TOKEN)"))?,
-        };
+        let token = token(
+            self.token_file.as_deref(),
+            Some(&state.join(control::server::TOKEN_FILE)),
+            "this command",
+        )?;
         Client::new(&url, &token, CLI_CALL_TIMEOUT)
     }
 }
@@ -149,11 +167,7 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
     if a.slots == 0 {
         return Err("--slots must be at least 1".into());
     }
-    let token = match (&a.token_file, std::env::var("MYRIAD_TOKEN")) {
-        (Some(f), _) => control::auth::read_token(f)?,
-        (None, Ok(t)) if !t.is_empty() => t,
-        _ => return Err("the agent needs the cluster token: pass --token-file or set MYRIAD_TOKEN".into()),
-    };
+    let token = token(a.token_file.as_deref(), None, "the agent")?;
     let work_dir = a.work_dir.unwrap_or_else(|| PathBuf::from(".myriad/agents").join(&a.name));
     let work_dir = absolute(&work_dir)?;
     let checkpoint_root = absolute(&a.checkpoint_root.unwrap_or_else(|| work_dir.join("checkpoints")))?;

@@ -107,11 +107,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
     let mut local = None;
     let client = match &a.controller {
         Some(url) => {
-            let token = match (&a.token_file, std::env::var("MYRIAD_TOKEN")) {
-                (Some(f), _) => control::auth::read_token(f)?,
-                (None, Ok(t)) if !t.is_empty() => t,
-                _ => return Err("--controller needs the cluster token: --token-file or MYRIAD_TOKEN".into()),
-            };
+            let token = crate::cluster_cmd::token(a.token_file.as_deref(), None, "--controller")?;
             Client::new(url, &token, Duration::from_secs(15))?
         }
         None => {
