@@ -31,6 +31,10 @@ pub struct CoreConfig {
     /// silence reaches the timeout: checked every tick, with a tick's slack for a late one,
     /// detection never takes longer than the timeout itself.
     pub tick_ms: u64,
+    /// A node blamed for this many failures within `quarantine_window_ms` is taken out of
+    /// scheduling until a person restarts its agent.
+    pub quarantine_after: usize,
+    pub quarantine_window_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -40,6 +44,8 @@ impl Default for CoreConfig {
             node_timeout_heartbeats: 3,
             launch_timeout_ms: 120_000,
             tick_ms: 100,
+            quarantine_after: 3,
+            quarantine_window_ms: 3_600_000,
         }
     }
 }
@@ -71,6 +77,12 @@ pub struct Node {
     /// Commands not yet acknowledged, oldest first.
     pub commands: VecDeque<SeqCommand>,
     pub next_command_seq: u64,
+    /// When failures were last blamed on this node (the newest few).
+    #[serde(default)]
+    pub failures_ms: Vec<u64>,
+    /// Failed too often: no new work until its agent re-registers.
+    #[serde(default)]
+    pub quarantined: bool,
     /// Steps of each job's checkpoints this node holds in memory (its own and its buddy's).
     #[serde(default)]
     pub checkpoints: BTreeMap<JobId, BTreeSet<u64>>,
@@ -399,6 +411,24 @@ impl Core {
         self.next_event_seq += 1;
     }
 
+    /// A failure is this node's fault; too many in the window and it is quarantined.
+    fn blame(&mut self, name: &str, now_ms: u64) {
+        let (after, window_ms) = (self.cfg.quarantine_after, self.cfg.quarantine_window_ms);
+        let Some(node) = self.nodes.get_mut(name) else { return };
+        node.failures_ms.retain(|&t| now_ms.saturating_sub(t) < window_ms);
+        node.failures_ms.push(now_ms);
+        self.dirty_nodes.insert(name.to_string());
+        if node.failures_ms.len() >= after && !node.quarantined {
+            node.quarantined = true;
+            let message = format!(
+                "node {name} quarantined after {} failures within {} s: it needs a person (restart its agent to release it)",
+                node.failures_ms.len(),
+                window_ms / 1000
+            );
+            self.event(now_ms, None, Some(name), "node_quarantined", message);
+        }
+    }
+
     /// Records an event decided outside the core (a fault injected on purpose).
     pub fn record(
         &mut self,
@@ -434,6 +464,9 @@ impl Core {
                 node.health = Health::Healthy;
                 node.last_heartbeat_ms = now_ms;
                 node.commands.clear();
+                // A person restarted the agent: the node gets another chance.
+                node.quarantined = false;
+                node.failures_ms.clear();
                 let held: Vec<(JobId, u32)> =
                     node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
                 node.allocations.clear();
@@ -463,6 +496,8 @@ impl Core {
                     allocations: Vec::new(),
                     commands: VecDeque::new(),
                     next_command_seq: 0,
+                    failures_ms: Vec::new(),
+                    quarantined: false,
                     checkpoints: BTreeMap::new(),
                     last_heartbeat_ms: now_ms,
                     reported_running: BTreeMap::new(),
@@ -822,6 +857,11 @@ impl Core {
             };
             let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
             let fault_ms = r.hang.as_ref().map_or(exited_ms, |h| exited_ms.saturating_sub(h.stalled_ms));
+            // Hangs are unambiguous (the stopped or spinning rank is found first) and count
+            // towards quarantine; a crash is not blamed, as its peers fail a moment later too.
+            if r.hang.is_some() {
+                self.blame(node, now_ms);
+            }
             self.end_attempt(job_id, attempt, Outcome::Restart, reason, fault_ms, now_ms);
             return;
         }
@@ -1102,6 +1142,7 @@ impl Core {
                 "node_lost",
                 format!("node {name}: no heartbeat for {age_ms} ms"),
             );
+            self.blame(&name, now_ms);
             for (job_id, attempt) in held {
                 let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
                 self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms - age_ms, now_ms);
@@ -1137,7 +1178,9 @@ impl Core {
             let job = &self.jobs[&job_id];
             let (need, per_node) = (job.spec.nodes as usize, job.spec.ranks_per_node);
             let mut spares_left = job.spec.spares as usize;
-            let free = |n: &Node| n.health == Health::Healthy && n.slots - n.slots_used() >= per_node;
+            let free = |n: &Node| {
+                n.health == Health::Healthy && !n.quarantined && n.slots - n.slots_used() >= per_node
+            };
             // A restart goes back to the nodes it ran on (their memory holds its checkpoints), each
             // in its old group rank; only the missing ones are replaced, regular nodes first.
             let mut slots: Vec<Option<String>> = vec![None; need];
@@ -1260,6 +1303,7 @@ impl Core {
             .map(|n| NodeView {
                 name: n.name.clone(),
                 health: match n.health {
+                    Health::Healthy if n.quarantined => "quarantined".into(),
                     Health::Healthy => "healthy".into(),
                     Health::Lost => "lost".into(),
                 },

@@ -2,7 +2,7 @@
 //! real agent does (idempotently, acknowledging by sequence number).
 
 use super::*;
-use crate::api::{CheckpointReport, PortReport, RankReport, Tier};
+use crate::api::{CheckpointReport, HangReport, PortReport, RankReport, Tier};
 
 /// A fake agent: the ranks it runs, the ports it reserved, the last command it carried out.
 #[derive(Default)]
@@ -12,6 +12,7 @@ struct FakeAgent {
     ports: Vec<PortReport>,
     launched_env: BTreeMap<(JobId, u32, u32), Vec<(String, String)>>,
     launched: Vec<LaunchSpec>,
+    hangs: BTreeMap<(JobId, u32, u32), HangReport>,
     checkpoints: Vec<CheckpointReport>,
     bad: Vec<CheckpointReport>,
 }
@@ -67,7 +68,7 @@ impl World {
                     step: Some(7),
                     loss: Some(2.5),
                     exited_at_ms: None,
-                    hang: None,
+                    hang: agent.hangs.get(&(job_id, attempt, local_rank)).cloned(),
                     steps: Vec::new(),
                     tokens_per_s: None,
                     mfu: None,
@@ -522,4 +523,46 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
     assert_eq!(data["lost_steps"], 3);
     assert_eq!((acc.detection_ms, acc.restart_ms, acc.recompute_ms), (50.0, 700.0, 300.0));
     assert_eq!(acc.committed_ms(), 200.0);
+}
+
+#[test]
+fn a_node_that_keeps_failing_is_quarantined_and_the_job_moves_on_without_it() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("c", 1, false)]);
+    let id = w.core.submit(World::spec(2, 1, 10), w.now_ms).unwrap();
+    for attempt in 0..3 {
+        for _ in 0..3 {
+            w.round();
+        }
+        let job = w.core.job(id).unwrap();
+        assert_eq!(job.attempt.as_ref().unwrap().number, attempt);
+        assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "b"], "restarts stay on their nodes");
+        // b's agent reports its rank hung (and killed).
+        let hang = HangReport { stalled_ms: 5000, threshold_ms: 4000, phase: None, stack: String::new() };
+        w.exit("b", id, attempt, 0, 137);
+        w.agents.get_mut("b").unwrap().hangs.insert((id, attempt, 0), hang);
+        for _ in 0..2 {
+            w.round();
+        }
+    }
+    let kinds = w.kinds();
+    assert!(kinds.contains(&"node_quarantined".to_string()), "{kinds:?}");
+    let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
+    assert_eq!(b.health, "quarantined");
+    for _ in 0..3 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "c"], "c takes b's place");
+    // Restarting b's agent releases it.
+    let req = RegisterRequest {
+        name: "b".into(),
+        slots: 1,
+        cores: 8,
+        addr: "10.0.0.2".into(),
+        http_port: 7000,
+        spare: false,
+    };
+    w.core.register(req, w.now_ms).unwrap();
+    let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
+    assert_eq!(b.health, "healthy");
 }
