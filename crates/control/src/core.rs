@@ -780,13 +780,14 @@ impl Core {
             job.tokens_per_s = r.tokens_per_s.or(job.tokens_per_s);
             job.mfu = r.mfu.or(job.mfu);
             let submitted_ms = job.submitted_ms;
-            if let Some(recovered) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
+            // Agents repeat a rank's recent steps on every heartbeat: only new ones change the
+            // ledger (and cost a write).
+            if r.steps.iter().any(|s| !job.account.recent.contains_key(&s.step)) {
                 self.dirty_jobs.insert(job_id);
-                let (message, data) = recovered;
-                self.event(now_ms, Some(job_id), None, "recovered", message);
-                self.events.last_mut().expect("just pushed").data = Some(data);
-            } else if !r.steps.is_empty() {
-                self.dirty_jobs.insert(job_id);
+                if let Some((message, data)) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
+                    self.event(now_ms, Some(job_id), None, "recovered", message);
+                    self.events.last_mut().expect("just pushed").data = Some(data);
+                }
             }
         }
         let Some(job) = self.jobs.get_mut(&job_id) else { return };

@@ -523,6 +523,8 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
     assert_eq!(data["lost_steps"], 3);
     assert_eq!((acc.detection_ms, acc.restart_ms, acc.recompute_ms), (50.0, 700.0, 300.0));
     assert_eq!(acc.committed_ms(), 200.0);
+    assert!(acc.record_steps(&[step(2, 2100)], 1, 0).is_none(), "a repeated report changes nothing");
+    assert_eq!(acc.committed_ms(), 200.0);
 }
 
 #[test]
