@@ -11,12 +11,13 @@
 //! else it fails. Cancelling follows the same path.
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use crate::api::{
     Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchRank, LaunchSpec, NodeView,
-    RankReport, RankState, RegisterReply, RegisterRequest, SeqCommand, StepTime, Tier, TimeAccount,
+    RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, StepTime, Tier,
+    TimeAccount,
 };
 use crate::spec::{validate_name, JobSpec, SpecError};
 
@@ -166,6 +167,15 @@ pub struct Attempt {
     pub ranks: Vec<Option<RankState>>,
     /// Set when the attempt ends; the job moves on once every node released its slots.
     pub outcome: Option<Outcome>,
+    /// Derived indexes (rebuilt on restore) that keep a heartbeat's work independent of the
+    /// job's size: each node's group rank, how many ranks have reported, how many of `nodes`
+    /// still hold slots for this attempt.
+    #[serde(skip)]
+    pub groups: HashMap<String, u32>,
+    #[serde(skip)]
+    pub reported: u32,
+    #[serde(skip)]
+    pub holders: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -335,6 +345,15 @@ impl Changes {
     }
 }
 
+/// Rebuilds an attempt's derived indexes from its node list, rank table and the nodes' slots.
+fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>) {
+    a.groups = a.nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect();
+    a.reported = a.ranks.iter().filter(|r| r.is_some()).count() as u32;
+    a.holders =
+        a.nodes.iter().filter(|n| nodes.get(*n).is_some_and(|node| node.holds(job_id, a.number))).count()
+            as u32;
+}
+
 pub struct Core {
     cfg: CoreConfig,
     nodes: BTreeMap<String, Node>,
@@ -361,17 +380,26 @@ impl Core {
         next_event_seq: u64,
         now_ms: u64,
     ) -> Core {
-        let nodes = nodes
+        let nodes: BTreeMap<String, Node> = nodes
             .into_iter()
             .map(|mut n| {
                 n.last_heartbeat_ms = now_ms;
                 (n.name.clone(), n)
             })
             .collect();
+        let jobs = jobs
+            .into_iter()
+            .map(|mut j| {
+                if let Some(a) = j.attempt.as_mut() {
+                    index_attempt(a, j.id, &nodes);
+                }
+                (j.id, j)
+            })
+            .collect();
         Core {
             cfg,
             nodes,
-            jobs: jobs.into_iter().map(|j| (j.id, j)).collect(),
+            jobs,
             next_job_id,
             next_event_seq,
             dirty_jobs: BTreeSet::new(),
@@ -479,6 +507,7 @@ impl Core {
                     format!("node {name} re-registered"),
                 );
                 for (job_id, attempt) in held {
+                    self.released(&name, job_id, attempt);
                     let reason = format!("the agent on node {name} restarted and lost its ranks");
                     self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
                     self.maybe_finish_attempt(job_id, now_ms);
@@ -519,6 +548,13 @@ impl Core {
         req: HeartbeatRequest,
         now_ms: u64,
     ) -> Result<HeartbeatReply, CoreError> {
+        self.report(name, req, now_ms)?;
+        Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+    }
+
+    /// A heartbeat without the reply: the caller reads the node's queued commands itself
+    /// ([`Core::node`]), as the simulator does for thousands of nodes.
+    pub fn report(&mut self, name: &str, req: HeartbeatRequest, now_ms: u64) -> Result<(), CoreError> {
         let node = self.nodes.get_mut(name).ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
         node.last_heartbeat_ms = now_ms;
         let before = node.commands.len();
@@ -565,6 +601,7 @@ impl Core {
                 node.allocations.push(Allocation { job_id, attempt, slots: running });
                 node.push(Command::Stop { job_id, attempt });
                 self.dirty_nodes.insert(name.to_string());
+                self.acquired(name, job_id, attempt);
                 let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
                 self.event(now_ms, Some(job_id), Some(name), "leftover_ranks", message);
             } else {
@@ -579,7 +616,42 @@ impl Core {
             self.maybe_finish_attempt(job_id, now_ms);
         }
         self.schedule(now_ms);
-        Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+        Ok(())
+    }
+
+    /// Every healthy node not in `silent` heartbeats at `now_ms` with nothing new to say. For
+    /// the simulator, which stands in for thousands of agents whose reports have not changed.
+    pub fn alive_all(&mut self, now_ms: u64, silent: &HashSet<String>) {
+        for node in self.nodes.values_mut() {
+            if node.health == Health::Healthy && !silent.contains(&node.name) {
+                node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
+            }
+        }
+    }
+
+    /// For a caller that keeps no copy of the state (the simulator): which nodes changed since
+    /// the last call (new commands among them), and the events, without cloning any row.
+    pub fn take_dirty(&mut self) -> (BTreeSet<String>, Vec<Event>) {
+        self.dirty_jobs.clear();
+        (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.events))
+    }
+
+    /// The derived indexes agree with the state they summarise (checked by the tests after
+    /// every step; too slow to check on every call of a large cluster).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) {
+        for job in self.jobs.values() {
+            let Some(a) = job.attempt.as_ref() else { continue };
+            let mut fresh = a.clone();
+            index_attempt(&mut fresh, job.id, &self.nodes);
+            assert_eq!(
+                (&fresh.groups, fresh.reported, fresh.holders),
+                (&a.groups, a.reported, a.holders),
+                "indexes of job {} attempt {}",
+                job.id,
+                a.number
+            );
+        }
     }
 
     /// Records which checkpoints the node holds, which failed to verify, and purges the
@@ -627,7 +699,7 @@ impl Core {
 
     /// The newest checkpoint every rank can start from: held in memory by a healthy node or
     /// persisted, and never seen corrupt.
-    fn restore_point(&self, job: &Job) -> Option<crate::api::RestoreSpec> {
+    fn restore_point(&self, job: &Job) -> Option<RestoreSpec> {
         let in_memory = self
             .nodes
             .values()
@@ -643,7 +715,7 @@ impl Core {
             .filter(|n| n.checkpoints.get(&job.id).is_some_and(|s| s.contains(&step)))
             .map(|n| format!("http://{}:{}", n.addr, n.http_port))
             .collect();
-        Some(crate::api::RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
+        Some(RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
     }
 
     fn push_once(&mut self, name: &str, command: Command) {
@@ -662,7 +734,8 @@ impl Core {
         }
         a.master_port = Some(port);
         self.dirty_jobs.insert(job_id);
-        let restore_step = self.restore_point(&self.jobs[&job_id]).map_or(0, |r| r.step);
+        let restore = self.restore_point(&self.jobs[&job_id]);
+        let restore_step = restore.as_ref().map_or(0, |r| r.step);
         let job = self.jobs.get_mut(&job_id).expect("checked above");
         job.account.roll_back(restore_step);
         job.step = Some(restore_step);
@@ -672,7 +745,7 @@ impl Core {
             .nodes
             .iter()
             .enumerate()
-            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32)))
+            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32, restore.clone())))
             .collect();
         for (n, spec) in launches {
             if let Some(node) = self.nodes.get_mut(&n) {
@@ -690,7 +763,7 @@ impl Core {
     }
 
     /// torchrun's environment for every rank of group (node) `group`, plus Myriad's own.
-    fn launch_spec(&self, job: &Job, a: &Attempt, group: u32) -> LaunchSpec {
+    fn launch_spec(&self, job: &Job, a: &Attempt, group: u32, restore: Option<RestoreSpec>) -> LaunchSpec {
         let spec = &job.spec;
         let nproc = spec.ranks_per_node;
         let world = spec.world_size();
@@ -752,7 +825,7 @@ impl Core {
             workdir: spec.workdir.clone(),
             checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_else(|| format!("job-{}", job.id)),
             ranks,
-            restore: self.restore_point(job),
+            restore,
             leader: group == 0,
             buddy,
             checkpoint_every: spec.checkpoint_every,
@@ -769,8 +842,8 @@ impl Core {
         if a.number != attempt || local_rank >= nproc {
             return;
         }
-        let Some(group) = a.nodes.iter().position(|n| n == node) else { return };
-        let rank = group as u32 * nproc + local_rank;
+        let Some(&group) = a.groups.get(node) else { return };
+        let rank = group * nproc + local_rank;
         if rank == 0 && (step.is_some() && step != job.step || loss.is_some() && loss != job.loss) {
             job.step = step.or(job.step);
             job.loss = loss.or(job.loss);
@@ -798,9 +871,10 @@ impl Core {
         }
         let newly_exited =
             matches!(state, RankState::Exited { .. }) && !matches!(slot, Some(RankState::Exited { .. }));
+        a.reported += slot.is_none() as u32;
         *slot = Some(state);
         self.dirty_jobs.insert(job_id);
-        let all_reported = a.ranks.iter().all(Option::is_some);
+        let all_reported = a.reported as usize == a.ranks.len();
         let ending = a.outcome.is_some();
         // Every rank has been seen (a fast one may be seen only once it has already exited).
         if all_reported && job.state == JobState::Starting && !ending {
@@ -975,7 +1049,8 @@ impl Core {
                 let table_running = match (job, current) {
                     (Some(job), Some(a)) if a.number == attempt => {
                         let nproc = job.spec.ranks_per_node as usize;
-                        a.nodes.iter().position(|n| n == name).is_some_and(|g| {
+                        a.groups.get(name).is_some_and(|&g| {
+                            let g = g as usize;
                             a.ranks[g * nproc..(g + 1) * nproc]
                                 .iter()
                                 .any(|r| r.is_some_and(|s| s.is_running()))
@@ -994,6 +1069,23 @@ impl Core {
                 node.push(Command::Forget { job_id, attempt });
             }
             self.dirty_nodes.insert(name.to_string());
+            self.released(name, job_id, attempt);
+        }
+    }
+
+    /// Counts a node of `job_id`'s current attempt giving up its slots.
+    fn released(&mut self, name: &str, job_id: JobId, attempt: u32) {
+        let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
+        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+            a.holders -= 1;
+        }
+    }
+
+    /// Counts a node of `job_id`'s current attempt taking slots again (leftover ranks).
+    fn acquired(&mut self, name: &str, job_id: JobId, attempt: u32) {
+        let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
+        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+            a.holders += 1;
         }
     }
 
@@ -1006,7 +1098,7 @@ impl Core {
         if job.state.is_final() || job.state == JobState::Queued {
             return;
         }
-        if a.nodes.iter().any(|n| self.nodes.get(n).is_some_and(|node| node.holds(job_id, a.number))) {
+        if a.holders > 0 {
             return;
         }
         let job = self.jobs.get_mut(&job_id).expect("exists");
@@ -1194,14 +1286,17 @@ impl Core {
                     }
                 }
             }
+            let mut taken: HashSet<String> = slots.iter().flatten().cloned().collect();
+            let mut holes = (0..need).filter(|&i| slots[i].is_none()).collect::<Vec<usize>>().into_iter();
+            let mut hole = holes.next();
             for spare in [false, true] {
                 for n in self.nodes.values().filter(|n| n.spare == spare && free(n)) {
-                    let taken = slots.iter().flatten().any(|s| *s == n.name);
-                    if let Some(hole) = slots.iter_mut().find(|s| s.is_none()) {
-                        if !taken && (!spare || spares_left > 0) {
-                            spares_left -= spare as usize;
-                            *hole = Some(n.name.clone());
-                        }
+                    let Some(i) = hole else { break };
+                    if !taken.contains(&n.name) && (!spare || spares_left > 0) {
+                        spares_left -= spare as usize;
+                        taken.insert(n.name.clone());
+                        slots[i] = Some(n.name.clone());
+                        hole = holes.next();
                     }
                 }
             }
@@ -1222,6 +1317,9 @@ impl Core {
             started_ms: now_ms,
             ranks: vec![None; job.spec.world_size() as usize],
             outcome: None,
+            groups: nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect(),
+            reported: 0,
+            holders: nodes.len() as u32,
         });
         job.placements.push(nodes.clone());
         self.dirty_jobs.insert(job_id);

@@ -79,6 +79,7 @@ impl World {
             bad_checkpoints: agent.bad.clone(),
         };
         let reply = self.core.heartbeat(name, req, self.now_ms).unwrap();
+        self.core.check_indexes();
         let agent = self.agents.get_mut(name).unwrap();
         for c in reply.commands {
             assert!(c.seq > agent.acked, "acknowledged commands are not resent");
@@ -129,6 +130,7 @@ impl World {
         }
         self.now_ms += 1000;
         self.core.tick(self.now_ms);
+        self.core.check_indexes();
     }
 
     fn exit(&mut self, node: &str, job_id: JobId, attempt: u32, local_rank: u32, code: i32) {
