@@ -566,7 +566,7 @@ impl Core {
             dirty = true;
         }
         if dirty {
-            self.dirty_nodes.insert(name.to_string());
+            self.dirty_node(name);
         }
         if returned {
             self.event(
@@ -600,7 +600,7 @@ impl Core {
             if running > 0 {
                 node.allocations.push(Allocation { job_id, attempt, slots: running });
                 node.push(Command::Stop { job_id, attempt });
-                self.dirty_nodes.insert(name.to_string());
+                self.dirty_node(name);
                 self.acquired(name, job_id, attempt);
                 let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
                 self.event(now_ms, Some(job_id), Some(name), "leftover_ranks", message);
@@ -674,7 +674,7 @@ impl Core {
         let node = self.nodes.get_mut(name).expect("caller checked the node");
         if node.checkpoints != memory {
             node.checkpoints = memory;
-            self.dirty_nodes.insert(name.to_string());
+            self.dirty_node(name);
         }
         for (job_id, steps) in persisted {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -718,11 +718,18 @@ impl Core {
         Some(RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
     }
 
+    /// Marks a node's row as changed (without allocating when it already is).
+    fn dirty_node(&mut self, name: &str) {
+        if !self.dirty_nodes.contains(name) {
+            self.dirty_nodes.insert(name.to_string());
+        }
+    }
+
     fn push_once(&mut self, name: &str, command: Command) {
         let node = self.nodes.get_mut(name).expect("caller checked the node");
         if !node.commands.iter().any(|c| c.command == command) {
             node.push(command);
-            self.dirty_nodes.insert(name.to_string());
+            self.dirty_node(name);
         }
     }
 
@@ -906,8 +913,10 @@ impl Core {
             let data = serde_json::json!({"stalled_ms": h.stalled_ms, "phase": h.phase, "stack": h.stack});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }
-        self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
         if ending {
+            // A rank exiting while its attempt is being stopped is expected (the stop itself, or a
+            // peer failing a moment after the fault): no event per rank, which at 10,000 ranks
+            // would be 10,000 rows per restart.
             // Peers of a dead rank fail a moment after it; whichever exit happened first (on the
             // agents' clocks) is the fault, whichever report arrived first.
             let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
@@ -921,6 +930,7 @@ impl Core {
             }
             return;
         }
+        self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
         if !state.succeeded() {
             let reason = match &r.hang {
                 Some(h) => format!(
@@ -1020,7 +1030,7 @@ impl Core {
             if outcome != Outcome::Succeed && node.health == Health::Healthy {
                 self.push_once(&n, Command::Stop { job_id, attempt });
             }
-            self.dirty_nodes.insert(n.clone());
+            self.dirty_node(&n);
             self.try_release(&n, job_id, now_ms);
         }
         self.maybe_finish_attempt(job_id, now_ms);
@@ -1068,7 +1078,7 @@ impl Core {
             if node.health == Health::Healthy {
                 node.push(Command::Forget { job_id, attempt });
             }
-            self.dirty_nodes.insert(name.to_string());
+            self.dirty_node(name);
             self.released(name, job_id, attempt);
         }
     }
@@ -1326,7 +1336,7 @@ impl Core {
         for n in &nodes {
             let node = self.nodes.get_mut(n).expect("chosen from the map");
             node.allocations.push(Allocation { job_id, attempt: number, slots: per_node });
-            self.dirty_nodes.insert(n.clone());
+            self.dirty_node(n);
         }
         self.nodes.get_mut(&nodes[0]).expect("chosen").push(Command::ReservePort { job_id, attempt: number });
         self.event(
