@@ -8,6 +8,7 @@ mod demo_cmd;
 mod local;
 mod progress;
 mod run_cmd;
+mod sim_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -47,6 +48,8 @@ enum Command {
     Controller(cluster_cmd::ControllerArgs),
     /// Run a node agent.
     Agent(cluster_cmd::AgentArgs),
+    /// Simulate a long job on a large cluster through the controller's real policy.
+    Simulate(sim_cmd::SimulateArgs),
     /// Inject a fault: kill-rank, hang-rank, slow-rank, kill-agent, partition, corrupt-checkpoint, kill-controller.
     Chaos(cluster_cmd::ChaosArgs),
 }
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => cluster_cmd::controller(args),
         Command::Agent(args) => cluster_cmd::agent(args),
         Command::Chaos(args) => cluster_cmd::chaos(args),
+        Command::Simulate(args) => sim_cmd::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -88,6 +88,42 @@ fn unknown_preset_is_refused() {
 }
 
 #[test]
+fn simulate_refuses_bad_configurations_naming_the_flag() {
+    fails_with(&["simulate", "--gpus", "0"], &["--gpus"]);
+    fails_with(&["simulate", "--gpus", "64", "--spares", "9"], &["--spares", "more spares than nodes"]);
+    fails_with(&["simulate", "--rate-scale=-1"], &["--rate-scale"]);
+    fails_with(&["simulate", "--preset", "nope"], &["--preset"]);
+    fails_with(&["simulate", "--sweep", "spares"], &["--sweep"]);
+    let dir = scratch("rates");
+    let rates = dir.join("rates.csv");
+    std::fs::write(&rates, "component,category,interruptions\nGPU,GPU,-3\n").unwrap();
+    fails_with(&["simulate", "--rates", rates.to_str().unwrap()], &["--rates", "negative"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn simulate_prints_its_seed_and_replays_it() {
+    let args =
+        ["simulate", "--gpus", "256", "--spares", "8", "--days", "14", "--rate-scale", "10", "--seed", "5"];
+    let json = |extra: &[&str]| {
+        let out = myriad(&[&args[..], extra].concat());
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v.as_object_mut().unwrap().remove("elapsed_s");
+        v
+    };
+    let (a, b) = (json(&["--json"]), json(&["--json"]));
+    assert_eq!(a, b, "the same seed replays the same run");
+    assert_eq!(a["seed"], 5);
+    assert!(a["interruptions"].as_u64().unwrap() > 0, "{a:#}");
+    let ettr = a["ettr"].as_f64().unwrap();
+    assert!(ettr > 0.5 && ettr < 1.0, "{a:#}");
+    let text = myriad(&args);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("seed 5") && text.contains("effective training time"), "{text}");
+}
+
+#[test]
 fn json_steps_then_checkpoint_resume_matches_a_straight_run() {
     let dir = scratch("resume");
     let ckpt = dir.join("ckpt");

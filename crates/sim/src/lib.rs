@@ -244,10 +244,13 @@ impl Config {
     /// Young/Daly's optimal checkpoint interval in steps for a checkpoint costing `stall_s`:
     /// sqrt(2 · cost · MTBF), with the MTBF of the job's own GPUs.
     pub fn young_daly_steps(&self, stall_s: f64) -> Option<f64> {
-        let per_hour = self.classes.iter().map(|c| c.rate_per_gpu_hour).sum::<f64>()
-            * self.rate_scale
-            * self.gpus as f64;
+        let per_hour = self.job_faults_per_hour();
         (per_hour > 0.0 && stall_s > 0.0).then(|| (2.0 * stall_s * 3600.0 / per_hour).sqrt() / self.step_s)
+    }
+
+    /// Faults per hour on the job's own GPUs.
+    pub fn job_faults_per_hour(&self) -> f64 {
+        self.classes.iter().map(|c| c.rate_per_gpu_hour).sum::<f64>() * self.rate_scale * self.gpus as f64
     }
 }
 
