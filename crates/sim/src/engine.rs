@@ -334,6 +334,8 @@ impl<'a> Engine<'a> {
                 a.memory.clear();
                 self.silent.insert(a.name.clone());
                 // The controller checks every tick; the first after the silence passes its limit.
+                // (Its last heartbeat may be the one that just reported its steps.)
+                let last_ms = self.core.node(&self.agents[i].name).map_or(last_ms, |n| n.last_heartbeat_ms);
                 let detect_ms = ((last_ms + self.timeout_ms) / TICK_MS + 1) * TICK_MS;
                 self.at(detect_ms, Ev::Tick);
                 self.at(now + ms(self.cfg.repair_h * 3600.0), Ev::Repaired(i));
