@@ -96,13 +96,13 @@ pub fn calibration_for(name: &str) -> Calibration {
 
 // Fitted by a grid search (step 0.02 / 0.05) minimising the mean absolute MFU/HFU error over each
 // generation's rows of published_runs.csv (`cargo run --release -p myriad-plan --example fit`).
-// A100: 0.78 is what cuBLAS reaches on large bf16/fp16 GEMMs (≈ 245 of 312 TFLOP/s); 0.25 for the
+// A100: 0.76 is what cuBLAS reaches on large bf16/fp16 GEMMs (≈ 237 of 312 TFLOP/s); 0.25 for the
 // 2021–22 Megatron attention core (batched GEMMs of head width 128 plus softmax, unfused).
 // H100: 0.76 ≈ 750 of 989 TFLOP/s, what cuBLASLt reaches at 700 W on large bf16 GEMMs. 0.20 for
 // attention is below what flash-attention kernels reach alone (≈ 0.3–0.35 counted this way); it
 // absorbs per-token costs the model leaves out (launch gaps, the loss over 131k-word vocabularies)
 // that weigh most on the small, long-sequence models of the Megatron-Core table.
-pub const A100_GEMM_EFF: f64 = 0.78;
+pub const A100_GEMM_EFF: f64 = 0.76;
 pub const A100_ATTN_EFF: f64 = 0.25;
 pub const H100_GEMM_EFF: f64 = 0.76;
 pub const H100_ATTN_EFF: f64 = 0.20;

@@ -60,26 +60,38 @@ fn link(hw: &Hardware, stride: u64, size: u64) -> Link {
 }
 
 /// Ring all-gather or reduce-scatter of a `bytes` buffer (the full, unsharded size) over `g` ranks
-/// `stride` apart. Groups that span nodes are hierarchical: inside the node over the scale-up
-/// link, across nodes through the NICs of the group's members in each node.
-fn gather_s(hw: &Hardware, bytes: f64, g: u64, stride: u64) -> f64 {
+/// `stride` apart, issued as `pieces` collectives (buckets, layers): each pays the ring's latency.
+/// Groups that span nodes are hierarchical: inside the node over the scale-up link, across nodes
+/// through the NICs of the group's members in each node.
+fn gather_s(hw: &Hardware, bytes: f64, g: u64, stride: u64, pieces: f64) -> f64 {
     if g <= 1 {
         return 0.0;
     }
     let gf = g as f64;
     if stride * g <= hw.scaleup_domain {
         let l = link(hw, stride, g);
-        return (gf - 1.0) / gf * bytes / l.bw + (gf - 1.0).min(8.0) * l.latency;
+        return (gf - 1.0) / gf * bytes / l.bw + pieces * (gf - 1.0) * l.latency;
     }
     let per_node = (hw.scaleup_domain / stride.min(hw.scaleup_domain)).clamp(1, g) as f64;
     let nodes = (gf / per_node).ceil();
-    let intra = if per_node > 1.0 { (per_node - 1.0) / per_node * bytes / hw.scaleup_bytes_s() } else { 0.0 };
-    let inter = (nodes - 1.0) / nodes * bytes / (per_node * hw.nic_bytes_s());
-    intra + inter + 2.0 * nodes.log2().max(1.0) * NET_LATENCY_S
+    let intra = if per_node > 1.0 {
+        (per_node - 1.0) / per_node * bytes / hw.scaleup_bytes_s() + pieces * (per_node - 1.0) * SCALEUP_LATENCY_S
+    } else {
+        0.0
+    };
+    let inter = (nodes - 1.0) / nodes * bytes / (per_node * hw.nic_bytes_s()) + pieces * (nodes - 1.0) * NET_LATENCY_S;
+    intra + inter
 }
 
-fn allreduce_s(hw: &Hardware, bytes: f64, g: u64, stride: u64) -> f64 {
-    2.0 * gather_s(hw, bytes, g, stride)
+/// All-reduce: reduce-scatter then all-gather in bandwidth; NCCL's trees keep the latency
+/// logarithmic at scale, so the ring's latency is capped at 2·log2(g) steps per piece.
+fn allreduce_s(hw: &Hardware, bytes: f64, g: u64, stride: u64, pieces: f64) -> f64 {
+    if g <= 1 {
+        return 0.0;
+    }
+    let bw_only = 2.0 * gather_s(hw, bytes, g, stride, 0.0);
+    let lat = if stride * g <= hw.scaleup_domain { SCALEUP_LATENCY_S } else { NET_LATENCY_S };
+    bw_only + pieces * 2.0 * (g as f64).log2().ceil() * lat
 }
 
 pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Prediction {
@@ -154,7 +166,7 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     // Tensor parallelism: two all-reduces (or all-gather + reduce-scatter pairs with SP) of the
     // layer's activations forward, two backward.
     let act_msg = n * h * 2.0;
-    let tp_coll = if l.tp > 1 { 2.0 * allreduce_s(hw, act_msg, l.tp, 1) } else { 0.0 };
+    let tp_coll = if l.tp > 1 { 2.0 * allreduce_s(hw, act_msg, l.tp, 1, 1.0) } else { 0.0 };
     let tp_exposed = |gemm: f64| {
         if sw.tp_comm_overlap && l.sp {
             (tp_coll - gemm).max(0.0) + TP_OVERLAP_EXPOSED * tp_coll.min(gemm)
@@ -191,7 +203,7 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     let vocab = m.vocab as f64;
     // Output layer and loss on the last stage (fp32 logits read and written a few times).
     let head = 3.0 * gemm_s(hw, peak, n, h, vocab / t) + n * vocab / t * 4.0 * 4.0 / hbm;
-    let head_comm = if l.tp > 1 { 3.0 * allreduce_s(hw, n * 4.0, l.tp, 1) } else { 0.0 };
+    let head_comm = if l.tp > 1 { 3.0 * allreduce_s(hw, n * 4.0, l.tp, 1, 1.0) } else { 0.0 };
     // The last stage holds the output layer on top of its layers; with pp = 1 it is all one GPU.
     let stage_compute = stage_layers * layer_compute + head;
     let mut stage_comm = stage_layers * layer_comm + head_comm;
@@ -213,12 +225,18 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     let (dense_p, expert_p) = stage_params(m, l);
     let shard = l.dp * l.cp;
     let grad_b = job.precision.grad_bytes();
+    // FSDP gathers and reduces layer by layer, each collective paying its latency; the others
+    // stream gradient buckets back to back, so their latencies overlap and count once.
+    let pieces = |_bytes: f64| if l.zero >= 3 { stage_layers.max(1.0) } else { 1.0 };
     let reduce = |per_param: f64, all: bool| {
         // reduce-scatter (all = false) or all-reduce of gradients over dp·cp (experts: dp·cp/ep)
         let f = if all { allreduce_s } else { gather_s };
-        f(hw, dense_p * per_param, shard, l.tp) + f(hw, expert_p * per_param, shard / l.ep, l.tp * l.ep)
+        let (d, e) = (dense_p * per_param, expert_p * per_param);
+        f(hw, d, shard, l.tp, pieces(d)) + f(hw, e, shard / l.ep, l.tp * l.ep, pieces(e))
     };
-    let gather_params = gather_s(hw, dense_p * 2.0, shard, l.tp) + gather_s(hw, expert_p * 2.0, shard / l.ep, l.tp * l.ep);
+    let (dw, ew) = (dense_p * 2.0, expert_p * 2.0);
+    let gather_params =
+        gather_s(hw, dw, shard, l.tp, pieces(dw)) + gather_s(hw, ew, shard / l.ep, l.tp * l.ep, pieces(ew));
     let fwd_window = stage_layers * (fwd_compute + fwd_comm);
     let bwd_window = stage_layers * (bwd_compute + bwd_comm + re_compute + re_comm);
     let dp_exposed = if shard <= 1 {

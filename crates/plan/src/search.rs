@@ -11,6 +11,11 @@ use crate::perf::{predict, Prediction};
 pub const MICRO_BATCHES: [u64; 10] = [1, 2, 3, 4, 6, 8, 12, 14, 16, 32];
 const VIRTUAL: [u64; 6] = [1, 2, 3, 4, 6, 8];
 const CONTEXT: [u64; 5] = [1, 2, 4, 8, 16];
+/// The search keeps the optimizer step's batch within this fraction of the one asked for: rounding
+/// to whole micro-batches per data-parallel rank moves it, and a much larger batch is a different
+/// training run, not a faster layout.
+pub const MAX_BATCH_DEVIATION: f64 = 0.10;
+
 /// Largest tensor-parallel degree tried (TPU pods would allow more; nobody trains that way).
 const MAX_TP: u64 = 64;
 
@@ -32,6 +37,7 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
     let mut any_valid = false;
     let mut least_mem = f64::INFINITY;
     let mut first_err: Option<PlanError> = None;
+    let mut batch_miss = false;
     for tp in divisors(m.heads).into_iter().filter(|t| *t <= tp_limit) {
         for cp in CONTEXT {
             if !job.gpus.is_multiple_of(tp * cp) {
@@ -61,6 +67,12 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
                                         first_err.get_or_insert(e);
                                         continue;
                                     }
+                                    let actual = (l.microbatches(job.global_batch_seqs) * mb * dp) as f64;
+                                    let target = job.global_batch_seqs.max(1) as f64;
+                                    if (actual - target).abs() > MAX_BATCH_DEVIATION * target {
+                                        batch_miss = true;
+                                        break;
+                                    }
                                     any_valid = true;
                                     let need = memory(job, &l, sw).total();
                                     least_mem = least_mem.min(need);
@@ -79,7 +91,13 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
         }
     }
     if best.is_empty() {
-        let why = if !any_valid {
+        let why = if !any_valid && batch_miss {
+            format!(
+                "global batch within {:.0}% of {} sequences: no data-parallel degree × micro-batch reaches it",
+                100.0 * MAX_BATCH_DEVIATION,
+                job.global_batch_seqs
+            )
+        } else if !any_valid {
             match first_err {
                 Some(e) => format!("every split breaks a rule, e.g. {e}"),
                 None => format!("no tp × cp × pp divides {} GPUs within the model's heads and layers", job.gpus),
