@@ -117,7 +117,10 @@ fn search(a: SearchArgs) -> Result<(), String> {
         return Err("--seq must be at least 1".into());
     }
     if a.global_batch_tokens < a.seq {
-        return Err(format!("--global-batch-tokens {} is less than one sequence ({})", a.global_batch_tokens, a.seq));
+        return Err(format!(
+            "--global-batch-tokens {} is less than one sequence ({})",
+            a.global_batch_tokens, a.seq
+        ));
     }
     if !(a.tokens > 0.0) {
         return Err("--tokens must be positive".into());
@@ -135,7 +138,11 @@ fn search(a: SearchArgs) -> Result<(), String> {
         precision,
         convention: FlopsConvention::SixN,
     };
-    let sw = Software { tp_comm_overlap: !a.no_tp_overlap, tp_across_nodes: a.tp_across_nodes, ..Software::default() };
+    let sw = Software {
+        tp_comm_overlap: !a.no_tp_overlap,
+        tp_across_nodes: a.tp_across_nodes,
+        ..Software::default()
+    };
     let best = plan::search(&job, &hw, &sw, a.top).map_err(|e| e.to_string())?;
     if a.json {
         let rows: Vec<_> = best
@@ -183,7 +190,21 @@ fn search(a: SearchArgs) -> Result<(), String> {
     );
     println!(
         "{:>3} {:>3} {:>3} {:>6} {:>3} {:>3} {:>3} {:>4} {:>9} {:>8} {:>7} {:>6} {:>6} {:>11} {:>7}",
-        "tp", "pp", "vp", "dp", "cp", "ep", "mb", "zero", "recompute", "mem GiB", "step s", "MFU %", "HFU %", "tokens/day", "days"
+        "tp",
+        "pp",
+        "vp",
+        "dp",
+        "cp",
+        "ep",
+        "mb",
+        "zero",
+        "recompute",
+        "mem GiB",
+        "step s",
+        "MFU %",
+        "HFU %",
+        "tokens/day",
+        "days"
     );
     for p in &best {
         let l = &p.layout;
@@ -226,7 +247,17 @@ fn validate(v: ValidateArgs) -> Result<(), String> {
     }
     println!(
         "{:>4} {:<28} {:<15} {:>5} {:>6} {:>6} {:>6} {:>6}  {:<34} {:>6} {:>6}",
-        "row", "model", "gpu", "gpus", "metric", "publ.", "pred.", "error", "layout (tp pp vp dp mb zero recompute)", "best", "fits"
+        "row",
+        "model",
+        "gpu",
+        "gpus",
+        "metric",
+        "publ.",
+        "pred.",
+        "error",
+        "layout (tp pp vp dp mb zero recompute)",
+        "best",
+        "fits"
     );
     for r in &report.runs {
         let l = &r.prediction.layout;

@@ -86,9 +86,21 @@ impl Hardware {
 pub fn calibration_for(name: &str) -> Calibration {
     let n = name.to_ascii_uppercase();
     if n.contains("A100") {
-        Calibration { gemm_eff: A100_GEMM_EFF, attn_eff: A100_ATTN_EFF, mem_eff: 0.8, scaleup_eff: 0.77, nic_eff: 0.85 }
+        Calibration {
+            gemm_eff: A100_GEMM_EFF,
+            attn_eff: A100_ATTN_EFF,
+            mem_eff: 0.8,
+            scaleup_eff: 0.77,
+            nic_eff: 0.85,
+        }
     } else if n.contains("H100") || n.contains("H200") || n.contains("H800") {
-        Calibration { gemm_eff: H100_GEMM_EFF, attn_eff: H100_ATTN_EFF, mem_eff: 0.8, scaleup_eff: 0.8, nic_eff: 0.85 }
+        Calibration {
+            gemm_eff: H100_GEMM_EFF,
+            attn_eff: H100_ATTN_EFF,
+            mem_eff: 0.8,
+            scaleup_eff: 0.8,
+            nic_eff: 0.85,
+        }
     } else {
         UNFITTED
     }
@@ -213,8 +225,8 @@ pub fn lookup(name: &str) -> Result<Hardware> {
 /// `scaleup_gbps_per_gpu`, `nic_gbps_per_gpu`, `gpus_per_node`, `scaleup_domain`, and a
 /// `[calibration]` table with `gemm_eff`, `attn_eff`, `mem_eff`, `scaleup_eff`, `nic_eff`.
 pub fn from_toml(source: &str, text: &str) -> Result<Hardware> {
-    let table: toml::Table =
-        toml::from_str(text).map_err(|e| PlanError::Parse { source: source.into(), why: e.message().into() })?;
+    let table: toml::Table = toml::from_str(text)
+        .map_err(|e| PlanError::Parse { source: source.into(), why: e.message().into() })?;
     let name = table
         .get("name")
         .and_then(|v| v.as_str())

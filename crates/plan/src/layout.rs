@@ -123,7 +123,15 @@ impl Layout {
         if self.gpus() != job.gpus {
             return fail(
                 "tp * pp * dp * cp == gpus",
-                format!("{}×{}×{}×{} = {} but the job has {} GPUs", self.tp, self.pp, self.dp, self.cp, self.gpus(), job.gpus),
+                format!(
+                    "{}×{}×{}×{} = {} but the job has {} GPUs",
+                    self.tp,
+                    self.pp,
+                    self.dp,
+                    self.cp,
+                    self.gpus(),
+                    job.gpus
+                ),
             );
         }
         if !m.heads.is_multiple_of(self.tp) {
@@ -142,7 +150,8 @@ impl Layout {
             return fail("pp <= layers", format!("pp {} but {} layers", self.pp, m.layers));
         }
         let chunks = self.pp * self.vp;
-        if !m.layers.is_multiple_of(chunks) && !(sw.uneven_pipeline && self.vp == 1) {
+        let uneven_ok = sw.uneven_pipeline && self.vp == 1;
+        if !(m.layers.is_multiple_of(chunks) || uneven_ok) {
             return fail(
                 "layers % (pp * vp) == 0",
                 format!("{} layers over pp {} × vp {}", m.layers, self.pp, self.vp),
@@ -170,7 +179,10 @@ impl Layout {
                     return fail("experts % ep == 0", format!("{} experts over ep {}", moe.experts, self.ep));
                 }
                 if !(self.dp * self.cp).is_multiple_of(self.ep) {
-                    return fail("(dp * cp) % ep == 0", format!("ep {} over dp {} × cp {}", self.ep, self.dp, self.cp));
+                    return fail(
+                        "(dp * cp) % ep == 0",
+                        format!("ep {} over dp {} × cp {}", self.ep, self.dp, self.cp),
+                    );
                 }
             }
             None => {}
@@ -181,7 +193,10 @@ impl Layout {
         if !sw.tp_across_nodes && self.tp > hw.scaleup_domain {
             return fail(
                 "tp <= GPUs per scale-up domain",
-                format!("tp {} but {} GPUs share a scale-up link (allow with tp_across_nodes)", self.tp, hw.scaleup_domain),
+                format!(
+                    "tp {} but {} GPUs share a scale-up link (allow with tp_across_nodes)",
+                    self.tp, hw.scaleup_domain
+                ),
             );
         }
         Ok(())

@@ -90,7 +90,13 @@ pub fn stage_params(m: &Model, l: &Layout) -> (f64, f64) {
     // Embedding on the first stage, output layer on the last; one GPU holds both when pp = 1
     // (a tied pair then once). Count the heavier end.
     let emb = (m.vocab * m.hidden) as f64 / t;
-    let ends = if l.pp == 1 && m.tied_embeddings { emb } else if l.pp == 1 { 2.0 * emb } else { emb };
+    let ends = if l.pp == 1 && m.tied_embeddings {
+        emb
+    } else if l.pp == 1 {
+        2.0 * emb
+    } else {
+        emb
+    };
     dense += ends;
     (dense, expert)
 }

@@ -48,9 +48,9 @@ pub enum FlopsConvention {
     /// tied) + 12 × layers × attention width × seq. For a GPT this is exactly
     /// 72·B·s·l·h²·(1 + s/6h + V/12lh) per step.
     Megatron,
-    /// PaLM / nanoGPT / torchtitan and DESIGN.md: 6 × (active parameters − position embeddings)
-    /// + 12 × layers × attention width × seq. Embeddings, norms and biases count; a tied output
-    /// layer counts once.
+    /// PaLM / nanoGPT / torchtitan and DESIGN.md: 6 × (active parameters − position
+    /// embeddings) plus 12 × layers × attention width × seq. Embeddings, norms and biases count;
+    /// a tied output layer counts once.
     SixN,
 }
 
@@ -233,7 +233,16 @@ pub fn gpt(name: &str, layers: u64, hidden: u64, heads: u64, vocab: u64) -> Mode
 }
 
 #[allow(clippy::too_many_arguments)]
-fn llama(name: &str, layers: u64, hidden: u64, heads: u64, kv: u64, ffn: u64, vocab: u64, tied: bool) -> Model {
+fn llama(
+    name: &str,
+    layers: u64,
+    hidden: u64,
+    heads: u64,
+    kv: u64,
+    ffn: u64,
+    vocab: u64,
+    tied: bool,
+) -> Model {
     Model {
         name: name.into(),
         layers,
@@ -254,13 +263,25 @@ fn llama(name: &str, layers: u64, hidden: u64, heads: u64, kv: u64, ffn: u64, vo
 /// Built-in models: those of the published runs (shapes from their papers and released configs).
 pub fn presets() -> Vec<Model> {
     let mut mixtral = llama("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, false);
-    mixtral.moe =
-        Some(Moe { experts: 8, top_k: 2, expert_ffn: 14336, shared_experts: 0, shared_ffn: 0, dense_layers: 0 });
+    mixtral.moe = Some(Moe {
+        experts: 8,
+        top_k: 2,
+        expert_ffn: 14336,
+        shared_experts: 0,
+        shared_ffn: 0,
+        dense_layers: 0,
+    });
     // DeepSeek-V3: MLA is approximated as MHA with 128 heads of 128 (its q/kv LoRA ranks are not
     // modelled); 3 dense layers, then 256 routed experts (top-8) and 1 shared expert.
     let mut dsv3 = llama("deepseek-v3", 61, 7168, 128, 128, 18432, 129280, false);
-    dsv3.moe =
-        Some(Moe { experts: 256, top_k: 8, expert_ffn: 2048, shared_experts: 1, shared_ffn: 2048, dense_layers: 3 });
+    dsv3.moe = Some(Moe {
+        experts: 256,
+        top_k: 8,
+        expert_ffn: 2048,
+        shared_experts: 1,
+        shared_ffn: 2048,
+        dense_layers: 3,
+    });
     let mut palm = llama("palm-540b", 118, 18432, 48, 1, 4 * 18432, 256000, true);
     palm.head_dim = 256;
     let mut bloom = gpt("bloom-176b", 70, 14336, 112, 250880);
@@ -298,8 +319,8 @@ pub fn preset(name: &str) -> Result<Model> {
 /// Reads a Hugging Face `config.json` (GPT-2, Llama, Mistral/Mixtral, Qwen2/Qwen2-MoE,
 /// DeepSeek-V2/V3 field names). `source` names the file in errors.
 pub fn from_hf_config(source: &str, text: &str) -> Result<Model> {
-    let v: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| PlanError::Parse { source: source.into(), why: e.to_string() })?;
+    let v: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| PlanError::Parse { source: source.into(), why: e.to_string() })?;
     let obj = v.as_object().ok_or_else(|| PlanError::Parse {
         source: source.into(),
         why: "top level is not a JSON object".into(),
@@ -343,15 +364,21 @@ pub fn from_hf_config(source: &str, text: &str) -> Result<Model> {
     let ffn = match any(&["intermediate_size", "n_inner", "ffn_dim"])? {
         Some(f) => f,
         None if gpt2_like => 4 * hidden,
-        None => return Err(PlanError::MissingField { source: source.into(), field: "intermediate_size".into() }),
+        None => {
+            return Err(PlanError::MissingField { source: source.into(), field: "intermediate_size".into() })
+        }
     };
-    let gated = if gpt2_like { false } else { act.is_empty() || act.contains("silu") || act.contains("swiglu") };
+    let gated =
+        if gpt2_like { false } else { act.is_empty() || act.contains("silu") || act.contains("swiglu") };
     let tied = match obj.get("tie_word_embeddings") {
         Some(serde_json::Value::Bool(b)) => *b,
         _ => gpt2_like,
     };
-    let position_embeddings =
-        if model_type == "gpt2" { any(&["n_positions", "max_position_embeddings"])?.unwrap_or(1024) } else { 0 };
+    let position_embeddings = if model_type == "gpt2" {
+        any(&["n_positions", "max_position_embeddings"])?.unwrap_or(1024)
+    } else {
+        0
+    };
     let experts = any(&["num_local_experts", "n_routed_experts", "num_experts"])?;
     let moe = match experts {
         Some(e) if e > 1 => {
@@ -430,8 +457,8 @@ struct ModelToml {
 /// `position_embeddings`, `biases`, and for MoE `experts`, `top_k`, `expert_ffn` (= ffn),
 /// `shared_experts`, `shared_ffn`, `dense_layers`.
 pub fn from_toml(source: &str, text: &str) -> Result<Model> {
-    let t: ModelToml =
-        toml::from_str(text).map_err(|e| PlanError::Parse { source: source.into(), why: e.message().into() })?;
+    let t: ModelToml = toml::from_str(text)
+        .map_err(|e| PlanError::Parse { source: source.into(), why: e.message().into() })?;
     let need = |v: Option<u64>, f: &str| {
         v.ok_or_else(|| PlanError::MissingField { source: source.into(), field: f.into() })
     };

@@ -75,11 +75,13 @@ fn gather_s(hw: &Hardware, bytes: f64, g: u64, stride: u64, pieces: f64) -> f64 
     let per_node = (hw.scaleup_domain / stride.min(hw.scaleup_domain)).clamp(1, g) as f64;
     let nodes = (gf / per_node).ceil();
     let intra = if per_node > 1.0 {
-        (per_node - 1.0) / per_node * bytes / hw.scaleup_bytes_s() + pieces * (per_node - 1.0) * SCALEUP_LATENCY_S
+        (per_node - 1.0) / per_node * bytes / hw.scaleup_bytes_s()
+            + pieces * (per_node - 1.0) * SCALEUP_LATENCY_S
     } else {
         0.0
     };
-    let inter = (nodes - 1.0) / nodes * bytes / (per_node * hw.nic_bytes_s()) + pieces * (nodes - 1.0) * NET_LATENCY_S;
+    let inter = (nodes - 1.0) / nodes * bytes / (per_node * hw.nic_bytes_s())
+        + pieces * (nodes - 1.0) * NET_LATENCY_S;
     intra + inter
 }
 
@@ -115,7 +117,8 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
 
     // ---- one layer, forward, per micro-batch ----
     let attn_gemms = gemm_s(hw, peak, n, h, qd / t + 2.0 * kvd_local) + gemm_s(hw, peak, n, qd / t, h);
-    let dense_mlp = gemm_s(hw, peak, n, h, mlp_in * m.ffn as f64 / t) + gemm_s(hw, peak, n, m.ffn as f64 / t, h);
+    let dense_mlp =
+        gemm_s(hw, peak, n, h, mlp_in * m.ffn as f64 / t) + gemm_s(hw, peak, n, m.ffn as f64 / t, h);
     let attn_core_flops = 4.0 * b * (s / cp) * s * qd / t;
     let attn_core = attn_core_flops / (peak * hw.calibration.attn_eff) + 2.0 * KERNEL_LAUNCH_S;
     // Element-wise traffic (bytes per token): two norms and two residual adds of h (replicated
@@ -144,11 +147,12 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
                 0.0
             };
             let router = gemm_s(hw, peak, n, h, moe.experts as f64);
-            let elem = n * (20.0 * h / rep_div
-                + (moe.top_k as f64 * act_bytes(moe.expert_ffn as f64)
-                    + moe.shared_experts as f64 * act_bytes(moe.shared_ffn as f64)
-                    + scores_bytes)
-                    / t)
+            let elem = n
+                * (20.0 * h / rep_div
+                    + (moe.top_k as f64 * act_bytes(moe.expert_ffn as f64)
+                        + moe.shared_experts as f64 * act_bytes(moe.shared_ffn as f64)
+                        + scores_bytes)
+                        / t)
                 / hbm;
             // Dispatch and combine: each token's hidden state to top-k experts and back.
             let bytes = n * moe.top_k as f64 * h * 2.0 * (ep - 1.0) / ep;
@@ -264,7 +268,8 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     };
     // Adam over the local (sharded) parameters: fp32 master, two moments, gradient in; master,
     // moments and the 16-bit copy out.
-    let opt_params = if l.zero >= 1 { (dense_p + expert_p * l.ep as f64) / shard as f64 } else { dense_p + expert_p };
+    let opt_params =
+        if l.zero >= 1 { (dense_p + expert_p * l.ep as f64) / shard as f64 } else { dense_p + expert_p };
     let optimizer = opt_params * 36.0 / hbm;
 
     let step = pipe + dp_exposed + optimizer;

@@ -48,10 +48,9 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
                 let dp = rest / pp;
                 let eps: Vec<u64> = match &m.moe {
                     None => vec![1],
-                    Some(moe) => divisors(moe.experts)
-                        .into_iter()
-                        .filter(|e| (dp * cp).is_multiple_of(*e))
-                        .collect(),
+                    Some(moe) => {
+                        divisors(moe.experts).into_iter().filter(|e| (dp * cp).is_multiple_of(*e)).collect()
+                    }
                 };
                 for vp in VIRTUAL {
                     if vp > 1 && (pp == 1 || !m.layers.is_multiple_of(pp * vp)) {
@@ -61,8 +60,18 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
                         for mb in MICRO_BATCHES {
                             for zero in 0..=3u8 {
                                 for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
-                                    let l =
-                                        Layout { tp, pp, vp, dp, cp, ep, micro_batch: mb, zero, recompute, sp: tp > 1 };
+                                    let l = Layout {
+                                        tp,
+                                        pp,
+                                        vp,
+                                        dp,
+                                        cp,
+                                        ep,
+                                        micro_batch: mb,
+                                        zero,
+                                        recompute,
+                                        sp: tp > 1,
+                                    };
                                     if let Err(e) = l.check(job, hw, sw) {
                                         first_err.get_or_insert(e);
                                         continue;
@@ -100,7 +109,9 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
         } else if !any_valid {
             match first_err {
                 Some(e) => format!("every split breaks a rule, e.g. {e}"),
-                None => format!("no tp × cp × pp divides {} GPUs within the model's heads and layers", job.gpus),
+                None => {
+                    format!("no tp × cp × pp divides {} GPUs within the model's heads and layers", job.gpus)
+                }
             }
         } else {
             format!(

@@ -257,7 +257,12 @@ pub fn validate(source: &str, text: &str, with_search: bool) -> Result<Report> {
 }
 
 /// `validate` with a hook that may change each row's hardware (calibration studies).
-pub fn validate_with(source: &str, text: &str, with_search: bool, tweak: &dyn Fn(&mut Hardware)) -> Result<Report> {
+pub fn validate_with(
+    source: &str,
+    text: &str,
+    with_search: bool,
+    tweak: &dyn Fn(&mut Hardware),
+) -> Result<Report> {
     let t = Table::parse(source, text)?;
     for c in ["model", "gpu", "gpu_count", "mfu_pct", "hfu_pct", "flops_convention"] {
         if t.col(c).is_none() {
@@ -275,7 +280,11 @@ pub fn validate_with(source: &str, text: &str, with_search: bool, tweak: &dyn Fn
                 tweak(&mut r.hw);
                 let p = predict(&r.job, &r.hw, &r.layout, &r.sw);
                 let predicted_pct = 100.0 * if r.metric == "MFU" { p.mfu } else { p.hfu };
-                let best = if with_search { search(&r.job, &r.hw, &r.sw, 1).ok().map(|mut v| v.remove(0)) } else { None };
+                let best = if with_search {
+                    search(&r.job, &r.hw, &r.sw, 1).ok().map(|mut v| v.remove(0))
+                } else {
+                    None
+                };
                 runs.push(Validated {
                     row: rownum,
                     model: name,

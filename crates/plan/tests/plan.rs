@@ -14,9 +14,11 @@ fn close(a: f64, b: f64, rel: f64) -> bool {
 #[test]
 fn model_flops_equal_megatrons_72_formula_for_gpt() {
     // (layers, hidden, heads, vocab, seq, batch): GPT-3 175B, the 1T model, a small one.
-    for (l, h, a, v, s, b) in
-        [(96u64, 12288u64, 96u64, 51200u64, 2048u64, 1536u64), (128, 25600, 160, 51200, 2048, 3072), (24, 2048, 16, 131072, 4096, 8)]
-    {
+    for (l, h, a, v, s, b) in [
+        (96u64, 12288u64, 96u64, 51200u64, 2048u64, 1536u64),
+        (128, 25600, 160, 51200, 2048, 3072),
+        (24, 2048, 16, 131072, 4096, 8),
+    ] {
         let m = gpt("t", l, h, a, v);
         let ours = m.model_flops_per_token(s, FlopsConvention::Megatron) * (b * s) as f64;
         let (bf, sf, lf, hf, vf) = (b as f64, s as f64, l as f64, h as f64, v as f64);
@@ -45,9 +47,16 @@ fn activation_memory_matches_korthikanti_table_2() {
     let sbh = s * b * h;
     for t in [1.0, 2.0, 8.0] {
         let act = |sp, r| layer_activation_bytes(&m, false, s, b, t, sp, r, false);
-        let none = if t == 1.0 { sbh * (34.0 + 5.0 * a * s / h) } else { sbh * (10.0 + 24.0 / t + 5.0 * a * s / (h * t)) };
+        let none = if t == 1.0 {
+            sbh * (34.0 + 5.0 * a * s / h)
+        } else {
+            sbh * (10.0 + 24.0 / t + 5.0 * a * s / (h * t))
+        };
         assert!(close(act(false, Recompute::None), none, 1e-12), "t={t}");
-        assert!(close(act(true, Recompute::None), sbh * (34.0 / t + 5.0 * a * s / (h * t)), 1e-12), "t={t} sp");
+        assert!(
+            close(act(true, Recompute::None), sbh * (34.0 / t + 5.0 * a * s / (h * t)), 1e-12),
+            "t={t} sp"
+        );
         assert!(close(act(true, Recompute::Selective), sbh * 34.0 / t, 1e-12), "t={t} selective");
         assert!(close(act(false, Recompute::Full), 2.0 * sbh, 1e-12), "t={t} full");
         assert!(close(act(true, Recompute::Full), 2.0 * sbh / t, 1e-12), "t={t} full sp");
@@ -92,7 +101,8 @@ fn hugging_face_configs_parse_into_the_right_shapes() {
 
 #[test]
 fn a_config_missing_a_field_names_it() {
-    let text = std::fs::read_to_string(format!("{}/tests/data/llama3-8b.json", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let text =
+        std::fs::read_to_string(format!("{}/tests/data/llama3-8b.json", env!("CARGO_MANIFEST_DIR"))).unwrap();
     let broken = text.replace("\"hidden_size\": 4096,", "");
     let e = from_hf_config("config.json", &broken).unwrap_err();
     assert_eq!(e, PlanError::MissingField { source: "config.json".into(), field: "hidden_size".into() });
@@ -112,7 +122,10 @@ fn a_toml_model_spec_reads_moe_fields() {
     )
     .unwrap();
     let moe = m.moe.clone().unwrap();
-    assert_eq!((moe.experts, moe.top_k, moe.expert_ffn, moe.shared_experts, moe.dense_layers), (16, 2, 128, 1, 1));
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.expert_ffn, moe.shared_experts, moe.dense_layers),
+        (16, 2, 128, 1, 1)
+    );
     assert!(m.active_params() < m.params());
 }
 
@@ -132,7 +145,18 @@ fn a_layout_that_does_not_divide_names_the_constraint() {
     let hw = lookup("H100-SXM5-80GB").unwrap();
     let sw = Software::default();
     let j = job("llama3-70b", 64, 8192, 1 << 22);
-    let ok = Layout { tp: 8, pp: 4, vp: 1, dp: 2, cp: 1, ep: 1, micro_batch: 1, zero: 1, recompute: Recompute::None, sp: true };
+    let ok = Layout {
+        tp: 8,
+        pp: 4,
+        vp: 1,
+        dp: 2,
+        cp: 1,
+        ep: 1,
+        micro_batch: 1,
+        zero: 1,
+        recompute: Recompute::None,
+        sp: true,
+    };
     ok.check(&j, &hw, &sw).unwrap();
     // (layout, GPUs in the job, the constraint it breaks)
     let cases = [
@@ -196,7 +220,10 @@ fn search_handles_moe_with_expert_parallelism() {
 fn published_runs_are_predicted_within_3_points_on_average() {
     let r = validate("published_runs.csv", PUBLISHED_RUNS_CSV, false).unwrap();
     for v in &r.runs {
-        println!("{:>3} {:<30} {} published {:.1} predicted {:.1}", v.row, v.model, v.metric, v.published_pct, v.predicted_pct);
+        println!(
+            "{:>3} {:<30} {} published {:.1} predicted {:.1}",
+            v.row, v.model, v.metric, v.published_pct, v.predicted_pct
+        );
     }
     println!("MAE {:.2} over {} runs; {} skipped", r.mae_pts, r.runs.len(), r.skipped.len());
     assert_eq!(r.runs.len() + r.skipped.len(), 44, "every data row is validated or skipped");
@@ -209,7 +236,11 @@ fn published_runs_are_predicted_within_3_points_on_average() {
 fn search_beats_or_matches_every_published_layout_and_fits() {
     let r = validate("published_runs.csv", PUBLISHED_RUNS_CSV, true).unwrap();
     for v in &r.runs {
-        assert!(v.prediction.fits, "row {} {}: the published layout does not fit by our memory model", v.row, v.model);
+        assert!(
+            v.prediction.fits,
+            "row {} {}: the published layout does not fit by our memory model",
+            v.row, v.model
+        );
         let best = v.best.as_ref().unwrap_or_else(|| panic!("row {}: no layout found", v.row));
         assert!(best.fits);
         assert!(
@@ -225,13 +256,18 @@ fn search_beats_or_matches_every_published_layout_and_fits() {
 
 #[test]
 fn hardware_toml_overrides_and_defines() {
-    let h = plan::hardware::from_toml("hw.toml", "name = \"H100-SXM5-80GB\"\nnic_gbps_per_gpu = 200\n[calibration]\ngemm_eff = 0.6\n").unwrap();
+    let h = plan::hardware::from_toml(
+        "hw.toml",
+        "name = \"H100-SXM5-80GB\"\nnic_gbps_per_gpu = 200\n[calibration]\ngemm_eff = 0.6\n",
+    )
+    .unwrap();
     assert_eq!(h.nic_gbit, 200.0);
     assert_eq!(h.calibration.gemm_eff, 0.6);
     assert_eq!(h.bf16_tflops, 989.4);
     let e = plan::hardware::from_toml("hw.toml", "name = \"X1\"\nbf16_dense_tflops = 100\n").unwrap_err();
     assert!(e.to_string().contains("missing field `hbm_gb`"), "{e}");
-    let e = plan::hardware::from_toml("hw.toml", "name = \"B200\"\n[calibration]\ngemm_eff = 1.5\n").unwrap_err();
+    let e =
+        plan::hardware::from_toml("hw.toml", "name = \"B200\"\n[calibration]\ngemm_eff = 1.5\n").unwrap_err();
     assert!(e.to_string().contains("calibration.gemm_eff"), "{e}");
     assert!(lookup("A100 80GB (Selene)").unwrap().name == "A100-SXM4-80GB");
     assert!(lookup("Z9000").unwrap_err().to_string().contains("unknown GPU"));
