@@ -122,7 +122,7 @@ fn search(a: SearchArgs) -> Result<(), String> {
             a.global_batch_tokens, a.seq
         ));
     }
-    if !(a.tokens > 0.0) {
+    if a.tokens.is_nan() || a.tokens <= 0.0 {
         return Err("--tokens must be positive".into());
     }
     let precision = match a.precision {
