@@ -272,3 +272,38 @@ fn hardware_toml_overrides_and_defines() {
     assert!(lookup("A100 80GB (Selene)").unwrap().name == "A100-SXM4-80GB");
     assert!(lookup("Z9000").unwrap_err().to_string().contains("unknown GPU"));
 }
+
+#[test]
+fn deepseek_and_qwen_moe_config_fields_parse() {
+    let ds = r#"{"model_type": "deepseek_v3", "num_hidden_layers": 61, "hidden_size": 7168,
+        "num_attention_heads": 128, "num_key_value_heads": 128, "intermediate_size": 18432,
+        "moe_intermediate_size": 2048, "n_routed_experts": 256, "n_shared_experts": 1,
+        "num_experts_per_tok": 8, "first_k_dense_replace": 3, "vocab_size": 129280, "hidden_act": "silu"}"#;
+    let m = from_hf_config("deepseek.json", ds).unwrap();
+    let moe = m.moe.unwrap();
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.expert_ffn, moe.shared_experts, moe.dense_layers),
+        (256, 8, 2048, 1, 3)
+    );
+    let qwen = r#"{"model_type": "qwen2_moe", "num_hidden_layers": 24, "hidden_size": 2048,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 5632,
+        "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts": 60,
+        "num_experts_per_tok": 4, "vocab_size": 151936}"#;
+    let m = from_hf_config("qwen.json", qwen).unwrap();
+    let moe = m.moe.unwrap();
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.expert_ffn, moe.shared_experts, moe.shared_ffn),
+        (60, 4, 1408, 1, 5632)
+    );
+    let e = from_hf_config("qwen.json", &qwen.replace("\"num_experts_per_tok\": 4,", "")).unwrap_err();
+    assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
+}
+
+#[test]
+fn validation_reads_the_year_of_each_source() {
+    use plan::validate::source_year;
+    assert_eq!(source_year("Narayanan et al. SC21 (arXiv 2104.04473) Table 1; README Apr-2021"), Some(2021));
+    assert_eq!(source_year("Chowdhery et al. PaLM (arXiv 2204.02311)"), Some(2022));
+    assert_eq!(source_year("NVIDIA/Megatron-LM README (commit f2e5db402c, Jul-2024)"), Some(2024));
+    assert_eq!(source_year("BigScience tr11-176B-ml README"), None);
+}
