@@ -13,6 +13,10 @@ use serde::Serialize;
 /// userbuffers overlap hides most but not all).
 pub const TP_OVERLAP_EXPOSED: f64 = 0.25;
 
+/// HBM traffic of the loss per logit: the bf16 logits written and read, cast to fp32, max, exp,
+/// sum, the softmax gradient written and read back, cast again: about ten 4-byte passes.
+pub const LOSS_BYTES_PER_LOGIT: f64 = 40.0;
+
 /// Where one step's time goes (seconds), and what it yields.
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
@@ -206,7 +210,7 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     let stage_layers = l.layers_per_stage(m.layers) as f64;
     let vocab = m.vocab as f64;
     // Output layer and loss on the last stage (fp32 logits read and written a few times).
-    let head = 3.0 * gemm_s(hw, peak, n, h, vocab / t) + n * vocab / t * 4.0 * 4.0 / hbm;
+    let head = 3.0 * gemm_s(hw, peak, n, h, vocab / t) + n * vocab / t * LOSS_BYTES_PER_LOGIT / hbm;
     let head_comm = if l.tp > 1 { 3.0 * allreduce_s(hw, n * 4.0, l.tp, 1, 1.0) } else { 0.0 };
     // The last stage holds the output layer on top of its layers; with pp = 1 it is all one GPU.
     let stage_compute = stage_layers * layer_compute + head;
