@@ -96,9 +96,10 @@ impl Layout {
         ((global_batch_seqs + per / 2) / per).max(1)
     }
 
-    /// Layers on the fullest pipeline stage.
+    /// Layers on the fullest pipeline stage: vp chunks of ceil(layers / (pp·vp)) each (uneven
+    /// splits give the first or last stages fewer, as Megatron's first/last-stage layer counts do).
     pub fn layers_per_stage(&self, layers: u64) -> u64 {
-        layers.div_ceil(self.pp)
+        self.vp * layers.div_ceil(self.pp * self.vp)
     }
 
     /// Checks every divisibility and placement rule; the error names the first one broken.
@@ -146,12 +147,14 @@ impl Layout {
         if !m.ffn.is_multiple_of(self.tp) {
             return fail("ffn % tp == 0", format!("ffn {} over tp {}", m.ffn, self.tp));
         }
-        if self.pp > m.layers {
-            return fail("pp <= layers", format!("pp {} but {} layers", self.pp, m.layers));
-        }
         let chunks = self.pp * self.vp;
-        let uneven_ok = sw.uneven_pipeline && self.vp == 1;
-        if !(m.layers.is_multiple_of(chunks) || uneven_ok) {
+        if chunks > m.layers {
+            return fail(
+                "pp * vp <= layers",
+                format!("pp {} × vp {} but {} layers", self.pp, self.vp, m.layers),
+            );
+        }
+        if !(m.layers.is_multiple_of(chunks) || sw.uneven_pipeline) {
             return fail(
                 "layers % (pp * vp) == 0",
                 format!("{} layers over pp {} × vp {}", m.layers, self.pp, self.vp),

@@ -53,7 +53,11 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
                     }
                 };
                 for vp in VIRTUAL {
-                    if vp > 1 && (pp == 1 || !m.layers.is_multiple_of(pp * vp)) {
+                    if vp > 1
+                        && (pp == 1
+                            || pp * vp > m.layers
+                            || !(sw.uneven_pipeline || m.layers.is_multiple_of(pp * vp)))
+                    {
                         continue;
                     }
                     for &ep in &eps {
