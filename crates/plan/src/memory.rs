@@ -12,7 +12,7 @@ pub const RESERVED_BYTES: f64 = 3.0 * GIB;
 
 /// Activation bytes of one transformer layer for one micro-batch of `b` sequences of `s` tokens
 /// (16-bit activations), Korthikanti et al. 2022 §4 and Table 2, for a GPT layer
-/// (MHA, 4h GELU MLP, dropout):
+/// (MHA, 4h GELU MLP, with dropout):
 /// - no parallelism: sbh(34 + 5as/h)
 /// - tensor parallel t: sbh(10 + 24/t + 5as/(ht))
 /// - tensor + sequence parallel: sbh(34/t + 5as/(ht))
@@ -20,8 +20,8 @@ pub const RESERVED_BYTES: f64 = 3.0 * GIB;
 /// - full recomputation: 2sbh (2sbh/t with sequence parallelism).
 ///
 /// Generalised the same way for GQA (K and V are kv_dim wide), SwiGLU (three ffn-wide tensors)
-/// and MoE (routed tokens × top-k through experts). `flash` drops the s×s tensors as selective
-/// recomputation does.
+/// and MoE (routed tokens × top-k through experts); without dropout its masks go. `flash` drops
+/// the s×s tensors as selective recomputation does.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_activation_bytes(
     m: &Model,
@@ -41,7 +41,7 @@ pub fn layer_activation_bytes(
     }
     // Replicated across the TP group unless sequence-parallel: two LayerNorm inputs (4sbh), the
     // inputs of QKV and of the MLP (2sbh each), two dropout masks (sbh each).
-    let rep = 10.0 * sbh;
+    let rep = if m.dropout { 10.0 } else { 8.0 } * sbh;
     // Split across TP: Q, K, V, the output projection's input, the MLP's intermediates.
     let (qd, kvd) = (m.q_dim() as f64, m.kv_dim() as f64);
     let attn = s * b * (2.0 * qd + 4.0 * kvd + 2.0 * qd);
@@ -53,7 +53,9 @@ pub fn layer_activation_bytes(
         }
         _ => per_ffn(m.ffn as f64),
     };
-    let scores = if r == Recompute::None && !flash { 5.0 * m.heads as f64 * s * s * b } else { 0.0 };
+    // Softmax output (2as²b); with dropout also its mask (as²b) and output (2as²b).
+    let per_score = if m.dropout { 5.0 } else { 2.0 };
+    let scores = if r == Recompute::None && !flash { per_score * m.heads as f64 * s * s * b } else { 0.0 };
     rep / rep_div + (attn + mlp + scores) / t
 }
 

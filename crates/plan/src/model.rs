@@ -24,6 +24,8 @@ pub struct Model {
     pub position_embeddings: u64,
     /// Linear layers carry biases and norms are LayerNorm with bias (GPT-2) rather than RMSNorm.
     pub biases: bool,
+    /// Trained with dropout (GPT-3/Megatron defaults): its masks add to activation memory.
+    pub dropout: bool,
     pub moe: Option<Moe>,
 }
 
@@ -228,6 +230,7 @@ pub fn gpt(name: &str, layers: u64, hidden: u64, heads: u64, vocab: u64) -> Mode
         tied_embeddings: true,
         position_embeddings: 0,
         biases: false,
+        dropout: true,
         moe: None,
     }
 }
@@ -256,6 +259,7 @@ fn llama(
         tied_embeddings: tied,
         position_embeddings: 0,
         biases: false,
+        dropout: false,
         moe: None,
     }
 }
@@ -284,11 +288,13 @@ pub fn presets() -> Vec<Model> {
     });
     let mut palm = llama("palm-540b", 118, 18432, 48, 1, 4 * 18432, 256000, true);
     palm.head_dim = 256;
+    // BLOOM and MPT pre-trained without dropout.
     let mut bloom = gpt("bloom-176b", 70, 14336, 112, 250880);
     bloom.biases = true;
+    bloom.dropout = false;
     let mpt = |name: &str, l, h, a| {
         let mut m = gpt(name, l, h, a, 50368);
-        m.biases = false;
+        m.dropout = false;
         m
     };
     vec![
@@ -374,6 +380,11 @@ pub fn from_hf_config(source: &str, text: &str) -> Result<Model> {
         Some(serde_json::Value::Bool(b)) => *b,
         _ => gpt2_like,
     };
+    let dropout = ["resid_pdrop", "hidden_dropout", "attention_dropout", "attn_pdrop", "hidden_dropout_prob"]
+        .iter()
+        .filter_map(|k| obj.get(*k).and_then(|x| x.as_f64()))
+        .any(|p| p > 0.0)
+        || (model_type == "gpt2" && !obj.contains_key("resid_pdrop"));
     let position_embeddings = if model_type == "gpt2" {
         any(&["n_positions", "max_position_embeddings"])?.unwrap_or(1024)
     } else {
@@ -417,6 +428,7 @@ pub fn from_hf_config(source: &str, text: &str) -> Result<Model> {
         tied_embeddings: tied,
         position_embeddings,
         biases: gpt2_like,
+        dropout,
         moe,
     };
     m.check(source)?;
@@ -442,6 +454,8 @@ struct ModelToml {
     position_embeddings: u64,
     #[serde(default)]
     biases: bool,
+    #[serde(default)]
+    dropout: bool,
     experts: Option<u64>,
     top_k: Option<u64>,
     expert_ffn: Option<u64>,
@@ -454,7 +468,7 @@ struct ModelToml {
 
 /// Reads a TOML model spec: `layers`, `hidden`, `heads`, `vocab` required; `kv_heads` (= heads),
 /// `head_dim` (= hidden/heads), `ffn` (= 4·hidden), `gated_mlp`, `tied_embeddings`,
-/// `position_embeddings`, `biases`, and for MoE `experts`, `top_k`, `expert_ffn` (= ffn),
+/// `position_embeddings`, `biases`, `dropout`, and for MoE `experts`, `top_k`, `expert_ffn` (= ffn),
 /// `shared_experts`, `shared_ffn`, `dense_layers`.
 pub fn from_toml(source: &str, text: &str) -> Result<Model> {
     let t: ModelToml = toml::from_str(text)
@@ -491,6 +505,7 @@ pub fn from_toml(source: &str, text: &str) -> Result<Model> {
         tied_embeddings: t.tied_embeddings,
         position_embeddings: t.position_embeddings,
         biases: t.biases,
+        dropout: t.dropout,
         moe,
     };
     m.check(source)?;

@@ -83,7 +83,7 @@ fn hugging_face_configs_parse_into_the_right_shapes() {
     for (file, l, h, a, kv, f, v, e, k, billions) in cases {
         let m = hf(file);
         assert_eq!((m.layers, m.hidden, m.heads, m.kv_heads, m.ffn, m.vocab), (l, h, a, kv, f, v), "{file}");
-        assert!(m.gated_mlp && !m.tied_embeddings, "{file}");
+        assert!(m.gated_mlp && !m.tied_embeddings && !m.dropout, "{file}");
         let moe = m.moe.as_ref().map_or((0, 0), |x| (x.experts, x.top_k));
         assert_eq!(moe, (e, k), "{file}");
         let got = m.params() as f64 / 1e9;
@@ -97,6 +97,7 @@ fn hugging_face_configs_parse_into_the_right_shapes() {
     // GPT-2 small: learned positions, biases, tied: exactly 124,439,808 parameters.
     let g = hf("gpt2");
     assert_eq!(g.params(), 124_439_808);
+    assert!(g.dropout && g.tied_embeddings && !g.gated_mlp);
 }
 
 #[test]
