@@ -129,8 +129,9 @@ pub fn search(job: &Job, hw: &Hardware, sw: &Software, top: usize) -> Result<Vec
     Ok(best)
 }
 
+/// Keeps `best` sorted by MFU, ties (layouts differing only in what they shard) by less memory.
 fn insert(best: &mut Vec<Prediction>, p: Prediction, top: usize) {
-    let pos = best.partition_point(|q| q.mfu >= p.mfu);
+    let pos = best.partition_point(|q| q.mfu > p.mfu || (q.mfu == p.mfu && q.memory_gib <= p.memory_gib));
     if pos < top.max(1) {
         best.insert(pos, p);
         best.truncate(top.max(1));
