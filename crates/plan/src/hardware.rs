@@ -81,8 +81,9 @@ impl Hardware {
 /// - `nic_eff`: InfiniBand collectives reach ≈ 85% of line rate.
 /// - `mem_eff`: STREAM-like kernels reach ≈ 80–90% of HBM bandwidth.
 ///
-/// Hardware without fitted values (TPU v4, B200, GB200, MTT S4000, ...) gets the A100/H100 average,
-/// `UNFITTED`, and says so in `Calibration`-dependent output only through its numbers.
+/// H200 and H800 share H100's compute die and take its values. Hardware without published runs to
+/// fit (TPU v4, B200, GB200, MTT S4000, ...) gets `UNFITTED`, the average of the two fitted
+/// generations: expect larger errors there (PaLM on TPU v4 is predicted 6.6 points low).
 pub fn calibration_for(name: &str) -> Calibration {
     let n = name.to_ascii_uppercase();
     if n.contains("A100") {
