@@ -6,6 +6,7 @@ mod bench;
 mod cluster_cmd;
 mod demo_cmd;
 mod local;
+mod plan_cmd;
 mod progress;
 mod run_cmd;
 mod sim_cmd;
@@ -52,6 +53,8 @@ enum Command {
     Simulate(sim_cmd::SimulateArgs),
     /// Inject a fault: kill-rank, hang-rank, slow-rank, kill-agent, partition, corrupt-checkpoint, kill-controller.
     Chaos(cluster_cmd::ChaosArgs),
+    /// The parallel layouts with the highest MFU that fit; `plan validate` checks the model.
+    Plan(plan_cmd::PlanArgs),
 }
 
 fn main() -> ExitCode {
@@ -71,6 +74,7 @@ fn main() -> ExitCode {
         Command::Controller(args) => cluster_cmd::controller(args),
         Command::Agent(args) => cluster_cmd::agent(args),
         Command::Chaos(args) => cluster_cmd::chaos(args),
+        Command::Plan(args) => plan_cmd::run(args),
         Command::Simulate(args) => sim_cmd::run(args),
     };
     match result {

@@ -285,3 +285,62 @@ fn stopping_one_rank_fails_every_other_rank_at_the_deadline_not_later() {
     }
     // Ranks' Drop sends SIGKILL, which ends a stopped process too.
 }
+
+#[test]
+fn plan_validate_prints_each_run_the_mae_and_the_skipped_rows() {
+    let out = myriad(&["plan", "validate"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for needle in
+        ["mean absolute error:", "GPT-3 175B", "skipped:", "no MFU or HFU published", "rules applied"]
+    {
+        assert!(stdout.contains(needle), "stdout lacks {needle:?}:\n{stdout}");
+    }
+}
+
+#[test]
+fn plan_json_lists_fitting_layouts_best_first() {
+    let out = myriad(&[
+        "plan",
+        "--model",
+        "llama3-8b",
+        "--gpu",
+        "H100-SXM5-80GB",
+        "--gpus",
+        "64",
+        "--top",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let layouts = v["layouts"].as_array().expect("layouts");
+    assert_eq!(layouts.len(), 3);
+    assert!(layouts.iter().all(|l| l["fits"] == true));
+    assert!(layouts[0]["mfu"].as_f64() >= layouts[2]["mfu"].as_f64());
+}
+
+#[test]
+fn plan_bad_input_names_what_is_wrong() {
+    fails_with(
+        &["plan", "--model", "gpt-9", "--gpu", "H100-SXM5-80GB", "--gpus", "8"],
+        &["unknown model", "gpt-9"],
+    );
+    fails_with(
+        &["plan", "--model", "llama3-405b", "--gpu", "H100-SXM5-80GB", "--gpus", "4"],
+        &["memory per GPU"],
+    );
+    fails_with(&["plan", "--model", "llama3-8b", "--gpu", "Z9000", "--gpus", "8"], &["unknown GPU", "Z9000"]);
+    let dir = scratch("plan-config");
+    let config = dir.join("config.json");
+    std::fs::write(
+        &config,
+        r#"{"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 100}"#,
+    )
+    .unwrap();
+    fails_with(
+        &["plan", "--hf-config", config.to_str().unwrap(), "--gpu", "H100-SXM5-80GB", "--gpus", "8"],
+        &["config.json", "missing field `hidden_size`"],
+    );
+    fails_with(&["plan", "validate", "/no/such/runs.csv"], &["runs.csv"]);
+}
