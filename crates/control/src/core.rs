@@ -188,8 +188,13 @@ pub struct Job {
     pub restarts: u32,
     pub reason: Option<String>,
     pub attempt: Option<Attempt>,
-    /// Nodes of every attempt so far, by attempt number (logs of earlier attempts live there).
+    /// Nodes of the latest attempts (at most [`PLACEMENTS_KEPT`]), oldest first: logs of earlier
+    /// attempts live there. A job restarted a thousand times on 1,250 nodes would otherwise carry
+    /// every list in its row.
     pub placements: Vec<Vec<String>>,
+    /// Attempt number of `placements[0]`.
+    #[serde(default)]
+    pub placements_from: u32,
     /// Rank 0's last reported step and loss.
     pub step: Option<u64>,
     pub loss: Option<f64>,
@@ -207,6 +212,9 @@ pub struct Job {
     #[serde(default)]
     pub account: Account,
 }
+
+/// Placements kept per job (the newest attempts').
+pub const PLACEMENTS_KEPT: usize = 16;
 
 /// Steps kept one by one for rollback; older ones are folded into a sum.
 const STEP_WINDOW: usize = 256;
@@ -1185,6 +1193,7 @@ impl Core {
                 reason: None,
                 attempt: None,
                 placements: Vec::new(),
+                placements_from: 0,
                 step: None,
                 loss: None,
                 persisted: BTreeSet::new(),
@@ -1332,6 +1341,10 @@ impl Core {
             holders: nodes.len() as u32,
         });
         job.placements.push(nodes.clone());
+        if job.placements.len() > PLACEMENTS_KEPT {
+            job.placements.remove(0);
+            job.placements_from += 1;
+        }
         self.dirty_jobs.insert(job_id);
         for n in &nodes {
             let node = self.nodes.get_mut(n).expect("chosen from the map");
@@ -1453,7 +1466,14 @@ impl Core {
             )));
         }
         let group = (rank / job.spec.ranks_per_node) as usize;
-        let name = &job.placements[number as usize][group];
+        let Some(placement) =
+            number.checked_sub(job.placements_from).and_then(|i| job.placements.get(i as usize))
+        else {
+            return Err(CoreError::Conflict(format!(
+                "job {id}: attempt {number} is too old; the controller keeps the nodes of the last {PLACEMENTS_KEPT} attempts"
+            )));
+        };
+        let name = &placement[group];
         let node = self.nodes.get(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?;
         Ok((node, number, rank % job.spec.ranks_per_node))
     }

@@ -570,3 +570,26 @@ fn a_node_that_keeps_failing_is_quarantined_and_the_job_moves_on_without_it() {
     let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
     assert_eq!(b.health, "healthy");
 }
+
+#[test]
+fn a_job_restarted_many_times_keeps_the_nodes_of_its_latest_attempts_only() {
+    let mut w = World::new(&[("a", 1, false)]);
+    let id = w.core.submit(World::spec(1, 1, 40), w.now_ms).unwrap();
+    let attempts = PLACEMENTS_KEPT as u32 + 4;
+    for attempt in 0..attempts {
+        for _ in 0..3 {
+            w.round();
+        }
+        assert_eq!(w.state(id), JobState::Running, "attempt {attempt}");
+        w.exit("a", id, attempt, 0, 1);
+        w.round();
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.placements.len(), PLACEMENTS_KEPT);
+    assert_eq!(job.placements_from, attempts + 1 - PLACEMENTS_KEPT as u32);
+    let (node, number, _) = w.core.locate_rank(id, 0, Some(attempts - 1)).unwrap();
+    assert_eq!((node.name.as_str(), number), ("a", attempts - 1));
+    let old = w.core.locate_rank(id, 0, Some(1)).unwrap_err().to_string();
+    assert!(old.contains("too old") && old.contains(&PLACEMENTS_KEPT.to_string()), "{old}");
+}
