@@ -84,6 +84,8 @@ struct Rank {
     tokens_per_s: Option<f64>,
     mfu: Option<f64>,
     hang: Option<HangReport>,
+    /// Compute time of the recent steps (newest last).
+    compute_ms: std::collections::VecDeque<f64>,
 }
 
 impl Rank {
@@ -102,7 +104,18 @@ impl Rank {
             tokens_per_s: None,
             mfu: None,
             hang: None,
+            compute_ms: Default::default(),
         }
+    }
+
+    /// Median compute time over the last [`COMPUTE_WINDOW`] steps, once the window is full.
+    fn median_compute_ms(&self) -> Option<f64> {
+        if self.compute_ms.len() < COMPUTE_WINDOW {
+            return None;
+        }
+        let mut ms: Vec<f64> = self.compute_ms.iter().copied().collect();
+        ms.sort_by(f64::total_cmp);
+        Some(ms[ms.len() / 2])
     }
 
     /// Median of the recent step times, once there are a few.
@@ -118,6 +131,8 @@ impl Rank {
 
 /// Step times kept (and reported) per rank.
 const STEPS_KEPT: usize = 32;
+/// Steps whose compute times make up the median a straggler is judged on.
+const COMPUTE_WINDOW: usize = 10;
 
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -346,6 +361,7 @@ impl Agent {
                     steps: r.steps.iter().copied().collect(),
                     tokens_per_s: r.tokens_per_s,
                     mfu: r.mfu,
+                    compute_ms: r.median_compute_ms(),
                 })
                 .collect(),
             ports: node
@@ -706,6 +722,8 @@ struct Progress {
     #[serde(default)]
     step_ms: Option<f64>,
     #[serde(default)]
+    compute_ms: Option<f64>,
+    #[serde(default)]
     tokens: Option<u64>,
     #[serde(default)]
     mfu: Option<f64>,
@@ -765,6 +783,12 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
                         r.steps.push_back(StepTime { step, ms, end_ms: unix_ms() });
                         if r.steps.len() > STEPS_KEPT {
                             r.steps.pop_front();
+                        }
+                    }
+                    if let Some(ms) = p.compute_ms.filter(|ms| ms.is_finite() && *ms >= 0.0) {
+                        r.compute_ms.push_back(ms);
+                        if r.compute_ms.len() > COMPUTE_WINDOW {
+                            r.compute_ms.pop_front();
                         }
                     }
                 }

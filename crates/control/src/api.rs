@@ -86,6 +86,10 @@ pub struct RankReport {
     pub tokens_per_s: Option<f64>,
     #[serde(default)]
     pub mfu: Option<f64>,
+    /// Median over the rank's recent steps of its compute time per step (the step less its
+    /// waits on collectives): what tells a straggler apart in synchronous training.
+    #[serde(default)]
+    pub compute_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -36,6 +36,10 @@ pub struct CoreConfig {
     /// scheduling until a person restarts its agent.
     pub quarantine_after: usize,
     pub quarantine_window_ms: u64,
+    /// A rank whose median compute time per step is this fraction above the job's median is a
+    /// straggler; checked every `straggler_check_ms`.
+    pub straggler_margin: f64,
+    pub straggler_check_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -47,6 +51,10 @@ impl Default for CoreConfig {
             tick_ms: 100,
             quarantine_after: 3,
             quarantine_window_ms: 3_600_000,
+            // A rank stalled half of the time (or sharing its GPU with another job) is found;
+            // the jitter of ranks sharing a busy host is not.
+            straggler_margin: 0.5,
+            straggler_check_ms: 5_000,
         }
     }
 }
@@ -176,6 +184,14 @@ pub struct Attempt {
     pub reported: u32,
     #[serde(skip)]
     pub holders: u32,
+    /// Each rank's median compute time per step as last reported (not persisted: agents report
+    /// it again), and the ranks already found to straggle in this attempt.
+    #[serde(skip)]
+    pub compute_ms: Vec<Option<f64>>,
+    #[serde(default)]
+    pub stragglers: BTreeSet<u32>,
+    #[serde(skip)]
+    pub straggler_checked_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -880,6 +896,12 @@ impl Core {
         }
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(a) = job.attempt.as_mut() else { return };
+        if let Some(ms) = r.compute_ms.filter(|ms| ms.is_finite() && *ms >= 0.0 && state.is_running()) {
+            if a.compute_ms.len() != a.ranks.len() {
+                a.compute_ms = vec![None; a.ranks.len()];
+            }
+            a.compute_ms[rank as usize] = Some(ms);
+        }
         let slot = &mut a.ranks[rank as usize];
         if *slot == Some(state) {
             return;
@@ -1277,7 +1299,48 @@ impl Core {
             self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
+        self.find_stragglers(now_ms);
         self.schedule(now_ms);
+    }
+
+    /// Running jobs whose check is due: a rank computing `straggler_margin` above the job's
+    /// median is reported once per attempt. All ranks of a synchronous job take equally long per
+    /// step (the fast ones wait for the slow one), so it is compute time that tells them apart.
+    fn find_stragglers(&mut self, now_ms: u64) {
+        let (margin, every_ms) = (self.cfg.straggler_margin, self.cfg.straggler_check_ms);
+        let mut found: Vec<(JobId, u32, String, f64, f64)> = Vec::new();
+        for job in self.jobs.values_mut().filter(|j| j.state == JobState::Running) {
+            let Some(a) = job.attempt.as_mut() else { continue };
+            if now_ms.saturating_sub(a.straggler_checked_ms) < every_ms {
+                continue;
+            }
+            a.straggler_checked_ms = now_ms;
+            let mut known: Vec<f64> = a.compute_ms.iter().flatten().copied().collect();
+            // Half the ranks at least, so the median is the job's and not the straggler's.
+            if known.len() < 2 || known.len() * 2 < a.ranks.len() {
+                continue;
+            }
+            known.sort_by(f64::total_cmp);
+            // The lower median: of two ranks, the faster one is the yardstick.
+            let median = known[(known.len() - 1) / 2];
+            let nproc = job.spec.ranks_per_node as usize;
+            for (rank, ms) in a.compute_ms.iter().enumerate() {
+                let Some(ms) = *ms else { continue };
+                if ms > median * (1.0 + margin) && a.stragglers.insert(rank as u32) {
+                    found.push((job.id, rank as u32, a.nodes[rank / nproc].clone(), ms, median));
+                }
+            }
+        }
+        for (job_id, rank, node, ms, median) in found {
+            self.dirty_jobs.insert(job_id);
+            let message = format!(
+                "rank {rank} on node {node} straggles: {ms:.0} ms of compute per step against the job's median {median:.0} ms (+{:.0}%)",
+                (ms / median - 1.0) * 100.0
+            );
+            self.event(now_ms, Some(job_id), Some(&node), "straggler", message);
+            let data = serde_json::json!({"rank": rank, "compute_ms": ms, "median_ms": median});
+            self.events.last_mut().expect("just pushed").data = Some(data);
+        }
     }
 
     /// Gang scheduling, first come first served: the oldest queued job starts when enough healthy
@@ -1339,6 +1402,9 @@ impl Core {
             groups: nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect(),
             reported: 0,
             holders: nodes.len() as u32,
+            compute_ms: Vec::new(),
+            stragglers: BTreeSet::new(),
+            straggler_checked_ms: now_ms,
         });
         job.placements.push(nodes.clone());
         if job.placements.len() > PLACEMENTS_KEPT {

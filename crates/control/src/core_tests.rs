@@ -13,6 +13,7 @@ struct FakeAgent {
     launched_env: BTreeMap<(JobId, u32, u32), Vec<(String, String)>>,
     launched: Vec<LaunchSpec>,
     hangs: BTreeMap<(JobId, u32, u32), HangReport>,
+    compute_ms: BTreeMap<(JobId, u32, u32), f64>,
     checkpoints: Vec<CheckpointReport>,
     bad: Vec<CheckpointReport>,
 }
@@ -72,6 +73,7 @@ impl World {
                     steps: Vec::new(),
                     tokens_per_s: None,
                     mfu: None,
+                    compute_ms: agent.compute_ms.get(&(job_id, attempt, local_rank)).copied(),
                 })
                 .collect(),
             ports: agent.ports.clone(),
@@ -592,4 +594,34 @@ fn a_job_restarted_many_times_keeps_the_nodes_of_its_latest_attempts_only() {
     assert_eq!((node.name.as_str(), number), ("a", attempts - 1));
     let old = w.core.locate_rank(id, 0, Some(1)).unwrap_err().to_string();
     assert!(old.contains("too old") && old.contains(&PLACEMENTS_KEPT.to_string()), "{old}");
+}
+
+#[test]
+fn a_rank_computing_well_above_the_jobs_median_is_reported_once_as_a_straggler() {
+    let mut w = World::new(&[("a", 2, false), ("b", 2, false)]);
+    let id = w.core.submit(World::spec(2, 2, 0), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    w.kinds();
+    // Everyone computes about 100 ms per step: jitter is not straggling.
+    for (node, local, ms) in [("a", 0, 100.0), ("a", 1, 104.0), ("b", 0, 97.0), ("b", 1, 130.0)] {
+        w.agents.get_mut(node).unwrap().compute_ms.insert((id, 0, local), ms);
+    }
+    for _ in 0..10 {
+        w.round();
+    }
+    assert!(!w.kinds().contains(&"straggler".to_string()));
+    // Rank 3 is stopped half the time: twice the compute per step.
+    w.agents.get_mut("b").unwrap().compute_ms.insert((id, 0, 1), 205.0);
+    for _ in 0..10 {
+        w.round();
+    }
+    let events: Vec<Event> = w.core.take_changes().events;
+    let found: Vec<&Event> = events.iter().filter(|e| e.kind == "straggler").collect();
+    assert_eq!(found.len(), 1, "reported once: {events:?}");
+    assert_eq!(found[0].node.as_deref(), Some("b"));
+    assert!(found[0].message.contains("rank 3 on node b"), "{}", found[0].message);
+    assert_eq!(found[0].data.as_ref().unwrap()["rank"], 3);
 }

@@ -27,11 +27,11 @@ impl AgentProgress {
         Some(AgentProgress { stream: Some(stream), job_id, attempt, local_rank })
     }
 
-    pub fn step_end(&mut self, step: u64, loss: f32, tokens: u64, step_ms: f64, mfu: f64) {
+    pub fn step_end(&mut self, s: &train::StepStats, mfu: f64) {
         let line = json!({
             "job_id": self.job_id, "attempt": self.attempt, "local_rank": self.local_rank,
-            "event": "step_end", "step": step, "loss": loss, "tokens": tokens, "step_ms": step_ms,
-            "mfu": mfu,
+            "event": "step_end", "step": s.step, "loss": s.loss, "tokens": s.tokens, "step_ms": s.step_ms,
+            "compute_ms": s.compute_ms, "mfu": mfu,
         });
         self.send(line);
     }

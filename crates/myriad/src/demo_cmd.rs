@@ -291,7 +291,8 @@ async fn inject(
 fn describe(e: &Event) -> Option<String> {
     let label = match e.kind.as_str() {
         "chaos" => "inject",
-        "rank_hung" | "node_lost" | "attempt_failed" | "checkpoint_corrupt" | "leftover_ranks" => "DETECT",
+        "rank_hung" | "node_lost" | "attempt_failed" | "checkpoint_corrupt" | "leftover_ranks"
+        | "straggler" => "DETECT",
         "recovered" => "RECOVER",
         "scheduled" | "job_succeeded" | "job_failed" | "node_returned" | "node_registered" => "",
         _ => return None,

@@ -184,7 +184,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         let tokens_per_s = s.tokens as f64 / (s.step_ms / 1e3);
         let mfu = tokens_per_s * flops_per_token / (peak * 1e9);
         if let Some(agent) = agent.as_mut() {
-            agent.step_end(s.step, s.loss, s.tokens as u64, s.step_ms, mfu);
+            agent.step_end(&s, mfu);
         }
         if a.json && leader {
             println!(

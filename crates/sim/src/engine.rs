@@ -492,6 +492,7 @@ impl<'a> Engine<'a> {
                 steps: Vec::new(),
                 tokens_per_s: None,
                 mfu: None,
+                compute_ms: None,
             };
             if leads == Some((r.job_id, r.attempt)) {
                 let t = self.training.as_mut().expect("leads");

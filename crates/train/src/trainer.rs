@@ -23,6 +23,10 @@ pub struct StepStats {
     pub grad_norm: f32,
     pub tokens: usize,
     pub step_ms: f64,
+    /// The step's time less what this rank spent waiting on collectives after its own compute
+    /// was done: in synchronous data parallelism every rank's step takes as long as the slowest
+    /// one's, and only this tells the slow one apart.
+    pub compute_ms: f64,
 }
 
 pub struct Trainer {
@@ -188,6 +192,7 @@ impl Trainer {
         let first = rank * rows * t;
         self.model.zero_grad();
         let mut loss_sum = 0.0f64;
+        let mut waited = std::time::Duration::ZERO;
         for micro in 0..accum {
             self.data.next_window(&mut self.window);
             let inputs = &self.window[first..first + rows * t];
@@ -198,7 +203,7 @@ impl Trainer {
             }
             match &self.group {
                 Some(group) if micro + 1 == accum && !self.is_zero1() => {
-                    backward_all_reduce(&mut self.model, group)?
+                    waited += backward_all_reduce(&mut self.model, group)?
                 }
                 _ => self.model.backward(),
             }
@@ -206,7 +211,9 @@ impl Trainer {
         }
         if let Some(group) = &self.group {
             let mut total = [loss_sum as f32];
+            let at = Instant::now();
             group.all_reduce_sum(&mut total)?;
+            waited += at.elapsed();
             loss_sum = total[0] as f64 / world as f64;
         }
         let zero1 = self.is_zero1();
@@ -214,9 +221,13 @@ impl Trainer {
         let sum_squares = match &self.group {
             Some(group) if zero1 => {
                 // Each rank ends with the summed gradients of its own segment.
+                let at = Instant::now();
                 group.reduce_scatter_sum(&mut self.model.grads)?;
+                waited += at.elapsed();
                 let mut local = [kernels::sum_squares(&self.model.grads[shard]) as f32];
+                let at = Instant::now();
                 group.all_reduce_sum(&mut local)?;
+                waited += at.elapsed();
                 local[0] as f64
             }
             _ => kernels::sum_squares(&self.model.grads),
@@ -230,7 +241,9 @@ impl Trainer {
         let lr = self.cfg.lr_at(self.step);
         self.opt.update(&mut self.model.params, &self.model.grads, &self.model.specs, &self.cfg, lr, scale);
         if let (Some(group), true) = (&self.group, zero1) {
+            let at = Instant::now();
             group.all_gather(&mut self.model.params)?;
+            waited += at.elapsed();
         }
         self.step += 1;
         let step_ms = start.elapsed().as_secs_f64() * 1e3;
@@ -242,6 +255,7 @@ impl Trainer {
             grad_norm,
             tokens: self.cfg.tokens_per_step(),
             step_ms,
+            compute_ms: (step_ms - waited.as_secs_f64() * 1e3).max(0.0),
         })
     }
 
@@ -340,7 +354,9 @@ fn decode_entry(name: String, words: &[f32]) -> checkpoint::FileEntry {
 
 /// Backward with each gradient bucket all-reduced on a second thread as soon as it is final,
 /// so communication overlaps the rest of the backward pass.
-fn backward_all_reduce(model: &mut Gpt, group: &comm::ProcessGroup) -> Result<()> {
+/// Backward with each gradient bucket all-reduced as soon as it is ready; returns how long the
+/// rank then waited for the reductions still in flight.
+fn backward_all_reduce(model: &mut Gpt, group: &comm::ProcessGroup) -> Result<std::time::Duration> {
     std::thread::scope(|scope| {
         // Bounded: one slot per bucket is all a step produces.
         let (tx, rx) = std::sync::mpsc::sync_channel::<&mut [f32]>(model.cfg.n_layer + 2);
@@ -355,7 +371,9 @@ fn backward_all_reduce(model: &mut Gpt, group: &comm::ProcessGroup) -> Result<()
             let _ = tx.send(bucket);
         });
         drop(tx);
-        comm.join().expect("gradient all-reduce thread panicked")
+        let at = Instant::now();
+        comm.join().expect("gradient all-reduce thread panicked")?;
+        Ok(at.elapsed())
     })
 }
 

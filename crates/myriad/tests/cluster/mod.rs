@@ -517,3 +517,24 @@ fn a_job_hit_by_every_kind_of_fault_ends_bitwise_identical_to_one_that_never_fai
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_rank_slowed_to_half_speed_is_reported_as_a_straggler_naming_its_node() {
+    let dir = scratch("straggler");
+    let run = demo(&dir, &["--faults", "slow-rank@40"]);
+    assert_eq!(run["state"], "succeeded", "{run:#}");
+    let events = run["events"].as_array().unwrap();
+    let found: Vec<&Value> = events.iter().filter(|e| e["kind"] == "straggler").collect();
+    assert_eq!(found.len(), 1, "one straggler report: {events:#?}");
+    // The demo slows rank 1, which runs on node-1.
+    assert_eq!(found[0]["node"], "node-1", "{:#}", found[0]);
+    assert_eq!(found[0]["data"]["rank"], 1, "{:#}", found[0]);
+    let slowed = event_time(events, "chaos", "SlowRank").expect("slow-rank injected");
+    let reported = found[0]["time_ms"].as_u64().unwrap();
+    eprintln!(
+        "straggler reported {} ms after the slow-down began: {}",
+        reported - slowed,
+        found[0]["message"]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
