@@ -48,9 +48,11 @@ pub struct Trainer {
 
 /// Collective deadlines adapt to the job: `STEP_MULTIPLE` × the median recent step, at least
 /// `COMM_TIMEOUT_FLOOR`, at most the configured deadline (30 s by default). A peer that stalls
-/// is then noticed in seconds on a fast job instead of always waiting the ceiling.
+/// is then noticed in seconds on a fast job instead of always waiting the ceiling. The floor
+/// stays well above a Myriad agent's hang detector (4 s by default), so a hung peer is found
+/// and named by its agent before its neighbours give up on the collective, even on a loaded host.
 const STEP_MULTIPLE: f64 = 10.0;
-const COMM_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(5);
+const COMM_TIMEOUT_FLOOR: std::time::Duration = std::time::Duration::from_secs(8);
 const STEP_WINDOW: usize = 16;
 
 impl Trainer {
