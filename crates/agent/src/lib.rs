@@ -110,23 +110,23 @@ impl Rank {
 
     /// Median compute time over the last [`COMPUTE_WINDOW`] steps, once the window is full.
     fn median_compute_ms(&self) -> Option<f64> {
-        if self.compute_ms.len() < COMPUTE_WINDOW {
-            return None;
-        }
-        let mut ms: Vec<f64> = self.compute_ms.iter().copied().collect();
-        ms.sort_by(f64::total_cmp);
-        Some(ms[ms.len() / 2])
+        median(self.compute_ms.iter().copied(), COMPUTE_WINDOW)
     }
 
     /// Median of the recent step times, once there are a few.
     fn median_step_ms(&self) -> Option<f64> {
-        if self.steps.len() < 3 {
-            return None;
-        }
-        let mut ms: Vec<f64> = self.steps.iter().map(|s| s.ms).collect();
-        ms.sort_by(f64::total_cmp);
-        Some(ms[ms.len() / 2])
+        median(self.steps.iter().map(|s| s.ms), 3)
     }
+}
+
+/// The (upper) median of `values`, when there are at least `at_least` of them.
+fn median(values: impl Iterator<Item = f64>, at_least: usize) -> Option<f64> {
+    let mut v: Vec<f64> = values.collect();
+    if v.len() < at_least.max(1) {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
 }
 
 /// Step times kept (and reported) per rank.

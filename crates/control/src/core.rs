@@ -371,11 +371,16 @@ impl Changes {
 
 /// Rebuilds an attempt's derived indexes from its node list, rank table and the nodes' slots.
 fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>) {
-    a.groups = a.nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect();
+    a.groups = group_index(&a.nodes);
     a.reported = a.ranks.iter().filter(|r| r.is_some()).count() as u32;
     a.holders =
         a.nodes.iter().filter(|n| nodes.get(*n).is_some_and(|node| node.holds(job_id, a.number))).count()
             as u32;
+}
+
+/// Each node's group rank: its position in the attempt's node list.
+fn group_index(nodes: &[String]) -> HashMap<String, u32> {
+    nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect()
 }
 
 pub struct Core {
@@ -1399,8 +1404,9 @@ impl Core {
             started_ms: now_ms,
             ranks: vec![None; job.spec.world_size() as usize],
             outcome: None,
-            groups: nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect(),
+            groups: group_index(&nodes),
             reported: 0,
+            // Every node is given its slots just below.
             holders: nodes.len() as u32,
             compute_ms: Vec::new(),
             stragglers: BTreeSet::new(),

@@ -91,7 +91,6 @@ fn config(args: &SimulateArgs) -> Result<Config, String> {
             "memory_every_steps" => "checkpoint-every",
             "memory_stall_s" => "checkpoint-stall-s",
             "persist_every_steps" => "persist-every",
-            "classes" | "rates" => "rates",
             other => other,
         };
         format!("--{}: {}", flag.replace('_', "-"), e.message)

@@ -695,18 +695,8 @@ impl<'a> Engine<'a> {
         let interruptions: u64 = accounts.iter().map(|a| a.faults as u64).sum();
         let stall = self.stall_ms as f64;
         let other = wall_ms - committed - startup - detection - restart - recompute - stall;
-        let mut weekly: Vec<f64> =
+        let weekly_ettr: Vec<f64> =
             self.week_committed_ms.windows(2).map(|w| (w[1] - w[0]) / WEEK_MS as f64).collect();
-        let weekly_ettr = weekly.clone();
-        weekly.sort_by(f64::total_cmp);
-        let median = (!weekly.is_empty()).then(|| {
-            let n = weekly.len();
-            if n % 2 == 1 {
-                weekly[n / 2]
-            } else {
-                (weekly[n / 2 - 1] + weekly[n / 2]) / 2.0
-            }
-        });
         let hours = self.cfg.days * 24.0;
         let n_interventions = self.interventions.len() as u64;
         Report {
@@ -716,9 +706,9 @@ impl<'a> Engine<'a> {
             spare_nodes: self.cfg.spare_nodes,
             days: self.cfg.days,
             ettr: committed / wall_ms,
+            weekly_ettr_min: weekly_ettr.iter().copied().reduce(f64::min),
+            weekly_ettr_median: crate::median(weekly_ettr.clone()),
             weekly_ettr,
-            weekly_ettr_min: weekly.first().copied(),
-            weekly_ettr_median: median,
             faults: self.class_stats.iter().map(|c| c.faults).sum(),
             interruptions,
             mean_hours_between_interruptions: (interruptions > 0).then(|| hours / interruptions as f64),

@@ -237,10 +237,15 @@ impl Config {
         Ok(())
     }
 
+    /// Faults per GPU-hour, all classes together, scaled.
+    fn rate_per_gpu_hour(&self) -> f64 {
+        self.classes.iter().map(|c| c.rate_per_gpu_hour).sum::<f64>() * self.rate_scale
+    }
+
     /// Faults per hour over the whole cluster, spares included.
     pub fn faults_per_hour(&self) -> f64 {
         let gpus = (self.nodes() + self.spare_nodes as u64) * self.gpus_per_node as u64;
-        self.classes.iter().map(|c| c.rate_per_gpu_hour).sum::<f64>() * self.rate_scale * gpus as f64
+        self.rate_per_gpu_hour() * gpus as f64
     }
 
     /// Young/Daly's optimal checkpoint interval in steps for a checkpoint costing `stall_s`:
@@ -252,7 +257,7 @@ impl Config {
 
     /// Faults per hour on the job's own GPUs.
     pub fn job_faults_per_hour(&self) -> f64 {
-        self.classes.iter().map(|c| c.rate_per_gpu_hour).sum::<f64>() * self.rate_scale * self.gpus as f64
+        self.rate_per_gpu_hour() * self.gpus as f64
     }
 }
 
@@ -332,18 +337,29 @@ pub fn sweep(cfg: &Config, param: SweepParam, values: &[u64]) -> Result<Vec<(u64
     values
         .iter()
         .map(|&v| {
+            if param == SweepParam::CheckpointEvery && v == 0 {
+                return Err(SimError::new("sweep", "a checkpoint interval must be at least 1 step"));
+            }
             let mut c = cfg.clone();
             match param {
                 SweepParam::CheckpointEvery if c.memory_every_steps > 0 => c.memory_every_steps = v,
                 SweepParam::CheckpointEvery => c.persist_every_steps = v,
                 SweepParam::SpareNodes => c.spare_nodes = v as u32,
             }
-            if param == SweepParam::CheckpointEvery && v == 0 {
-                return Err(SimError::new("sweep", "a checkpoint interval must be at least 1 step"));
-            }
             run(&c).map(|r| (v, r))
         })
         .collect()
+}
+
+/// The median of `values` (the mean of the middle two for an even count); None when empty.
+pub(crate) fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
 }
 
 #[cfg(test)]

@@ -1,15 +1,5 @@
 use super::*;
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
 /// Runs every seed, spread over the machine's cores.
 fn runs(cfg: &Config, seeds: std::ops::Range<u64>) -> Vec<Report> {
     let seeds: Vec<u64> = seeds.collect();
@@ -34,8 +24,8 @@ fn runs(cfg: &Config, seeds: std::ops::Range<u64>) -> Vec<Report> {
 #[test]
 fn llama3_replay_matches_its_interruptions_and_effective_training_time() {
     let reports = runs(&Config::llama3(), 1..21);
-    let interruptions = median(reports.iter().map(|r| r.interruptions as f64).collect());
-    let ettr = median(reports.iter().map(|r| r.ettr).collect());
+    let interruptions = median(reports.iter().map(|r| r.interruptions as f64).collect()).unwrap();
+    let ettr = median(reports.iter().map(|r| r.ettr).collect()).unwrap();
     eprintln!(
         "Llama 3 replay, 20 seeds: median interruptions {interruptions} (published 419), median ETTR {:.2}% \
          (range {:.2}-{:.2}%)",
