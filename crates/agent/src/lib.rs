@@ -429,9 +429,7 @@ impl Agent {
         let memory_dir = self.job_memory(spec.job_id);
         let fresh: Vec<u32> = {
             let node = self.node.lock().expect("agent state");
-            spec.ranks
-                .iter()
-                .map(|r| r.local_rank)
+            spec.local_ranks()
                 .filter(|&l| !node.ranks.contains_key(&(spec.job_id, spec.attempt, l)))
                 .collect()
         };
@@ -495,13 +493,14 @@ impl Agent {
             }
             env
         };
-        for r in spec.ranks.iter().filter(|r| fresh.contains(&r.local_rank)) {
-            let key = (spec.job_id, spec.attempt, r.local_rank);
-            let env: Vec<(String, String)> = r.env.iter().cloned().chain(extra_env.iter().cloned()).collect();
+        for &local_rank in &fresh {
+            let key = (spec.job_id, spec.attempt, local_rank);
+            let mut env = spec.rank_env(local_rank);
+            env.extend(extra_env.iter().cloned());
             let outcome = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
                 .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))
-                .and_then(|_| self.spawn_rank(&spec, &env, &dir, &checkpoint_dir, r.local_rank));
+                .and_then(|_| self.spawn_rank(&spec, &env, &dir, &checkpoint_dir, local_rank));
             let rank = match outcome {
                 Ok(child) => {
                     let pid = child.id();
@@ -510,12 +509,9 @@ impl Agent {
                 }
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
-                    eprintln!(
-                        "agent {}: job {} rank {}: {message}",
-                        self.cfg.name, spec.job_id, r.local_rank
-                    );
+                    eprintln!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, local_rank);
                     let _ = std::fs::write(
-                        dir.join(format!("rank-{}.stderr", r.local_rank)),
+                        dir.join(format!("rank-{local_rank}.stderr")),
                         format!("myriad agent: {message}\n"),
                     );
                     Rank::new(RankState::Exited { code: Some(127), signal: None }, None)

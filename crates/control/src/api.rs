@@ -183,7 +183,14 @@ pub struct LaunchSpec {
     pub workdir: Option<String>,
     /// Relative to the agent's checkpoint root (validated: no absolute path, no `..`).
     pub checkpoint_dir: String,
-    pub ranks: Vec<LaunchRank>,
+    /// This node's place in the job: it runs global ranks `group_rank * ranks_per_node ..` one
+    /// per local rank `0..ranks_per_node`.
+    pub group_rank: u32,
+    pub ranks_per_node: u32,
+    /// torchrun's variables shared by every rank of this node, and the job's own; each rank's
+    /// own three come from [`LaunchSpec::rank_env`]. Sent once per node, not once per rank: at
+    /// 10,000 ranks a launch would otherwise carry 200,000 variables.
+    pub env: Vec<(String, String)>,
     /// The checkpoint every rank starts from, when the job has one.
     #[serde(default)]
     pub restore: Option<RestoreSpec>,
@@ -209,12 +216,37 @@ pub struct RestoreSpec {
     pub persisted: bool,
 }
 
+impl LaunchSpec {
+    pub fn local_ranks(&self) -> std::ops::Range<u32> {
+        0..self.ranks_per_node
+    }
+
+    /// The whole environment of one local rank: the node's variables, then RANK, LOCAL_RANK
+    /// and ROLE_RANK. The agent adds MYRIAD_AGENT_SOCKET and MYRIAD_CHECKPOINT_DIR, which only
+    /// it knows.
+    pub fn rank_env(&self, local_rank: u32) -> Vec<(String, String)> {
+        let rank = (self.group_rank * self.ranks_per_node + local_rank).to_string();
+        let mut env = self.env.clone();
+        env.push(("RANK".into(), rank.clone()));
+        env.push(("LOCAL_RANK".into(), local_rank.to_string()));
+        env.push(("ROLE_RANK".into(), rank));
+        env
+    }
+}
+
+/// The outcome of an attempt's rendezvous, served by the controller to every node of the
+/// attempt: no rank-0 store has to answer 10,000 ranks.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct LaunchRank {
-    pub local_rank: u32,
-    /// torchrun's variables and the job's own; the agent adds MYRIAD_AGENT_SOCKET and
-    /// MYRIAD_CHECKPOINT_DIR, which only it knows.
-    pub env: Vec<(String, String)>,
+pub struct PeerTable {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub world_size: u32,
+    pub ranks_per_node: u32,
+    pub master_addr: String,
+    pub master_port: u16,
+    /// Address of each node in group-rank order: global rank `r` runs on
+    /// `hosts[r / ranks_per_node]` as local rank `r % ranks_per_node`.
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

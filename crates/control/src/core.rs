@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use crate::api::{
-    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchRank, LaunchSpec, NodeView,
+    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchSpec, NodeView, PeerTable,
     RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, StepTime, Tier,
     TimeAccount,
 };
@@ -441,6 +441,11 @@ impl Core {
         &self.cfg
     }
 
+    /// Whether anything changed since the last [`Core::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !(self.dirty_jobs.is_empty() && self.dirty_nodes.is_empty() && self.events.is_empty())
+    }
+
     pub fn take_changes(&mut self) -> Changes {
         let jobs =
             std::mem::take(&mut self.dirty_jobs).into_iter().map(|id| self.jobs[&id].clone()).collect();
@@ -812,38 +817,30 @@ impl Core {
             None => here.cores.to_string(),
         };
         let run_id = spec.run_id.clone().unwrap_or_else(|| format!("myriad-{}", job.id));
-        let ranks = (0..nproc)
-            .map(|local| {
-                let rank = group * nproc + local;
-                let mut env: Vec<(String, String)> = spec
-                    .env
-                    .iter()
-                    .filter(|(k, _)| *k != "OMP_NUM_THREADS")
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect();
-                let mut set = |k: &str, v: String| env.push((k.to_string(), v));
-                set("RANK", rank.to_string());
-                set("LOCAL_RANK", local.to_string());
-                set("WORLD_SIZE", world.to_string());
-                set("LOCAL_WORLD_SIZE", nproc.to_string());
-                set("GROUP_RANK", group.to_string());
-                set("GROUP_WORLD_SIZE", spec.nodes.to_string());
-                set("ROLE_RANK", rank.to_string());
-                set("ROLE_NAME", "default".into());
-                set("ROLE_WORLD_SIZE", world.to_string());
-                set("MASTER_ADDR", master.addr.clone());
-                set("MASTER_PORT", a.master_port.expect("launch follows the port").to_string());
-                set("TORCHELASTIC_RESTART_COUNT", job.restarts.to_string());
-                set("TORCHELASTIC_MAX_RESTARTS", spec.max_restarts.to_string());
-                set("TORCHELASTIC_RUN_ID", run_id.clone());
-                // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
-                set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
-                set("OMP_NUM_THREADS", omp.clone());
-                set("MYRIAD_JOB_ID", job.id.to_string());
-                set("MYRIAD_ATTEMPT", a.number.to_string());
-                LaunchRank { local_rank: local, env }
-            })
+        // RANK, LOCAL_RANK and ROLE_RANK, the only per-rank ones, come from LaunchSpec::rank_env.
+        let mut env: Vec<(String, String)> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| *k != "OMP_NUM_THREADS")
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
+        let mut set = |k: &str, v: String| env.push((k.to_string(), v));
+        set("WORLD_SIZE", world.to_string());
+        set("LOCAL_WORLD_SIZE", nproc.to_string());
+        set("GROUP_RANK", group.to_string());
+        set("GROUP_WORLD_SIZE", spec.nodes.to_string());
+        set("ROLE_NAME", "default".into());
+        set("ROLE_WORLD_SIZE", world.to_string());
+        set("MASTER_ADDR", master.addr.clone());
+        set("MASTER_PORT", a.master_port.expect("launch follows the port").to_string());
+        set("TORCHELASTIC_RESTART_COUNT", job.restarts.to_string());
+        set("TORCHELASTIC_MAX_RESTARTS", spec.max_restarts.to_string());
+        set("TORCHELASTIC_RUN_ID", run_id);
+        // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
+        set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
+        set("OMP_NUM_THREADS", omp);
+        set("MYRIAD_JOB_ID", job.id.to_string());
+        set("MYRIAD_ATTEMPT", a.number.to_string());
         // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next
         // node of the job, or for a one-node job any other healthy node.
         let buddy = if group == 0 {
@@ -860,7 +857,9 @@ impl Core {
             argv: spec.argv.clone(),
             workdir: spec.workdir.clone(),
             checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_else(|| format!("job-{}", job.id)),
-            ranks,
+            group_rank: group,
+            ranks_per_node: nproc,
+            env,
             restore,
             leader: group == 0,
             buddy,
@@ -1434,6 +1433,35 @@ impl Core {
     }
 
     // ---------------------------------------------------------------- views
+
+    /// Where every rank of a launched attempt runs. Only the current attempt has one, and only
+    /// once its MASTER_PORT is known.
+    pub fn peer_table(&self, job_id: JobId, attempt: u32) -> Result<PeerTable, CoreError> {
+        let job = self.jobs.get(&job_id).ok_or(CoreError::UnknownJob(job_id))?;
+        let current = job.attempt.as_ref().filter(|a| a.number == attempt);
+        let Some(a) = current else {
+            let latest = job.attempt.as_ref().map_or("none".to_string(), |a| a.number.to_string());
+            return Err(CoreError::Conflict(format!(
+                "job {job_id} has no attempt {attempt} in progress (current attempt: {latest})"
+            )));
+        };
+        let Some(master_port) = a.master_port else {
+            return Err(CoreError::Conflict(format!(
+                "attempt {attempt} of job {job_id} is not launched yet (no MASTER_PORT)"
+            )));
+        };
+        let hosts: Vec<String> =
+            a.nodes.iter().map(|n| self.nodes.get(n).map_or_else(String::new, |n| n.addr.clone())).collect();
+        Ok(PeerTable {
+            job_id,
+            attempt,
+            world_size: job.spec.world_size(),
+            ranks_per_node: job.spec.ranks_per_node,
+            master_addr: hosts[0].clone(),
+            master_port,
+            hosts,
+        })
+    }
 
     pub fn job(&self, id: JobId) -> Option<&Job> {
         self.jobs.get(&id)

@@ -101,12 +101,12 @@ impl World {
                         l.attempt, l.job_id
                     );
                     agent.launched.push(l.clone());
-                    for r in l.ranks {
+                    for local in l.local_ranks() {
                         agent
                             .ranks
-                            .entry((l.job_id, l.attempt, r.local_rank))
+                            .entry((l.job_id, l.attempt, local))
                             .or_insert(RankState::Running { pid: 1 });
-                        agent.launched_env.insert((l.job_id, l.attempt, r.local_rank), r.env);
+                        agent.launched_env.insert((l.job_id, l.attempt, local), l.rank_env(local));
                     }
                 }
                 Command::Stop { job_id, attempt } => {

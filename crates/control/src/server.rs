@@ -11,8 +11,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper::body::Bytes;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::{Path as FsPath, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::api::{
@@ -88,15 +89,37 @@ pub fn now_ms() -> u64 {
 
 struct Inner {
     core: Core,
-    store: Store,
+    /// Bumped by every call that leaves the core with changes not yet written.
+    generation: u64,
 }
 
-/// The controller: its core and store behind one lock, and the cluster token.
+/// The controller: its core behind one lock, the store behind another, and the cluster token.
+///
+/// Writes are batched (group commit): a call runs the core under the lock, then waits until a
+/// writer thread has committed every change up to the state its answer saw. At 1,250 nodes a
+/// job's row would otherwise be rewritten on every heartbeat while 10,000 ranks start; batched,
+/// it is written once per transaction, and the core is never held while SQLite writes.
 pub struct Controller {
     inner: Mutex<Inner>,
+    store: Mutex<Store>,
+    /// The newest generation on disk.
+    durable: tokio::sync::watch::Sender<u64>,
+    flush: Arc<FlushSignal>,
     token: Arc<str>,
     state_dir: PathBuf,
+    /// Serialised rendezvous tables of the current attempts, built once and served to every node.
+    peers: Mutex<HashMap<(JobId, u32), Bytes>>,
 }
+
+/// Wakes the writer thread.
+#[derive(Default)]
+struct FlushSignal {
+    requested: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// How long the writer sleeps between checks that its controller still exists.
+const WRITER_IDLE_CHECK: Duration = Duration::from_millis(200);
 
 pub const TOKEN_FILE: &str = "token";
 pub const URL_FILE: &str = "controller.url";
@@ -108,8 +131,9 @@ const DOORBELL_TIMEOUT: Duration = Duration::from_secs(1);
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Controller {
-    /// Opens (or creates) the state directory, its token and database, and restores the core.
-    pub fn open(state_dir: &FsPath, cfg: CoreConfig) -> Result<Controller, String> {
+    /// Opens (or creates) the state directory, its token and database, restores the core, and
+    /// starts the writer thread (it ends when the controller is dropped).
+    pub fn open(state_dir: &FsPath, cfg: CoreConfig) -> Result<Arc<Controller>, String> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
         // The database holds jobs' environments: readable by the cluster's owner only.
@@ -119,65 +143,141 @@ impl Controller {
         let store = Store::open(&state_dir.join(DB_FILE)).map_err(|e| e.to_string())?;
         let snap = store.load().map_err(|e| e.to_string())?;
         let core = Core::restore(cfg, snap.nodes, snap.jobs, snap.next_job_id, snap.next_event_seq, now_ms());
-        Ok(Controller {
-            inner: Mutex::new(Inner { core, store }),
+        let ctl = Arc::new(Controller {
+            inner: Mutex::new(Inner { core, generation: 0 }),
+            store: Mutex::new(store),
+            durable: tokio::sync::watch::channel(0).0,
+            flush: Arc::new(FlushSignal::default()),
             token: token.into(),
             state_dir: state_dir.into(),
-        })
+            peers: Mutex::new(HashMap::new()),
+        });
+        let (weak, flush) = (Arc::downgrade(&ctl), ctl.flush.clone());
+        let doorbells = tokio::runtime::Handle::try_current().ok();
+        std::thread::Builder::new()
+            .name("controller-writer".into())
+            .spawn(move || write_loop(weak, flush, doorbells))
+            .map_err(|e| format!("cannot start the controller's writer thread: {e}"))?;
+        Ok(ctl)
     }
 
     pub fn token(&self) -> &str {
         &self.token
     }
 
-    /// Runs `f` on the core and persists what it changed, all under the lock.
-    fn apply<T>(&self, f: impl FnOnce(&mut Core, u64) -> Result<T, CoreError>) -> Result<T, ApiError> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let result = f(&mut inner.core, now_ms());
-        let changes = inner.core.take_changes();
-        if let Err(e) = inner.store.save(&changes) {
+    /// Runs `f` on the core under the lock, then answers once everything the answer may have
+    /// seen is committed: a restarted controller never forgets what it acknowledged.
+    async fn apply<T>(&self, f: impl FnOnce(&mut Core, u64) -> Result<T, CoreError>) -> Result<T, ApiError> {
+        let (result, generation) = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let result = f(&mut inner.core, now_ms());
+            if inner.core.has_changes() {
+                inner.generation += 1;
+            }
+            (result, inner.generation)
+        };
+        let mut durable = self.durable.subscribe();
+        if *durable.borrow() < generation {
+            self.flush.request();
+            // The writer either commits or stops the process, so this wait ends.
+            let _ = durable.wait_for(|&g| g >= generation).await;
+        }
+        Ok(result?)
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        f(&inner.core)
+    }
+
+    fn read_store<T>(&self, f: impl FnOnce(&Store) -> T) -> T {
+        let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        f(&store)
+    }
+
+    /// The time-driven half of the core: lost nodes, launch timeouts, scheduling.
+    pub async fn tick(&self) -> Result<(), ApiError> {
+        self.apply(|core, now| {
+            core.tick(now);
+            Ok(())
+        })
+        .await
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis(self.read(|c| c.config().heartbeat_interval_ms))
+    }
+
+    /// The rendezvous table of a job's attempt, serialised once and shared by every caller.
+    fn peer_table(&self, job_id: JobId, attempt: u32) -> Result<Bytes, ApiError> {
+        if let Some(bytes) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&(job_id, attempt)) {
+            return Ok(bytes.clone());
+        }
+        let table = self.read(|core| core.peer_table(job_id, attempt))?;
+        let bytes = Bytes::from(serde_json::to_vec(&table).expect("serialises"));
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        // Only current attempts are kept: one table per job at most.
+        peers.retain(|&(j, a), _| j != job_id || a == attempt);
+        peers.insert((job_id, attempt), bytes.clone());
+        Ok(bytes)
+    }
+}
+
+impl FlushSignal {
+    fn request(&self) {
+        *self.requested.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_one();
+    }
+
+    /// Waits for a request (or the idle check); true when one came.
+    fn wait(&self) -> bool {
+        let mut requested = self.requested.lock().unwrap_or_else(|p| p.into_inner());
+        if !*requested {
+            requested =
+                self.cv.wait_timeout(requested, WRITER_IDLE_CHECK).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        std::mem::take(&mut *requested)
+    }
+}
+
+/// The writer thread: takes the core's changes in one batch, commits them in one transaction
+/// outside the core's lock, publishes the generation it made durable, then rings doorbells.
+fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<tokio::runtime::Handle>) {
+    loop {
+        let requested = flush.wait();
+        let Some(ctl) = ctl.upgrade() else { return };
+        if !requested {
+            continue;
+        }
+        let (changes, generation) = {
+            let mut inner = ctl.inner.lock().unwrap_or_else(|p| p.into_inner());
+            (inner.core.take_changes(), inner.generation)
+        };
+        if let Err(e) = ctl.store.lock().unwrap_or_else(|p| p.into_inner()).save(&changes) {
             // The core has moved on and the disk has not: answering now would acknowledge state
             // a restart would not have. Fail-stop; a restarted controller reloads the last
             // committed state and the agents re-report everything since.
             eprintln!("controller: cannot persist state ({e}); stopping so a restart reloads it");
             std::process::exit(70);
         }
-        self.ring_doorbells(&changes);
-        Ok(result?)
-    }
-
-    /// Nodes with new commands are told to heartbeat now instead of at their next interval: a
-    /// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
-    fn ring_doorbells(&self, changes: &crate::core::Changes) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
-        for node in changes
-            .nodes
-            .iter()
-            .filter(|n| !n.commands.is_empty() && n.health == crate::core::Health::Healthy)
-        {
-            let base = format!("http://{}:{}", node.addr, node.http_port);
-            let Ok(client) = Client::new(&base, &self.token, DOORBELL_TIMEOUT) else { continue };
-            runtime.spawn(async move {
-                let _ = client.call(Method::POST, "/v1/wake", None).await;
-            });
+        ctl.durable.send_replace(generation);
+        if let Some(runtime) = &doorbells {
+            ring_doorbells(runtime, &ctl.token, &changes);
         }
     }
+}
 
-    fn read<T>(&self, f: impl FnOnce(&Core, &Store) -> T) -> T {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&inner.core, &inner.store)
-    }
-
-    /// The time-driven half of the core: lost nodes, launch timeouts, scheduling.
-    pub fn tick(&self) -> Result<(), ApiError> {
-        self.apply(|core, now| {
-            core.tick(now);
-            Ok(())
-        })
-    }
-
-    pub fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.read(|c, _| c.config().heartbeat_interval_ms))
+/// Nodes with new commands are told to heartbeat now instead of at their next interval: a
+/// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
+fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &crate::core::Changes) {
+    for node in
+        changes.nodes.iter().filter(|n| !n.commands.is_empty() && n.health == crate::core::Health::Healthy)
+    {
+        let base = format!("http://{}:{}", node.addr, node.http_port);
+        let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT) else { continue };
+        runtime.spawn(async move {
+            let _ = client.call(Method::POST, "/v1/wake", None).await;
+        });
     }
 }
 
@@ -192,6 +292,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/attempts/{attempt}/peers", get(job_peers))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/events", get(all_events))
         .route("/v1/chaos", post(chaos))
@@ -223,7 +324,7 @@ async fn register(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: RegisterRequest = parse_json(&body?, "registration")?;
-    let reply = ctl.apply(|core, now| core.register(req, now))?;
+    let reply = ctl.apply(|core, now| core.register(req, now)).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -234,7 +335,7 @@ async fn heartbeat(
 ) -> Result<Response, ApiError> {
     let Path(name) = name?;
     let req: HeartbeatRequest = parse_json(&body?, "heartbeat")?;
-    let reply = ctl.apply(|core, now| core.heartbeat(&name, req, now))?;
+    let reply = ctl.apply(|core, now| core.heartbeat(&name, req, now)).await?;
     Ok(Json(reply).into_response())
 }
 
@@ -254,12 +355,12 @@ async fn submit(
         JobSpec::from_json(&body)
     }
     .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let id = ctl.apply(|core, now| core.submit(spec, now))?;
+    let id = ctl.apply(|core, now| core.submit(spec, now)).await?;
     Ok((StatusCode::CREATED, Json(SubmitReply { id })).into_response())
 }
 
 async fn list_jobs(State(ctl): State<Arc<Controller>>) -> Json<Vec<JobView>> {
-    Json(ctl.read(|core, _| core.jobs().filter_map(|j| core.job_view(j.id, now_ms())).collect()))
+    Json(ctl.read(|core| core.jobs().filter_map(|j| core.job_view(j.id, now_ms())).collect()))
 }
 
 async fn get_job(
@@ -267,7 +368,7 @@ async fn get_job(
     id: Result<Path<JobId>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
-    ctl.read(|core, _| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
 }
 
 async fn cancel(
@@ -275,8 +376,8 @@ async fn cancel(
     id: Result<Path<JobId>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
-    ctl.apply(|core, now| core.cancel(id, now))?;
-    ctl.read(|core, _| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.apply(|core, now| core.cancel(id, now)).await?;
+    ctl.read(|core| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
 }
 
 #[derive(Deserialize)]
@@ -291,7 +392,7 @@ const MAX_EVENTS_PER_CALL: usize = 10_000;
 
 fn events(ctl: &Controller, job_id: Option<JobId>, q: EventQuery) -> Result<Json<Vec<Event>>, ApiError> {
     let limit = q.limit.unwrap_or(MAX_EVENTS_PER_CALL).min(MAX_EVENTS_PER_CALL);
-    ctl.read(|_, store| store.events(job_id, q.after, limit))
+    ctl.read_store(|store| store.events(job_id, q.after, limit))
         .map(Json)
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
@@ -302,7 +403,7 @@ async fn job_events(
     q: Result<Query<EventQuery>, QueryRejection>,
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let Path(id) = id?;
-    if ctl.read(|core, _| core.job(id).is_none()) {
+    if ctl.read(|core| core.job(id).is_none()) {
         return Err(CoreError::UnknownJob(id).into());
     }
     events(&ctl, Some(id), q?.0)
@@ -315,8 +416,19 @@ async fn all_events(
     events(&ctl, None, q?.0)
 }
 
+/// The rendezvous table of an attempt: where every rank runs, MASTER_ADDR and MASTER_PORT. The
+/// same bytes go to every node, so serving 1,250 of them costs one serialisation.
+async fn job_peers(
+    State(ctl): State<Arc<Controller>>,
+    path: Result<Path<(JobId, u32)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((id, attempt)) = path?;
+    let bytes = ctl.peer_table(id, attempt)?;
+    Ok(([("content-type", "application/json")], Body::from(bytes)).into_response())
+}
+
 async fn list_nodes(State(ctl): State<Arc<Controller>>) -> Json<Vec<NodeView>> {
-    Json(ctl.read(|core, _| core.node_views(now_ms())))
+    Json(ctl.read(|core| core.node_views(now_ms())))
 }
 
 #[derive(Deserialize)]
@@ -345,7 +457,7 @@ async fn job_logs(
         return Err(ApiError::bad_request(format!("stream {stream:?} must be stdout or stderr")));
     }
     let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
-    let (base, attempt, local_rank) = ctl.read(|core, _| {
+    let (base, attempt, local_rank) = ctl.read(|core| {
         core.locate_rank(id, q.rank, q.attempt).map(|(node, attempt, local)| {
             (format!("http://{}:{}", node.addr, node.http_port), attempt, local)
         })
@@ -367,7 +479,7 @@ async fn job_logs(
 /// Runs the controller until SIGINT or SIGTERM: binds, writes `controller.url` into the state
 /// directory (so `--listen 127.0.0.1:0` works), serves, and ticks the core.
 pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<(), String> {
-    let ctl = Arc::new(Controller::open(state_dir, cfg)?);
+    let ctl = Controller::open(state_dir, cfg)?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
@@ -377,13 +489,13 @@ pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<
     eprintln!("controller listening on {url} (state in {})", state_dir.display());
 
     let ticker = ctl.clone();
-    let tick_every = Duration::from_millis(ctl.read(|c, _| c.config().tick_ms).max(1));
+    let tick_every = Duration::from_millis(ctl.read(|c| c.config().tick_ms).max(1));
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            if let Err(e) = ticker.tick() {
+            if let Err(e) = ticker.tick().await {
                 eprintln!("controller: {}", e.message);
             }
         }
@@ -424,7 +536,7 @@ async fn chaos(
 ) -> Result<Response, ApiError> {
     use crate::api::{ChaosAction, ChaosRequest};
     let mut req: ChaosRequest = parse_json(&body?, "chaos")?;
-    let (base, node_name) = ctl.read(|core, _| -> Result<(String, String), ApiError> {
+    let (base, node_name) = ctl.read(|core| -> Result<(String, String), ApiError> {
         let node = match (&req.node, req.job_id) {
             (Some(name), _) => core.node(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?,
             (None, Some(job)) => {
@@ -456,6 +568,7 @@ async fn chaos(
             format!("injected {what} on node {node_name}"),
         );
         Ok(())
-    })?;
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -12,7 +12,7 @@ impl Fixture {
     fn new(tag: &str) -> Fixture {
         let dir = std::env::temp_dir().join(format!("myriad-server-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let ctl = Arc::new(Controller::open(&dir, CoreConfig::default()).unwrap());
+        let ctl = Controller::open(&dir, CoreConfig::default()).unwrap();
         Fixture { dir, ctl }
     }
 
@@ -62,6 +62,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/jobs/1/cancel"),
     ("GET", "/v1/jobs/1/events"),
     ("GET", "/v1/jobs/1/logs"),
+    ("GET", "/v1/jobs/1/attempts/0/peers"),
     ("GET", "/v1/nodes"),
     ("GET", "/v1/events"),
     ("GET", "/no/such/route"),
@@ -131,14 +132,44 @@ async fn state_and_events_survive_reopening_the_state_directory() {
     let (status, _) = f.call("POST", "/v1/jobs", "name = \"j\"\nargv = [\"true\"]\n").await;
     assert_eq!(status, StatusCode::CREATED);
     let (_, before) = f.call("GET", "/v1/events", "").await;
-    let reopened = Fixture {
-        dir: f.dir.clone(),
-        ctl: Arc::new(Controller::open(&f.dir, CoreConfig::default()).unwrap()),
-    };
+    let reopened =
+        Fixture { dir: f.dir.clone(), ctl: Controller::open(&f.dir, CoreConfig::default()).unwrap() };
     assert_eq!(reopened.ctl.token(), f.ctl.token(), "the token is kept");
     let (_, after) = reopened.call("GET", "/v1/events", "").await;
     assert_eq!(before, after);
     let (_, job) = reopened.call("GET", "/v1/jobs/1", "").await;
     assert!(job.contains("\"state\":\"starting\""), "{job}");
     std::mem::forget(reopened); // `f` removes the directory
+}
+
+#[tokio::test]
+async fn the_rendezvous_table_is_served_once_the_attempt_is_launched() {
+    let f = Fixture::new("peers");
+    f.register("n1", 2).await;
+    f.register("n2", 2).await;
+    let (status, body) =
+        f.call("POST", "/v1/jobs", "name = \"j\"\nargv = [\"true\"]\nnodes = 2\nranks_per_node = 2\n").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = f.call("GET", "/v1/jobs/1/attempts/0/peers", "").await;
+    assert_eq!(status, StatusCode::CONFLICT, "no MASTER_PORT yet: {body}");
+    assert!(body.contains("not launched"), "{body}");
+
+    let (_, job) = f.call("GET", "/v1/jobs/1", "").await;
+    let job: JobView = serde_json::from_str(&job).unwrap();
+    let hb = r#"{"acked_command_seq":1,"ranks":[],"ports":[{"job_id":1,"attempt":0,"port":29400}]}"#;
+    let (status, body) = f.call("POST", &format!("/v1/agents/{}/heartbeat", job.nodes[0]), hb).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains("\"command\":\"launch\""), "{body}");
+
+    let (status, body) = f.call("GET", "/v1/jobs/1/attempts/0/peers", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let table: crate::api::PeerTable = serde_json::from_str(&body).unwrap();
+    assert_eq!((table.world_size, table.ranks_per_node, table.master_port), (4, 2, 29400));
+    assert_eq!(table.hosts, vec!["127.0.0.1".to_string(); 2]);
+    // Served from the cache the second time, byte for byte.
+    assert_eq!(f.call("GET", "/v1/jobs/1/attempts/0/peers", "").await.1, body);
+
+    assert_eq!(f.call("GET", "/v1/jobs/1/attempts/1/peers", "").await.0, StatusCode::CONFLICT);
+    assert_eq!(f.call("GET", "/v1/jobs/9/attempts/0/peers", "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(f.call("GET", "/v1/jobs/1/attempts/x/peers", "").await.0, StatusCode::BAD_REQUEST);
 }
