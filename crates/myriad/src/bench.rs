@@ -13,6 +13,8 @@ pub enum BenchCommand {
     Train(TrainBenchArgs),
     /// Ring all-reduce bandwidth between ranks on this machine, beside raw loopback TCP.
     Allreduce(AllreduceArgs),
+    /// The controller under a cluster of simulated agents: heartbeats, job start, node loss.
+    ControlPlane(crate::bench_control::ControlPlaneArgs),
 }
 
 #[derive(Args)]
@@ -63,6 +65,7 @@ pub struct TrainBenchArgs {
 
 pub fn run(cmd: BenchCommand) -> Result<(), String> {
     match cmd {
+        BenchCommand::ControlPlane(a) => crate::bench_control::run(a),
         BenchCommand::Peak(a) => {
             let threads = crate::init_threads(a.threads)?;
             let peak = train::peak::measure_peak(threads, 300);

@@ -3,6 +3,7 @@
 
 mod agent_progress;
 mod bench;
+mod bench_control;
 mod cluster_cmd;
 mod demo_cmd;
 mod local;

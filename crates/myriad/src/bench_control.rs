@@ -1,0 +1,809 @@
+//! `myriad bench control-plane`: the real controller, started as a child process, under the load
+//! of a whole cluster of simulated agents in this process. Each simulated agent is an async task
+//! that speaks the agent protocol over loopback with the cluster token: it registers, heartbeats
+//! the state of its ranks, answers the controller's doorbell on its own HTTP listener, carries out
+//! commands (reserve a port, launch, stop, forget) and fetches its attempt's rendezvous table.
+//! Only the ranks are imaginary. Measured: registration, steady heartbeat latency and the
+//! controller's CPU and memory with a job on every node, API latency, the time from submitting a
+//! job until every node holds its rendezvous table, and the time to find a silent node and
+//! relaunch the job with a spare in its place.
+
+use clap::Args;
+use control::api::{
+    Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, PortReport, RankReport, RankState,
+    RegisterReply, RegisterRequest, StepTime, SubmitReply,
+};
+use control::client::{Client, Method};
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+#[derive(Args, Clone)]
+pub struct ControlPlaneArgs {
+    /// Regular nodes; the job spans all of them.
+    #[arg(long, default_value_t = 1250)]
+    pub nodes: u32,
+    /// Accelerator slots per node; the job runs one rank per slot.
+    #[arg(long, default_value_t = 8)]
+    pub slots: u32,
+    /// Hot spares besides the regular nodes (at least one: the silent node's ranks move there).
+    #[arg(long, default_value_t = 1)]
+    pub spares: u32,
+    /// Heartbeat interval the controller hands to agents.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Seconds of steady heartbeats measured while the job runs.
+    #[arg(long, default_value_t = 20)]
+    pub steady_s: u64,
+    /// Worker threads of the load generator (the controller keeps its own two).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Deadline of every phase that waits on the controller; a broken controller fails the bench
+/// instead of hanging it.
+const PHASE_DEADLINE: Duration = Duration::from_secs(120);
+/// Deadline of one simulated agent's call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Simulated step time, and how many recent steps the leader repeats (as real agents do).
+const STEP_MS: u64 = 1000;
+const RECENT_STEPS: u64 = 4;
+
+#[derive(Serialize)]
+pub struct Report {
+    pub nodes: u32,
+    pub spares: u32,
+    pub slots: u32,
+    pub ranks: u32,
+    pub heartbeat_ms: u64,
+    /// Every agent registered (from the first registration call to the last answer).
+    pub register_s: f64,
+    pub job_start: JobStart,
+    pub steady: Steady,
+    pub silent_node: SilentNode,
+    pub controller_memory: Memory,
+}
+
+#[derive(Serialize)]
+pub struct JobStart {
+    /// Submission until every node of the attempt held its rendezvous table.
+    pub submit_to_peer_tables_s: f64,
+    /// Submission until the controller reported the job running (every rank reported).
+    pub submit_to_running_s: f64,
+    pub peer_table_bytes: usize,
+}
+
+#[derive(Serialize)]
+pub struct Steady {
+    pub seconds: f64,
+    pub heartbeats: usize,
+    pub heartbeats_per_s: f64,
+    pub heartbeat_errors: u64,
+    pub heartbeat_p50_ms: f64,
+    pub heartbeat_p99_ms: f64,
+    pub heartbeat_max_ms: f64,
+    /// Controller CPU time over wall time (1.0 = one core busy).
+    pub controller_cpu_cores: f64,
+    /// The load generator's own CPU over the same window (it shares the machine).
+    pub load_generator_cpu_cores: f64,
+    pub api: Vec<ApiLatency>,
+}
+
+#[derive(Serialize)]
+pub struct ApiLatency {
+    pub route: String,
+    pub calls: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Serialize)]
+pub struct SilentNode {
+    pub node: String,
+    /// The node's last heartbeat until the controller declared it lost.
+    pub detect_ms: u64,
+    pub detect_heartbeat_intervals: f64,
+    /// Declared lost until every node of the new attempt (the spare among them) held its table.
+    pub relaunch_ms: u64,
+    pub spare_used: String,
+}
+
+#[derive(Serialize)]
+pub struct Memory {
+    pub rss_empty_mb: f64,
+    pub rss_nodes_mb: f64,
+    pub rss_job_mb: f64,
+    pub bytes_per_node: f64,
+    pub bytes_per_rank: f64,
+}
+
+pub fn run(args: ControlPlaneArgs) -> Result<(), String> {
+    if args.nodes == 0 || args.slots == 0 || args.spares == 0 {
+        return Err("--nodes, --slots and --spares must each be at least 1".into());
+    }
+    if args.heartbeat_ms < 10 || args.steady_s == 0 {
+        return Err("--heartbeat-ms must be at least 10 and --steady-s at least 1".into());
+    }
+    if args.threads == 0 {
+        return Err("--threads must be at least 1".into());
+    }
+    raise_open_file_limit();
+    let dir = std::env::temp_dir().join(format!("myriad-bench-cp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let controller = ControllerProcess::start(&dir, args.heartbeat_ms);
+    let result = controller.and_then(|c| {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the load generator's runtime: {e}"))?;
+        let report = runtime.block_on(measure(&args, &c));
+        runtime.shutdown_timeout(Duration::from_secs(2));
+        drop(c);
+        report
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("serialises"));
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &Report) {
+    println!(
+        "control plane: {} nodes + {} spare × {} slots = {} ranks, heartbeats every {} ms",
+        r.nodes, r.spares, r.slots, r.ranks, r.heartbeat_ms
+    );
+    println!("  registration of every agent       {:>8.2} s", r.register_s);
+    let s = &r.steady;
+    println!(
+        "  steady ({:.0} s, job running)       {:>8.0} heartbeats/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
+        s.seconds, s.heartbeats_per_s, s.heartbeat_p50_ms, s.heartbeat_p99_ms, s.heartbeat_max_ms, s.heartbeat_errors
+    );
+    println!(
+        "  controller CPU                    {:>8.1} % of a core (load generator {:.1} %)",
+        s.controller_cpu_cores * 100.0,
+        s.load_generator_cpu_cores * 100.0
+    );
+    for a in &s.api {
+        println!("  {:<34}{:>8.1} ms p50, {:.1} ms p99 ({} calls)", a.route, a.p50_ms, a.p99_ms, a.calls);
+    }
+    let j = &r.job_start;
+    println!(
+        "  submit → every rendezvous table   {:>8.2} s (running after {:.2} s; table {} bytes)",
+        j.submit_to_peer_tables_s, j.submit_to_running_s, j.peer_table_bytes
+    );
+    let n = &r.silent_node;
+    println!(
+        "  silent node {} found lost      {:>8} ms after its last heartbeat ({:.2} intervals)",
+        n.node, n.detect_ms, n.detect_heartbeat_intervals
+    );
+    println!("  relaunched with {} in its place {:>8} ms after", n.spare_used, n.relaunch_ms);
+    let m = &r.controller_memory;
+    println!(
+        "  controller memory                 {:>8.1} MB empty, {:.1} MB with the nodes, {:.1} MB with the job",
+        m.rss_empty_mb, m.rss_nodes_mb, m.rss_job_mb
+    );
+    println!(
+        "                                    {:>8.0} bytes per node, {:.0} bytes per rank",
+        m.bytes_per_node, m.bytes_per_rank
+    );
+}
+
+/// Each simulated agent holds a listener and a connection: more than the default 1,024 files.
+fn raise_open_file_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// The controller as a child process of this binary; stopped (SIGTERM, then SIGKILL) on drop.
+pub struct ControllerProcess {
+    child: std::process::Child,
+    pub url: String,
+    pub token: String,
+}
+
+impl ControllerProcess {
+    fn start(dir: &Path, heartbeat_ms: u64) -> Result<ControllerProcess, String> {
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+        let state = dir.join("controller");
+        let log = std::fs::File::create(dir.join("controller.log")).map_err(|e| e.to_string())?;
+        let mut command = std::process::Command::new(exe);
+        command
+            .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", &heartbeat_ms.to_string()])
+            .arg("--state")
+            .arg(&state)
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log);
+        // SAFETY: prctl is async-signal-safe and touches only the child. The controller dies
+        // with the bench, even one killed by a test's deadline.
+        unsafe {
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|e| format!("cannot start the controller: {e}"))?;
+        let mut process = ControllerProcess { child, url: String::new(), token: String::new() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let url = std::fs::read_to_string(state.join(control::server::URL_FILE));
+            let token = std::fs::read_to_string(state.join(control::server::TOKEN_FILE));
+            if let (Ok(url), Ok(token)) = (url, token) {
+                process.url = url.trim().to_string();
+                process.token = token.trim().to_string();
+                return Ok(process);
+            }
+            if let Ok(Some(status)) = process.child.try_wait() {
+                return Err(format!(
+                    "the controller exited ({status}); its log: {}",
+                    dir.join("controller.log").display()
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err("the controller did not start within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ControllerProcess {
+    fn drop(&mut self) {
+        // SAFETY: signals our own child, which has not been reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU seconds (user + system) a process has used so far, from /proc.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may itself hold spaces: state is field 3, utime 14.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / per_s)
+}
+
+fn own_cpu_seconds() -> f64 {
+    cpu_seconds(std::process::id()).unwrap_or(0.0)
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024.0)
+}
+
+fn unix_ms() -> u64 {
+    agent::unix_ms()
+}
+
+/// What one simulated node holds.
+#[derive(Default)]
+struct SimState {
+    acked: u64,
+    ranks: BTreeMap<(JobId, u32, u32), SimRank>,
+    ports: BTreeMap<(JobId, u32), u16>,
+}
+
+#[derive(Clone, Copy)]
+struct SimRank {
+    state: RankState,
+    launched_ms: u64,
+    exited_ms: Option<u64>,
+    /// Rank 0 of the job (its steps feed the controller's time ledger).
+    leader: bool,
+}
+
+struct SimAgent {
+    name: String,
+    spare: bool,
+    state: Mutex<SimState>,
+    wake: Notify,
+    /// Set to make the node go silent: no heartbeats, no answers, as a dead machine.
+    silent: AtomicBool,
+    last_heartbeat_ms: AtomicU64,
+}
+
+/// Per attempt: how many nodes hold the rendezvous table, when the latest got it, its size.
+#[derive(Clone, Copy)]
+struct Tables {
+    nodes: u32,
+    last_ms: u64,
+    bytes: usize,
+}
+
+/// State shared by the load generator's tasks.
+struct Hub {
+    url: String,
+    token: String,
+    heartbeat_ms: u64,
+    slots: u32,
+    registered: AtomicUsize,
+    recording: AtomicBool,
+    heartbeat_latencies_ms: Mutex<Vec<f64>>,
+    heartbeat_errors: AtomicU64,
+    tables: Mutex<HashMap<(JobId, u32), Tables>>,
+    table_changed: Notify,
+}
+
+impl SimAgent {
+    fn report(&self, now_ms: u64) -> HeartbeatRequest {
+        let state = self.state.lock().expect("sim state");
+        let ranks = state
+            .ranks
+            .iter()
+            .map(|(&(job_id, attempt, local_rank), r)| {
+                let step = r.state.is_running().then(|| now_ms.saturating_sub(r.launched_ms) / STEP_MS);
+                let steps = match step {
+                    Some(step) if r.leader => (step.saturating_sub(RECENT_STEPS - 1).max(1)..=step)
+                        .map(|s| StepTime {
+                            step: s,
+                            ms: STEP_MS as f64,
+                            end_ms: r.launched_ms + s * STEP_MS,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                RankReport {
+                    job_id,
+                    attempt,
+                    local_rank,
+                    state: r.state,
+                    step,
+                    loss: step.map(|s| 10.0 / (1.0 + s as f64)),
+                    exited_at_ms: r.exited_ms,
+                    hang: None,
+                    steps,
+                    tokens_per_s: None,
+                    mfu: None,
+                    compute_ms: step.map(|_| 0.9 * STEP_MS as f64),
+                }
+            })
+            .collect();
+        let ports = state
+            .ports
+            .iter()
+            .map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port })
+            .collect();
+        HeartbeatRequest { acked_command_seq: state.acked, ranks, ports, ..HeartbeatRequest::default() }
+    }
+
+    /// Carries out one command; true when the controller should hear about it at once.
+    fn execute(&self, hub: &Arc<Hub>, client: &Client, command: Command, now_ms: u64) -> bool {
+        let mut state = self.state.lock().expect("sim state");
+        match command {
+            Command::ReservePort { job_id, attempt } => {
+                // Nothing binds it: the ranks are imaginary.
+                state.ports.entry((job_id, attempt)).or_insert(20_000 + (attempt % 10_000) as u16);
+                true
+            }
+            Command::Launch(spec) => {
+                let key = (spec.job_id, spec.attempt);
+                let mut new = false;
+                for local in spec.local_ranks() {
+                    let rank0 = spec.group_rank == 0 && local == 0;
+                    state.ranks.entry((spec.job_id, spec.attempt, local)).or_insert_with(|| {
+                        new = true;
+                        SimRank {
+                            state: RankState::Running { pid: 1 },
+                            launched_ms: now_ms,
+                            exited_ms: None,
+                            leader: rank0,
+                        }
+                    });
+                }
+                if new {
+                    tokio::spawn(fetch_table(hub.clone(), client.clone(), key, spec.ranks_per_node));
+                }
+                true
+            }
+            Command::Stop { job_id, attempt } => {
+                for (_, r) in state.ranks.range_mut((job_id, attempt, 0)..=(job_id, attempt, u32::MAX)) {
+                    if r.state.is_running() {
+                        r.state = RankState::Exited { code: None, signal: Some(libc::SIGTERM) };
+                        r.exited_ms = Some(now_ms);
+                    }
+                }
+                true
+            }
+            Command::Forget { job_id, attempt } => {
+                state.ranks.retain(|k, r| !(k.0 == job_id && k.1 == attempt && !r.state.is_running()));
+                state.ports.remove(&(job_id, attempt));
+                false
+            }
+            Command::Purge { .. } => false,
+        }
+    }
+}
+
+/// A node's ranks read their attempt's rendezvous table from the controller.
+async fn fetch_table(hub: Arc<Hub>, client: Client, key: (JobId, u32), ranks_per_node: u32) {
+    let path = format!("/v1/jobs/{}/attempts/{}/peers", key.0, key.1);
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    while Instant::now() < deadline {
+        match client.call(Method::GET, &path, None).await {
+            Ok(bytes) => {
+                let Ok(table) = serde_json::from_slice::<PeerTable>(&bytes) else { return };
+                if table.ranks_per_node != ranks_per_node || table.hosts.is_empty() {
+                    return;
+                }
+                let mut tables = hub.tables.lock().expect("tables");
+                let entry = tables.entry(key).or_insert(Tables { nodes: 0, last_ms: 0, bytes: bytes.len() });
+                entry.nodes += 1;
+                entry.last_ms = unix_ms();
+                drop(tables);
+                hub.table_changed.notify_waiters();
+                return;
+            }
+            // The attempt was superseded: its table no longer matters.
+            Err(control::client::ClientError::Status { status: 409, .. }) => return,
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Result<(), String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
+    let http_port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let token: Arc<str> = hub.token.clone().into();
+    let woken = agent.clone();
+    let doorbell = axum::Router::new()
+        .route(
+            "/v1/wake",
+            axum::routing::post(move || {
+                let agent = woken.clone();
+                async move {
+                    if !agent.silent.load(Ordering::Relaxed) {
+                        agent.wake.notify_one();
+                    }
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(token, control::server::require_token));
+    tokio::spawn(async move { axum::serve(listener, doorbell).await });
+
+    let client = Client::new(&hub.url, &hub.token, CALL_TIMEOUT)?;
+    let register = RegisterRequest {
+        name: agent.name.clone(),
+        slots: hub.slots,
+        cores: 8,
+        addr: "127.0.0.1".into(),
+        http_port,
+        spare: agent.spare,
+    };
+    let reply: RegisterReply = client
+        .post_json("/v1/agents/register", &register)
+        .await
+        .map_err(|e| format!("{} cannot register: {e}", agent.name))?;
+    hub.registered.fetch_add(1, Ordering::Relaxed);
+    let interval = Duration::from_millis(reply.heartbeat_interval_ms);
+    // Agents start at different moments in a real cluster: spread the heartbeats over the interval.
+    tokio::time::sleep(Duration::from_millis(offset_ms)).await;
+    let path = format!("/v1/agents/{}/heartbeat", agent.name);
+    loop {
+        if agent.silent.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let request = agent.report(unix_ms());
+        let started = Instant::now();
+        let mut news = false;
+        match client.post_json::<_, HeartbeatReply>(&path, &request).await {
+            Ok(reply) => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                agent.last_heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+                if hub.recording.load(Ordering::Relaxed) {
+                    hub.heartbeat_latencies_ms.lock().expect("latencies").push(ms);
+                }
+                let now_ms = unix_ms();
+                for c in reply.commands {
+                    news |= agent.execute(&hub, &client, c.command, now_ms);
+                    agent.state.lock().expect("sim state").acked = c.seq;
+                }
+            }
+            Err(_) => {
+                hub.heartbeat_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if news {
+            continue;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = agent.wake.notified() => {}
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+async fn wait_until<T>(
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+    notify: &Notify,
+) -> Result<T, String> {
+    let deadline = Instant::now() + PHASE_DEADLINE;
+    loop {
+        let notified = notify.notified();
+        if let Some(v) = probe() {
+            return Ok(v);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("{what}: not within {} s", PHASE_DEADLINE.as_secs()));
+        }
+        let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), notified).await;
+    }
+}
+
+async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Report, String> {
+    let pid = ctl.pid();
+    let rss_empty = rss_bytes(pid).unwrap_or(f64::NAN);
+    let hub = Arc::new(Hub {
+        url: ctl.url.clone(),
+        token: ctl.token.clone(),
+        heartbeat_ms: args.heartbeat_ms,
+        slots: args.slots,
+        registered: AtomicUsize::new(0),
+        recording: AtomicBool::new(false),
+        heartbeat_latencies_ms: Mutex::new(Vec::new()),
+        heartbeat_errors: AtomicU64::new(0),
+        tables: Mutex::new(HashMap::new()),
+        table_changed: Notify::new(),
+    });
+    let total = (args.nodes + args.spares) as usize;
+    let agents: Vec<Arc<SimAgent>> = (0..total)
+        .map(|i| {
+            let spare = i >= args.nodes as usize;
+            let name =
+                if spare { format!("spare-{:05}", i - args.nodes as usize) } else { format!("node-{i:05}") };
+            Arc::new(SimAgent {
+                name,
+                spare,
+                state: Mutex::new(SimState::default()),
+                wake: Notify::new(),
+                silent: AtomicBool::new(false),
+                last_heartbeat_ms: AtomicU64::new(0),
+            })
+        })
+        .collect();
+    let registering = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, agent) in agents.iter().enumerate() {
+        let offset_ms = hub.heartbeat_ms * i as u64 / total as u64;
+        let (hub, agent) = (hub.clone(), agent.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent_loop(hub, agent, offset_ms).await {
+                eprintln!("simulated agent: {e}");
+            }
+        }));
+    }
+    let never = Notify::new();
+    wait_until(
+        "every agent registered",
+        || (hub.registered.load(Ordering::Relaxed) == total).then_some(()),
+        &never,
+    )
+    .await?;
+    let register_s = registering.elapsed().as_secs_f64();
+    // One full round of heartbeats before measuring memory.
+    tokio::time::sleep(Duration::from_millis(2 * args.heartbeat_ms)).await;
+    let rss_nodes = rss_bytes(pid).unwrap_or(f64::NAN);
+
+    let client = Client::new(&ctl.url, &ctl.token, CALL_TIMEOUT)?;
+    let spec = serde_json::json!({
+        "name": "bench",
+        "argv": ["train"],
+        "nodes": args.nodes,
+        "ranks_per_node": args.slots,
+        "spares": args.spares,
+        "max_restarts": 3,
+    });
+    let submitted_ms = unix_ms();
+    let submitted = Instant::now();
+    let SubmitReply { id } = client.post_json("/v1/jobs", &spec).await.map_err(|e| format!("submit: {e}"))?;
+    let Tables { last_ms: tables_ms, bytes: table_bytes, .. } = wait_until(
+        "every node holds the rendezvous table of attempt 0",
+        || hub.tables.lock().expect("tables").get(&(id, 0)).copied().filter(|t| t.nodes == args.nodes),
+        &hub.table_changed,
+    )
+    .await?;
+    let mut running_s = None;
+    while running_s.is_none() && submitted.elapsed() < PHASE_DEADLINE {
+        let job: JobView = client.get_json(&format!("/v1/jobs/{id}")).await.map_err(|e| e.to_string())?;
+        if job.state == "running" {
+            running_s = Some(submitted.elapsed().as_secs_f64());
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let running_s = running_s.ok_or("the job did not reach running")?;
+    let job_start = JobStart {
+        submit_to_peer_tables_s: (tables_ms - submitted_ms) as f64 / 1e3,
+        submit_to_running_s: running_s,
+        peer_table_bytes: table_bytes,
+    };
+    // Let the start-up burst settle before the steady window.
+    tokio::time::sleep(Duration::from_millis(2 * args.heartbeat_ms)).await;
+
+    let steady = steady_window(args, &hub, &client, pid, id).await?;
+    let rss_job = rss_bytes(pid).unwrap_or(f64::NAN);
+
+    let silent_node = silence_one_node(args, &hub, &client, &agents, id).await?;
+    for t in tasks {
+        t.abort();
+    }
+    let ranks = args.nodes * args.slots;
+    Ok(Report {
+        nodes: args.nodes,
+        spares: args.spares,
+        slots: args.slots,
+        ranks,
+        heartbeat_ms: args.heartbeat_ms,
+        register_s,
+        job_start,
+        steady,
+        silent_node,
+        controller_memory: Memory {
+            rss_empty_mb: rss_empty / 1e6,
+            rss_nodes_mb: rss_nodes / 1e6,
+            rss_job_mb: rss_job / 1e6,
+            bytes_per_node: (rss_nodes - rss_empty) / total as f64,
+            bytes_per_rank: (rss_job - rss_nodes) / ranks as f64,
+        },
+    })
+}
+
+/// Heartbeats and API calls while the job runs, with the controller's CPU over the window.
+async fn steady_window(
+    args: &ControlPlaneArgs,
+    hub: &Arc<Hub>,
+    client: &Client,
+    pid: u32,
+    job: JobId,
+) -> Result<Steady, String> {
+    hub.heartbeat_latencies_ms.lock().expect("latencies").clear();
+    let errors_before = hub.heartbeat_errors.load(Ordering::Relaxed);
+    let cpu_before = cpu_seconds(pid).ok_or("cannot read the controller's CPU time")?;
+    let own_before = own_cpu_seconds();
+    let started = Instant::now();
+    hub.recording.store(true, Ordering::Relaxed);
+    // What an operator's dashboard polls, a few times a second.
+    let routes = [format!("/v1/jobs/{job}"), "/v1/jobs".to_string(), "/v1/nodes".to_string()];
+    let mut api: Vec<Vec<f64>> = vec![Vec::new(); routes.len()];
+    let window = Duration::from_secs(args.steady_s);
+    let mut i = 0;
+    while started.elapsed() < window {
+        let route = i % routes.len();
+        let t = Instant::now();
+        client
+            .call(Method::GET, &routes[route], None)
+            .await
+            .map_err(|e| format!("GET {}: {e}", routes[route]))?;
+        api[route].push(t.elapsed().as_secs_f64() * 1e3);
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    hub.recording.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(pid).ok_or("cannot read the controller's CPU time")? - cpu_before;
+    let own = own_cpu_seconds() - own_before;
+    let mut lat = std::mem::take(&mut *hub.heartbeat_latencies_ms.lock().expect("latencies"));
+    lat.sort_by(f64::total_cmp);
+    let api = routes
+        .iter()
+        .zip(api.iter_mut())
+        .map(|(route, samples)| {
+            samples.sort_by(f64::total_cmp);
+            ApiLatency {
+                route: format!("GET {}", route.replace(&format!("/{job}"), "/{id}")),
+                calls: samples.len(),
+                p50_ms: percentile(samples, 0.5),
+                p99_ms: percentile(samples, 0.99),
+            }
+        })
+        .collect();
+    Ok(Steady {
+        seconds,
+        heartbeats: lat.len(),
+        heartbeats_per_s: lat.len() as f64 / seconds,
+        heartbeat_errors: hub.heartbeat_errors.load(Ordering::Relaxed) - errors_before,
+        heartbeat_p50_ms: percentile(&lat, 0.5),
+        heartbeat_p99_ms: percentile(&lat, 0.99),
+        heartbeat_max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        controller_cpu_cores: cpu / seconds,
+        load_generator_cpu_cores: own / seconds,
+        api,
+    })
+}
+
+/// One node of the job stops dead; the controller must find it and restart the job with the
+/// spare in its place.
+async fn silence_one_node(
+    args: &ControlPlaneArgs,
+    hub: &Arc<Hub>,
+    client: &Client,
+    agents: &[Arc<SimAgent>],
+    job: JobId,
+) -> Result<SilentNode, String> {
+    let view: JobView = client.get_json(&format!("/v1/jobs/{job}")).await.map_err(|e| e.to_string())?;
+    let victim_name = view.nodes[view.nodes.len() / 2].clone();
+    let victim = agents.iter().find(|a| a.name == victim_name).ok_or("the job runs on an unknown node")?;
+    victim.silent.store(true, Ordering::Relaxed);
+    let attempt = view.attempt + 1;
+    let Tables { last_ms: relaunched_ms, .. } = wait_until(
+        "every node holds the rendezvous table of the relaunched attempt",
+        || hub.tables.lock().expect("tables").get(&(job, attempt)).copied().filter(|t| t.nodes == args.nodes),
+        &hub.table_changed,
+    )
+    .await?;
+    // The heartbeat loop may have been mid-call when silenced: its last answered one counts.
+    let last_ms = victim.last_heartbeat_ms.load(Ordering::Relaxed);
+    let events: Vec<control::api::Event> = client.get_json("/v1/events").await.map_err(|e| e.to_string())?;
+    let lost = events
+        .iter()
+        .find(|e| e.kind == "node_lost" && e.node.as_deref() == Some(victim_name.as_str()))
+        .ok_or_else(|| format!("no node_lost event for {victim_name}"))?;
+    let view: JobView = client.get_json(&format!("/v1/jobs/{job}")).await.map_err(|e| e.to_string())?;
+    let spare_used = view
+        .nodes
+        .iter()
+        .find(|n| agents.iter().any(|a| a.spare && &a.name == *n))
+        .cloned()
+        .ok_or("the relaunched attempt uses no spare")?;
+    if view.nodes.contains(&victim_name) {
+        return Err(format!("the relaunched attempt still uses the silent node {victim_name}"));
+    }
+    let detect_ms = lost.time_ms.saturating_sub(last_ms);
+    Ok(SilentNode {
+        node: victim_name,
+        detect_ms,
+        detect_heartbeat_intervals: detect_ms as f64 / args.heartbeat_ms as f64,
+        relaunch_ms: relaunched_ms.saturating_sub(lost.time_ms),
+        spare_used,
+    })
+}
