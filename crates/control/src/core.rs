@@ -392,6 +392,10 @@ pub struct Core {
     dirty_jobs: BTreeSet<JobId>,
     dirty_nodes: BTreeSet<String>,
     events: Vec<Event>,
+    /// Something happened that may let a queued job start (slots freed, a node back, a job
+    /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
+    /// every heartbeat is quadratic per round at 1,250 nodes. `tick` schedules regardless.
+    schedule_due: bool,
 }
 
 impl Core {
@@ -434,6 +438,7 @@ impl Core {
             dirty_jobs: BTreeSet::new(),
             dirty_nodes: BTreeSet::new(),
             events: Vec::new(),
+            schedule_due: false,
         }
     }
 
@@ -593,11 +598,16 @@ impl Core {
         node.last_heartbeat_ms = now_ms;
         let before = node.commands.len();
         node.commands.retain(|c| c.seq > req.acked_command_seq);
+        if node.commands.is_empty() {
+            // An emptied queue keeps room for the launch specs it held: 1 KB per idle node.
+            node.commands.shrink_to_fit();
+        }
         let mut dirty = node.commands.len() != before;
         let returned = node.health == Health::Lost;
         if returned {
             node.health = Health::Healthy;
             dirty = true;
+            self.schedule_due = true;
         }
         if dirty {
             self.dirty_node(name);
@@ -649,7 +659,9 @@ impl Core {
             self.try_release(name, job_id, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
-        self.schedule(now_ms);
+        if self.schedule_due {
+            self.schedule(now_ms);
+        }
         Ok(())
     }
 
@@ -1114,6 +1126,7 @@ impl Core {
             }
             self.dirty_node(name);
             self.released(name, job_id, attempt);
+            self.schedule_due = true;
         }
     }
 
@@ -1152,6 +1165,7 @@ impl Core {
             Outcome::Cancel => (JobState::Cancelled, "job_cancelled"),
             Outcome::Restart => (JobState::Queued, "job_restarting"),
         };
+        self.schedule_due = true;
         job.state = state;
         let message = match outcome {
             Outcome::Restart => {
@@ -1351,6 +1365,7 @@ impl Core {
     /// nodes have the free slots for all its ranks at once; younger jobs wait behind it so a large
     /// job is never starved by small ones.
     fn schedule(&mut self, now_ms: u64) {
+        self.schedule_due = false;
         let queued: Vec<JobId> =
             self.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.id).collect();
         for job_id in queued {
