@@ -274,7 +274,7 @@ fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &crate
         changes.nodes.iter().filter(|n| !n.commands.is_empty() && n.health == crate::core::Health::Healthy)
     {
         let base = format!("http://{}:{}", node.addr, node.http_port);
-        let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT) else { continue };
+        let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT).map(Client::unpooled) else { continue };
         runtime.spawn(async move {
             let _ = client.call(Method::POST, "/v1/wake", None).await;
         });
