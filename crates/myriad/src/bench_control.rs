@@ -122,6 +122,11 @@ pub struct Memory {
     pub rss_job_mb: f64,
     pub bytes_per_node: f64,
     pub bytes_per_rank: f64,
+    /// Open files (mostly agents' keep-alive connections) at the same three moments: resident
+    /// memory grows with connections far more than with state.
+    pub open_files_empty: usize,
+    pub open_files_nodes: usize,
+    pub open_files_job: usize,
 }
 
 pub fn run(args: ControlPlaneArgs) -> Result<(), String> {
@@ -167,9 +172,10 @@ fn print_report(r: &Report) {
     );
     println!("  registration of every agent       {:>8.2} s", r.register_s);
     let s = &r.steady;
+    println!("  steady window: {:.0} s, one job running on every node, another queued behind it", s.seconds);
     println!(
-        "  steady ({:.0} s, job running)       {:>8.0} heartbeats/s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
-        s.seconds, s.heartbeats_per_s, s.heartbeat_p50_ms, s.heartbeat_p99_ms, s.heartbeat_max_ms, s.heartbeat_errors
+        "  heartbeats                        {:>8.0} /s, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} errors",
+        s.heartbeats_per_s, s.heartbeat_p50_ms, s.heartbeat_p99_ms, s.heartbeat_max_ms, s.heartbeat_errors
     );
     println!(
         "  controller CPU                    {:>8.1} % of a core (load generator {:.1} %)",
@@ -198,6 +204,10 @@ fn print_report(r: &Report) {
     println!(
         "                                    {:>8.0} bytes per node, {:.0} bytes per rank",
         m.bytes_per_node, m.bytes_per_rank
+    );
+    println!(
+        "  controller open files             {:>8} empty, {} with the nodes, {} with the job",
+        m.open_files_empty, m.open_files_nodes, m.open_files_job
     );
 }
 
@@ -303,6 +313,10 @@ fn own_cpu_seconds() -> f64 {
     cpu_seconds(std::process::id()).unwrap_or(0.0)
 }
 
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 /// Resident memory of a process in bytes.
 fn rss_bytes(pid: u32) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -406,14 +420,15 @@ impl SimAgent {
         HeartbeatRequest { acked_command_seq: state.acked, ranks, ports, ..HeartbeatRequest::default() }
     }
 
-    /// Carries out one command; true when the controller should hear about it at once.
-    fn execute(&self, hub: &Arc<Hub>, client: &Client, command: Command, now_ms: u64) -> bool {
+    /// Carries out one command; true when the controller should hear about it at once. A new
+    /// launch also returns the attempt whose rendezvous table to fetch.
+    fn execute(&self, command: Command, now_ms: u64) -> (bool, Option<(JobId, u32, u32)>) {
         let mut state = self.state.lock().expect("sim state");
         match command {
             Command::ReservePort { job_id, attempt } => {
                 // Nothing binds it: the ranks are imaginary.
                 state.ports.entry((job_id, attempt)).or_insert(20_000 + (attempt % 10_000) as u16);
-                true
+                (true, None)
             }
             Command::Launch(spec) => {
                 let key = (spec.job_id, spec.attempt);
@@ -430,10 +445,7 @@ impl SimAgent {
                         }
                     });
                 }
-                if new {
-                    tokio::spawn(fetch_table(hub.clone(), client.clone(), key, spec.ranks_per_node));
-                }
-                true
+                (true, new.then_some((key.0, key.1, spec.ranks_per_node)))
             }
             Command::Stop { job_id, attempt } => {
                 for (_, r) in state.ranks.range_mut((job_id, attempt, 0)..=(job_id, attempt, u32::MAX)) {
@@ -442,20 +454,21 @@ impl SimAgent {
                         r.exited_ms = Some(now_ms);
                     }
                 }
-                true
+                (true, None)
             }
             Command::Forget { job_id, attempt } => {
                 state.ranks.retain(|k, r| !(k.0 == job_id && k.1 == attempt && !r.state.is_running()));
                 state.ports.remove(&(job_id, attempt));
-                false
+                (false, None)
             }
-            Command::Purge { .. } => false,
+            Command::Purge { .. } => (false, None),
         }
     }
 }
 
-/// A node's ranks read their attempt's rendezvous table from the controller.
-async fn fetch_table(hub: Arc<Hub>, client: Client, key: (JobId, u32), ranks_per_node: u32) {
+/// A node's ranks read their attempt's rendezvous table from the controller, before the agent's
+/// next heartbeat (as a real agent finishes a launch first): one connection per node.
+async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_node: u32) {
     let path = format!("/v1/jobs/{}/attempts/{}/peers", key.0, key.1);
     let deadline = Instant::now() + PHASE_DEADLINE;
     while Instant::now() < deadline {
@@ -535,7 +548,11 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
                 }
                 let now_ms = unix_ms();
                 for c in reply.commands {
-                    news |= agent.execute(&hub, &client, c.command, now_ms);
+                    let (tell, launched) = agent.execute(c.command, now_ms);
+                    news |= tell;
+                    if let Some((job_id, attempt, ranks_per_node)) = launched {
+                        fetch_table(&hub, &client, (job_id, attempt), ranks_per_node).await;
+                    }
                     agent.state.lock().expect("sim state").acked = c.seq;
                 }
             }
@@ -582,7 +599,7 @@ async fn wait_until<T>(
 
 async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Report, String> {
     let pid = ctl.pid();
-    let rss_empty = rss_bytes(pid).unwrap_or(f64::NAN);
+    let (rss_empty, files_empty) = (rss_bytes(pid).unwrap_or(f64::NAN), open_files(pid));
     let hub = Arc::new(Hub {
         url: ctl.url.clone(),
         token: ctl.token.clone(),
@@ -632,7 +649,7 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
     let register_s = registering.elapsed().as_secs_f64();
     // One full round of heartbeats before measuring memory.
     tokio::time::sleep(Duration::from_millis(2 * args.heartbeat_ms)).await;
-    let rss_nodes = rss_bytes(pid).unwrap_or(f64::NAN);
+    let (rss_nodes, files_nodes) = (rss_bytes(pid).unwrap_or(f64::NAN), open_files(pid));
 
     let client = Client::new(&ctl.url, &ctl.token, CALL_TIMEOUT)?;
     let spec = serde_json::json!({
@@ -670,8 +687,19 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
     // Let the start-up burst settle before the steady window.
     tokio::time::sleep(Duration::from_millis(2 * args.heartbeat_ms)).await;
 
+    // A second job as large waits in the queue through the window, as on a busy cluster: every
+    // heartbeat then meets a non-empty queue.
+    let queued = serde_json::json!({
+        "name": "queued", "argv": ["train"], "nodes": args.nodes, "ranks_per_node": args.slots,
+    });
+    let SubmitReply { id: queued } =
+        client.post_json("/v1/jobs", &queued).await.map_err(|e| format!("submit: {e}"))?;
     let steady = steady_window(args, &hub, &client, pid, id).await?;
-    let rss_job = rss_bytes(pid).unwrap_or(f64::NAN);
+    client
+        .call(Method::POST, &format!("/v1/jobs/{queued}/cancel"), None)
+        .await
+        .map_err(|e| format!("cancel the queued job: {e}"))?;
+    let (rss_job, files_job) = (rss_bytes(pid).unwrap_or(f64::NAN), open_files(pid));
 
     let silent_node = silence_one_node(args, &hub, &client, &agents, id).await?;
     for t in tasks {
@@ -694,6 +722,9 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
             rss_job_mb: rss_job / 1e6,
             bytes_per_node: (rss_nodes - rss_empty) / total as f64,
             bytes_per_rank: (rss_job - rss_nodes) / ranks as f64,
+            open_files_empty: files_empty,
+            open_files_nodes: files_nodes,
+            open_files_job: files_job,
         },
     })
 }
