@@ -120,8 +120,14 @@ pub struct Memory {
     pub rss_empty_mb: f64,
     pub rss_nodes_mb: f64,
     pub rss_job_mb: f64,
+    /// Resident growth per registered node (its agent's keep-alive connection, mostly).
     pub bytes_per_node: f64,
-    pub bytes_per_rank: f64,
+    /// Further growth per node of the running job, divided by the job's ranks. Almost all of it
+    /// is per node, not per rank (larger heartbeats and answers grow each connection's buffers):
+    /// compare runs with different `--slots`; the core's own state per rank is counted in
+    /// `crates/control/tests/memory.rs`.
+    pub job_bytes_per_node: f64,
+    pub job_bytes_per_rank: f64,
     /// Open files (mostly agents' keep-alive connections) at the same three moments: resident
     /// memory grows with connections far more than with state.
     pub open_files_empty: usize,
@@ -202,8 +208,8 @@ fn print_report(r: &Report) {
         m.rss_empty_mb, m.rss_nodes_mb, m.rss_job_mb
     );
     println!(
-        "                                    {:>8.0} bytes per node, {:.0} bytes per rank",
-        m.bytes_per_node, m.bytes_per_rank
+        "                                    {:>8.0} bytes per node; the job adds {:.0} per node ({:.0} per rank)",
+        m.bytes_per_node, m.job_bytes_per_node, m.job_bytes_per_rank
     );
     println!(
         "  controller open files             {:>8} empty, {} with the nodes, {} with the job",
@@ -721,7 +727,8 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
             rss_nodes_mb: rss_nodes / 1e6,
             rss_job_mb: rss_job / 1e6,
             bytes_per_node: (rss_nodes - rss_empty) / total as f64,
-            bytes_per_rank: (rss_job - rss_nodes) / ranks as f64,
+            job_bytes_per_node: (rss_job - rss_nodes) / args.nodes as f64,
+            job_bytes_per_rank: (rss_job - rss_nodes) / ranks as f64,
             open_files_empty: files_empty,
             open_files_nodes: files_nodes,
             open_files_job: files_job,
