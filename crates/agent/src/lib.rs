@@ -13,6 +13,7 @@
 //! controller is unreachable the ranks run on and the agent keeps trying.
 
 pub mod checkpoints;
+pub mod metrics;
 
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -169,6 +170,7 @@ struct Agent {
     /// Chaos: no heartbeats until then (a network partition).
     silent_until: Mutex<Option<Instant>>,
     socket_path: PathBuf,
+    metrics: metrics::AgentMetrics,
 }
 
 /// Longest progress message accepted from a rank.
@@ -212,12 +214,14 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         wake: Notify::new(),
         silent_until: Mutex::new(None),
         socket_path,
+        metrics: metrics::AgentMetrics::default(),
     });
 
     let token: Arc<str> = agent.cfg.token.clone().into();
     let app = Router::new()
         .route("/v1/logs/{job}/{attempt}/{rank}/{stream}", get(serve_log))
         .route("/v1/wake", axum::routing::post(wake))
+        .route("/metrics", get(serve_metrics))
         .route("/v1/chaos", axum::routing::post(chaos))
         .route(
             "/v1/checkpoints/{job}/{step}/{file}",
@@ -289,7 +293,10 @@ async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port: u16) -> Re
             continue;
         }
         let req = agent.report();
-        match client.post_json::<_, HeartbeatReply>(&path, &req).await {
+        let started = Instant::now();
+        let answer = client.post_json::<_, HeartbeatReply>(&path, &req).await;
+        agent.metrics.heartbeat(started.elapsed().as_secs_f64(), answer.is_ok());
+        match answer {
             Ok(reply) => {
                 if let Some(since) = unreachable_since.take() {
                     eprintln!(
@@ -682,19 +689,31 @@ impl Agent {
             (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every))
         };
         let dir = self.job_memory(job_id).join(checkpoints::step_dir_name(step));
+        let bytes = metrics::dir_bytes(&dir);
         if let Some(buddy) = buddy {
-            if let Err(e) = checkpoints::push(&self.cfg.token, &buddy, job_id, step, &dir).await {
-                eprintln!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name);
+            let started = Instant::now();
+            match checkpoints::push(&self.cfg.token, &buddy, job_id, step, &dir).await {
+                Ok(()) => self.metrics.checkpoint_copied("buddy", started.elapsed().as_secs_f64(), bytes),
+                Err(e) => {
+                    eprintln!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name)
+                }
             }
         }
         if persist {
+            let started = Instant::now();
             let copy = tokio::task::spawn_blocking(move || {
                 let result = checkpoints::copy_dir(&dir, &persist_dir, step);
                 checkpoints::prune(&persist_dir, PERSISTED_KEEP);
                 result
             });
-            if let Ok(Err(e)) = copy.await {
-                eprintln!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name);
+            match copy.await {
+                Ok(Ok(_)) => {
+                    self.metrics.checkpoint_copied("persisted", started.elapsed().as_secs_f64(), bytes)
+                }
+                Ok(Err(e)) => {
+                    eprintln!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name)
+                }
+                Err(_) => {}
             }
         }
     }
@@ -950,6 +969,7 @@ async fn detect_hangs(agent: Arc<Agent>) {
                 r.hang = Some(report);
             }
             signal_groups(&[pid], libc::SIGKILL);
+            agent.metrics.hang_killed();
         }
     }
 }
@@ -988,6 +1008,16 @@ fn capture_stacks(pid: u32) -> String {
         }
     }
     out
+}
+
+async fn serve_metrics(State(agent): State<Arc<Agent>>) -> Response {
+    let (running, exited) = {
+        let node = agent.node.lock().expect("agent state");
+        let running = node.ranks.values().filter(|r| r.state.is_running()).count();
+        (running, node.ranks.len() - running)
+    };
+    ([("content-type", control::metrics::CONTENT_TYPE)], agent.metrics.render(running, exited))
+        .into_response()
 }
 
 /// The controller has commands for this node: heartbeat now.

@@ -257,6 +257,9 @@ pub struct PendingFault {
     #[serde(default)]
     pub attempt: u32,
     pub cause: String,
+    /// The class of the cause ([`FaultKind::as_str`]), for metrics by cause.
+    #[serde(default)]
+    pub kind: String,
     pub fault_ms: u64,
     pub detected_ms: u64,
     pub recompute_ms: f64,
@@ -324,10 +327,40 @@ impl Account {
             p.lost_steps
         );
         let data = serde_json::json!({
-            "cause": p.cause, "restore_step": p.restore_step, "detection_s": detection_ms / 1e3,
+            "cause": p.cause, "kind": p.kind, "restore_step": p.restore_step, "detection_s": detection_ms / 1e3,
             "restart_s": restart_ms / 1e3, "recompute_s": p.recompute_ms / 1e3, "lost_steps": p.lost_steps,
         });
         Some((message, data))
+    }
+}
+
+/// What ended an attempt, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A rank exited non-zero or was killed.
+    RankExit,
+    /// The agent found a rank making no progress and killed it.
+    Hang,
+    /// A node stopped heartbeating.
+    NodeLost,
+    /// An agent re-registered: it restarted and lost its ranks.
+    AgentRestart,
+    /// The ranks did not all start in time.
+    LaunchTimeout,
+    /// Not a fault: success or cancellation.
+    None,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::RankExit => "rank_exit",
+            FaultKind::Hang => "hang",
+            FaultKind::NodeLost => "node_lost",
+            FaultKind::AgentRestart => "agent_restart",
+            FaultKind::LaunchTimeout => "launch_timeout",
+            FaultKind::None => "none",
+        }
     }
 }
 
@@ -548,7 +581,8 @@ impl Core {
                 for (job_id, attempt) in held {
                     self.released(&name, job_id, attempt);
                     let reason = format!("the agent on node {name} restarted and lost its ranks");
-                    self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
+                    let kind = FaultKind::AgentRestart;
+                    self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms, now_ms);
                     self.maybe_finish_attempt(job_id, now_ms);
                 }
             }
@@ -970,6 +1004,7 @@ impl Core {
             if let Some(p) = job.account.pending.as_mut().filter(|p| p.attempt == attempt) {
                 if exited_ms < p.fault_ms && !state.succeeded() {
                     p.cause = format!("rank {rank} on node {node} {how}");
+                    p.kind = FaultKind::RankExit.as_str().to_string();
                     p.fault_ms = exited_ms;
                     job.reason = Some(p.cause.clone());
                 }
@@ -993,13 +1028,15 @@ impl Core {
             if r.hang.is_some() {
                 self.blame(node, now_ms);
             }
-            self.end_attempt(job_id, attempt, Outcome::Restart, reason, fault_ms, now_ms);
+            let kind = if r.hang.is_some() { FaultKind::Hang } else { FaultKind::RankExit };
+            self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), fault_ms, now_ms);
             return;
         }
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");
         if a.ranks.iter().all(|r| r.is_some_and(|s| s.succeeded())) {
-            self.end_attempt(job_id, attempt, Outcome::Succeed, "every rank exited 0".into(), now_ms, now_ms);
+            let reason = "every rank exited 0".to_string();
+            self.end_attempt(job_id, attempt, Outcome::Succeed, (FaultKind::None, reason), now_ms, now_ms);
         }
     }
 
@@ -1012,7 +1049,7 @@ impl Core {
         job_id: JobId,
         attempt: u32,
         outcome: Outcome,
-        reason: String,
+        (kind, reason): (FaultKind, String),
         fault_ms: u64,
         now_ms: u64,
     ) {
@@ -1028,6 +1065,7 @@ impl Core {
                 job.account.pending.as_mut().filter(|p| p.attempt == attempt && fault_ms < p.fault_ms)
             {
                 p.cause = reason.clone();
+                p.kind = kind.as_str().to_string();
                 p.fault_ms = fault_ms;
                 job.reason = Some(reason.clone());
                 self.dirty_jobs.insert(job_id);
@@ -1047,6 +1085,7 @@ impl Core {
             job.account.pending = Some(PendingFault {
                 attempt,
                 cause: reason.clone(),
+                kind: kind.as_str().to_string(),
                 fault_ms: fault_ms.min(now_ms),
                 detected_ms: now_ms,
                 recompute_ms: 0.0,
@@ -1060,12 +1099,16 @@ impl Core {
         job.reason = Some(reason.clone());
         self.dirty_jobs.insert(job_id);
         let nodes = a.nodes.clone();
-        let kind = match outcome {
+        let event_kind = match outcome {
             Outcome::Succeed => "attempt_succeeded",
             Outcome::Cancel => "cancelling",
             Outcome::Restart | Outcome::Fail => "attempt_failed",
         };
-        self.event(now_ms, Some(job_id), None, kind, format!("attempt {attempt}: {reason}"));
+        self.event(now_ms, Some(job_id), None, event_kind, format!("attempt {attempt}: {reason}"));
+        if matches!(outcome, Outcome::Restart | Outcome::Fail) {
+            self.events.last_mut().expect("just pushed").data =
+                Some(serde_json::json!({"cause": kind.as_str()}));
+        }
         for n in nodes {
             let Some(node) = self.nodes.get_mut(&n) else { continue };
             if !node.holds(job_id, attempt) {
@@ -1264,7 +1307,8 @@ impl Core {
             return Ok(());
         }
         let attempt = job.attempt.as_ref().expect("a started job has an attempt").number;
-        self.end_attempt(id, attempt, Outcome::Cancel, "cancelled by request".into(), now_ms, now_ms);
+        let reason = "cancelled by request".to_string();
+        self.end_attempt(id, attempt, Outcome::Cancel, (FaultKind::None, reason), now_ms, now_ms);
         self.maybe_finish_attempt(id, now_ms);
         Ok(())
     }
@@ -1297,7 +1341,8 @@ impl Core {
             self.blame(&name, now_ms);
             for (job_id, attempt) in held {
                 let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
-                self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms - age_ms, now_ms);
+                let kind = FaultKind::NodeLost;
+                self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms - age_ms, now_ms);
                 self.try_release(&name, job_id, now_ms);
                 self.maybe_finish_attempt(job_id, now_ms);
             }
@@ -1314,7 +1359,8 @@ impl Core {
             .collect();
         for (job_id, attempt) in late {
             let reason = format!("ranks did not all start within {} ms", self.cfg.launch_timeout_ms);
-            self.end_attempt(job_id, attempt, Outcome::Restart, reason, now_ms, now_ms);
+            let kind = FaultKind::LaunchTimeout;
+            self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
         self.find_stragglers(now_ms);

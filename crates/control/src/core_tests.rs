@@ -506,6 +506,7 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
     acc.pending = Some(PendingFault {
         attempt: 0,
         cause: "rank 1 died".into(),
+        kind: "rank_exit".into(),
         fault_ms: 1250,
         detected_ms: 1300,
         recompute_ms: 0.0,

@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,7 @@ use crate::api::{
 use crate::auth::{bearer_matches, load_or_create_token};
 use crate::client::{Client, ClientError};
 use crate::core::{Core, CoreConfig, CoreError};
+use crate::metrics::Metrics;
 use crate::spec::JobSpec;
 use crate::store::Store;
 
@@ -109,6 +110,7 @@ pub struct Controller {
     state_dir: PathBuf,
     /// Serialised rendezvous tables of the current attempts, built once and served to every node.
     peers: Mutex<HashMap<(JobId, u32), Bytes>>,
+    metrics: Metrics,
 }
 
 /// Wakes the writer thread.
@@ -151,6 +153,7 @@ impl Controller {
             token: token.into(),
             state_dir: state_dir.into(),
             peers: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
         });
         let (weak, flush) = (Arc::downgrade(&ctl), ctl.flush.clone());
         let doorbells = tokio::runtime::Handle::try_current().ok();
@@ -261,6 +264,7 @@ fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<
             std::process::exit(70);
         }
         ctl.durable.send_replace(generation);
+        ctl.metrics.observe_events(&changes.events);
         if let Some(runtime) = &doorbells {
             ring_doorbells(runtime, &ctl.token, &changes);
         }
@@ -296,10 +300,38 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/events", get(all_events))
         .route("/v1/chaos", post(chaos))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .route_layer(middleware::from_fn_with_state(ctl.clone(), time_request))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(token, require_token))
         .with_state(ctl)
+}
+
+/// Observes how long each matched route takes to answer.
+async fn time_request(State(ctl): State<Arc<Controller>>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_string());
+    let method = request.method().clone();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    if let Some(route) = route {
+        ctl.metrics.observe_request(method.as_str(), &route, started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+/// The API's OpenAPI 3.1 document; `every_route_is_in_the_openapi_document` keeps it in step with
+/// the routes above.
+pub const OPENAPI_JSON: &str = include_str!("../api/openapi.json");
+
+async fn openapi() -> Response {
+    ([("content-type", "application/json")], OPENAPI_JSON).into_response()
+}
+
+async fn metrics(State(ctl): State<Arc<Controller>>) -> Response {
+    let text = ctl.read(|core| ctl.metrics.render(core, now_ms()));
+    ([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 /// 401 unless the request carries the cluster token; checked before the body is read.

@@ -65,6 +65,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/jobs/1/attempts/0/peers"),
     ("GET", "/v1/nodes"),
     ("GET", "/v1/events"),
+    ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
     ("GET", "/no/such/route"),
 ];
 
@@ -172,4 +174,61 @@ async fn the_rendezvous_table_is_served_once_the_attempt_is_launched() {
     assert_eq!(f.call("GET", "/v1/jobs/1/attempts/1/peers", "").await.0, StatusCode::CONFLICT);
     assert_eq!(f.call("GET", "/v1/jobs/9/attempts/0/peers", "").await.0, StatusCode::NOT_FOUND);
     assert_eq!(f.call("GET", "/v1/jobs/1/attempts/x/peers", "").await.0, StatusCode::BAD_REQUEST);
+}
+
+/// Routes as the router declares them: `(METHOD, path)` from every `.route("path", get(..).post(..))`
+/// in server.rs.
+fn declared_routes() -> std::collections::BTreeSet<(String, String)> {
+    let source = include_str!("server.rs");
+    let mut routes = std::collections::BTreeSet::new();
+    for line in source.lines().map(str::trim).filter(|l| l.starts_with(".route(\"")) {
+        let path = line[".route(\"".len()..].split('"').next().unwrap().to_string();
+        let handlers = &line[line.find(',').unwrap()..];
+        for method in ["get", "post", "put", "delete", "patch"] {
+            if handlers.contains(&format!(" {method}(")) || handlers.contains(&format!(".{method}(")) {
+                routes.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    routes
+}
+
+#[test]
+fn every_route_is_in_the_openapi_document_and_nothing_else() {
+    let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).expect("openapi.json is JSON");
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.insert((method.to_uppercase(), path.clone()));
+        }
+    }
+    let declared = declared_routes();
+    assert!(declared.len() >= 14, "parsed only {declared:?} from server.rs");
+    assert_eq!(declared, documented, "routes in server.rs vs paths in api/openapi.json");
+    // Every schema reference resolves.
+    let text = OPENAPI_JSON;
+    for piece in text.split("\"#/components/schemas/").skip(1) {
+        let name = piece.split('"').next().unwrap();
+        assert!(doc["components"]["schemas"].get(name).is_some(), "unresolved schema {name}");
+    }
+}
+
+#[tokio::test]
+async fn the_document_and_the_metrics_are_served() {
+    let f = Fixture::new("docs");
+    f.register("n1", 2).await;
+    let (status, body) = f.call("GET", "/openapi.json", "").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, OPENAPI_JSON);
+    let (status, text) = f.call("GET", "/metrics", "").await;
+    assert_eq!(status, StatusCode::OK);
+    for needle in [
+        "myriad_node_up{node=\"n1\"} 1",
+        "myriad_node_slots{node=\"n1\"} 2",
+        "# TYPE myriad_http_request_duration_seconds histogram",
+        "myriad_http_request_duration_seconds_count{method=\"GET\",route=\"/openapi.json\"} 1",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
 }

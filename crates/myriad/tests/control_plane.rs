@@ -81,3 +81,119 @@ fn bad_bench_arguments_name_the_flag() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--spares"), "{stderr}");
 }
+
+/// A child process stopped (SIGTERM, then SIGKILL) when dropped, even when an assertion fails.
+struct Guard(std::process::Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The body of a GET with the cluster token, over a plain socket (HTTP/1.0: no chunking).
+fn get(addr: &str, path: &str, token: &str) -> String {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    body.to_string()
+}
+
+/// `promtool check metrics` on `text`; None when promtool is not installed (and not required).
+fn promtool(text: &str) -> Option<(bool, String)> {
+    use std::io::Write;
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var_os("MYRIAD_REQUIRE_PROMTOOL").is_none(),
+                "promtool is required (MYRIAD_REQUIRE_PROMTOOL) but cannot run: {e}"
+            );
+            eprintln!("promtool not installed: skipping the check (apt-get install prometheus)");
+            return None;
+        }
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Some((out.status.success() && said.trim().is_empty(), said))
+}
+
+#[test]
+fn the_controllers_and_an_agents_metrics_pass_promtool() {
+    let dir = std::env::temp_dir().join(format!("myriad-metrics-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = dir.join(".myriad");
+    let mut up = Command::new(env!("CARGO_BIN_EXE_myriad"))
+        .args(["up", "--nodes", "1", "--slots", "1", "--json", "--heartbeat-ms", "200"])
+        .env("MYRIAD_CLUSTER", &cluster)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
+    let _up = Guard(up);
+    let info: Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("`myriad up` printed {line:?}: {e}"));
+    let controller = info["url"].as_str().unwrap().trim_start_matches("http://").to_string();
+    let token = std::fs::read_to_string(cluster.join("controller/token")).unwrap().trim().to_string();
+
+    let exe = env!("CARGO_BIN_EXE_myriad");
+    let train = [exe, "train", "--preset", "tiny", "--peak-gflops", "100", "--batch", "2", "--seq", "16"];
+    let submitted = Command::new(exe)
+        .arg("submit")
+        .args(["--nnodes", "1", "--nproc-per-node", "1", "--"])
+        .args(train)
+        .args(["--steps", "100000"])
+        .env("MYRIAD_CLUSTER", &cluster)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(submitted.status.success(), "{}", String::from_utf8_lossy(&submitted.stderr));
+
+    // The job's series appear once rank 0 has reported steps.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = get(&controller, "/metrics", &token);
+        if text.contains("myriad_job_step{") && text.contains("myriad_job_loss{") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no job series in the controller's metrics:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let nodes: Value = serde_json::from_str(&get(&controller, "/v1/nodes", &token)).unwrap();
+    let agent = format!("{}:{}", nodes[0]["addr"].as_str().unwrap(), nodes[0]["http_port"]);
+    let agent_text = get(&agent, "/metrics", &token);
+    assert!(agent_text.contains("myriad_agent_ranks{state=\"running\"} 1"), "{agent_text}");
+    assert!(agent_text.contains("myriad_agent_heartbeat_duration_seconds_count"), "{agent_text}");
+    for (who, text) in [("controller", &text), ("agent", &agent_text)] {
+        if let Some((ok, said)) = promtool(text) {
+            assert!(ok, "promtool check metrics on the {who}'s /metrics:\n{said}\n---\n{text}");
+        }
+    }
+    drop(_up);
+    let _ = std::fs::remove_dir_all(&dir);
+}

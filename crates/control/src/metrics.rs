@@ -1,0 +1,286 @@
+//! The controller's Prometheus metrics, served at `/metrics` in Prometheus' text format.
+//!
+//! Two kinds: what the core knows now (jobs' step, loss, throughput, MFU, effective training
+//! time and lost time; nodes' health, heartbeat age and slots), read under the core's lock at
+//! scrape time, so there is no second copy to keep in step; and what happens over time (API
+//! latency, faults by cause, recovery durations), observed by the edges as it happens. Names
+//! carry base units (`_seconds`, `_ratio`) and counters end in `_total`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+use crate::api::Event;
+use crate::core::Core;
+
+/// The media type of the exposition: Prometheus' classic text format, which every scraper and
+/// `promtool check metrics` read.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Rewrites prometheus-client's OpenMetrics text into the classic text format. The two differ
+/// where it matters to readers: an OpenMetrics counter family `x` has samples `x_total`, while
+/// the classic format names the family after its samples; `# UNIT` and `# EOF` do not exist.
+pub fn to_classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find(|p| line.starts_with(p));
+        match meta {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let name = rest.split(' ').next().unwrap_or_default();
+                if counters.contains(name) {
+                    out.push_str(prefix);
+                    out.push_str(name);
+                    out.push_str("_total");
+                    out.push_str(&rest[name.len()..]);
+                } else {
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    /// The route's pattern (`/v1/jobs/{id}`), never the raw path: one series per route.
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
+    job: String,
+    cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct JobLabels {
+    job: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LostLabels {
+    job: String,
+    name: String,
+    category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
+type FloatCounter = Counter<f64, AtomicU64>;
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms to 3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+fn recovery_histogram() -> Histogram {
+    // 50 ms to 27 min.
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+/// Metrics observed over the controller's life (reset when it restarts, as Prometheus expects).
+pub struct Metrics {
+    requests: Family<RouteLabels, Histogram>,
+    faults: Family<FaultLabels, Counter>,
+    recovery: Family<PhaseLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::new_with_constructor(latency_histogram),
+            faults: Family::default(),
+            recovery: Family::new_with_constructor(recovery_histogram),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe_request(&self, method: &str, route: &str, seconds: f64) {
+        let labels = RouteLabels { method: method.to_string(), route: route.to_string() };
+        self.requests.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Counts faults and recoveries from committed events: an attempt ended by a fault carries
+    /// its cause, a recovery its detection, restart and recomputation seconds.
+    pub fn observe_events(&self, events: &[Event]) {
+        for e in events {
+            let (Some(job), Some(data)) = (e.job_id, e.data.as_ref()) else { continue };
+            match e.kind.as_str() {
+                "attempt_failed" => {
+                    let cause = data["cause"].as_str().unwrap_or("unknown").to_string();
+                    self.faults.get_or_create(&FaultLabels { job: job.to_string(), cause }).inc();
+                }
+                "recovered" => {
+                    let phases = [
+                        ("detection", "detection_s"),
+                        ("restart", "restart_s"),
+                        ("recomputation", "recompute_s"),
+                    ];
+                    let mut total = 0.0;
+                    for (phase, field) in phases {
+                        let Some(seconds) = data[field].as_f64() else { continue };
+                        total += seconds;
+                        self.recovery.get_or_create(&PhaseLabels { phase: phase.into() }).observe(seconds);
+                    }
+                    self.recovery.get_or_create(&PhaseLabels { phase: "total".into() }).observe(total);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The exposition: the core's present state and the observed metrics.
+    pub fn render(&self, core: &Core, now_ms: u64) -> String {
+        let mut registry = Registry::with_prefix("myriad");
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an API call, by route",
+            self.requests.clone(),
+        );
+        registry.register("job_faults", "Attempts of a job ended by a fault, by cause", self.faults.clone());
+        registry.register(
+            "recovery_duration_seconds",
+            "Recovery from a fault: detection, restart (stop, relaunch, restore, rendezvous), recomputation, and their total",
+            self.recovery.clone(),
+        );
+
+        let jobs_by_state = Family::<StateLabels, Gauge>::default();
+        let step = Family::<JobLabels, Gauge>::default();
+        let loss = Family::<JobLabels, FloatGauge>::default();
+        let tokens = Family::<JobLabels, FloatGauge>::default();
+        let mfu = Family::<JobLabels, FloatGauge>::default();
+        let ettr = Family::<JobLabels, FloatGauge>::default();
+        let restarts = Family::<JobLabels, Counter>::default();
+        let committed = Family::<JobLabels, FloatCounter>::default();
+        let lost = Family::<LostLabels, FloatCounter>::default();
+        for job in core.jobs() {
+            jobs_by_state.get_or_create(&StateLabels { state: job.state.as_str().into() }).inc();
+            if job.state.is_final() {
+                // Ended jobs stay in the counts by state only: series for every job ever run
+                // would grow without bound.
+                continue;
+            }
+            let Some(view) = core.job_view(job.id, now_ms) else { continue };
+            let labels = JobLabels { job: job.id.to_string(), name: job.spec.name.clone() };
+            if let Some(s) = view.step {
+                step.get_or_create(&labels).set(s as i64);
+            }
+            let set = |family: &Family<JobLabels, FloatGauge>, v: Option<f64>| {
+                if let Some(v) = v.filter(|v| v.is_finite()) {
+                    family.get_or_create(&labels).set(v);
+                }
+            };
+            set(&loss, view.loss);
+            set(&tokens, view.tokens_per_s);
+            set(&mfu, view.mfu);
+            set(&ettr, view.ettr);
+            restarts.get_or_create(&labels).inc_by(view.restarts as u64);
+            committed.get_or_create(&labels).inc_by(view.time.committed_ms / 1e3);
+            let categories = [
+                ("startup", view.time.startup_ms),
+                ("detection", view.time.detection_ms),
+                ("restart", view.time.restart_ms),
+                ("recomputation", view.time.recompute_ms),
+            ];
+            for (category, ms) in categories {
+                let labels = LostLabels {
+                    job: labels.job.clone(),
+                    name: labels.name.clone(),
+                    category: category.into(),
+                };
+                lost.get_or_create(&labels).inc_by(ms.max(0.0) / 1e3);
+            }
+        }
+        registry.register("jobs", "Jobs by state", jobs_by_state);
+        registry.register("job_step", "Last step rank 0 reported ending", step);
+        registry.register("job_loss", "Training loss of that step", loss);
+        registry.register("job_tokens_per_second", "Training throughput", tokens);
+        registry.register("job_mfu_ratio", "Model FLOPs utilisation (0 to 1)", mfu);
+        registry.register(
+            "job_effective_training_time_ratio",
+            "Committed step time over wall time since submission (0 to 1)",
+            ettr,
+        );
+        registry.register("job_restarts", "Restarts of the job so far", restarts);
+        registry.register(
+            "job_committed_step_seconds",
+            "Time spent in steps that were never rolled back",
+            committed,
+        );
+        registry.register("job_lost_seconds", "Time lost, by category", lost);
+
+        let up = Family::<NodeLabels, Gauge>::default();
+        let age = Family::<NodeLabels, FloatGauge>::default();
+        let slots = Family::<NodeLabels, Gauge>::default();
+        let used = Family::<NodeLabels, Gauge>::default();
+        let quarantined = Family::<NodeLabels, Gauge>::default();
+        for n in core.node_views(now_ms) {
+            let labels = NodeLabels { node: n.name.clone() };
+            up.get_or_create(&labels).set((n.health != "lost") as i64);
+            if let Some(ms) = n.heartbeat_age_ms {
+                age.get_or_create(&labels).set(ms as f64 / 1e3);
+            }
+            slots.get_or_create(&labels).set(n.slots as i64);
+            used.get_or_create(&labels).set(n.slots_used as i64);
+            quarantined.get_or_create(&labels).set((n.health == "quarantined") as i64);
+        }
+        registry.register("node_up", "1 while the node's agent heartbeats, 0 once it is lost", up);
+        registry.register("node_heartbeat_age_seconds", "Time since the node's last heartbeat", age);
+        registry.register("node_slots", "Accelerator slots of the node", slots);
+        registry.register("node_slots_used", "Slots held by jobs", used);
+        registry.register("node_quarantined", "1 while the node is kept out of scheduling", quarantined);
+
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("writing to a String cannot fail");
+        to_classic_text(&text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_after_their_samples_and_openmetrics_only_lines_go() {
+        let om = "# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs{state=\"x\"} 1\n# HELP a_faults Faults.\n# TYPE a_faults counter\n# UNIT a_faults faults\na_faults_total 3\n# EOF\n";
+        let classic = to_classic_text(om);
+        assert_eq!(
+            classic,
+            "# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs{state=\"x\"} 1\n# HELP a_faults_total Faults.\n# TYPE a_faults_total counter\na_faults_total 3\n"
+        );
+    }
+}
