@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the controller's API against its own OpenAPI document with Schemathesis: a local cluster
 # (1 node + 1 spare) with a training job running, every operation called with generated input,
-# every response checked for 5xx and for conformance to the document.
+# every response checked for 5xx and for conformance to the document. Left out: POST /v1/chaos,
+# which kills ranks and agents on purpose, and POST /v1/agents/register, which would enrol
+# imaginary machines whose agents the controller then fails to reach (502, rightly).
 # Usage: bench/schemathesis.sh [max-examples=50]   (needs `pip install schemathesis`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,4 +22,4 @@ url=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "
 token=$(cat "$MYRIAD_CLUSTER/controller/token")
 "$bin" submit --nnodes 1 --nproc-per-node 1 -- "$bin" train --preset tiny --peak-gflops 100 --batch 2 --seq 16 --steps 100000 >/dev/null
 "$st" run "$url/openapi.json" --url "$url" -H "Authorization: Bearer $token" \
-  --checks all --max-examples "$examples" --seed 1 --no-color
+  --checks all --max-examples "$examples" --seed 1 --no-color --exclude-path /v1/chaos --exclude-path /v1/agents/register

@@ -331,6 +331,37 @@ pub struct ErrorBody {
     pub error: String,
 }
 
+/// Parses JSON into `T`, reading a number written with a zero fraction (`8.0`) as the integer it
+/// is, as JSON Schema does: a client that serialises every number as a float still speaks the
+/// API. The strict parse runs first, so well-typed bodies pay nothing extra.
+pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    let strict = serde_json::from_slice(bytes);
+    let Err(e) = strict else { return strict };
+    if !e.is_data() {
+        return Err(e);
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(bytes)?;
+    integral_floats_to_integers(&mut value);
+    serde_json::from_value(value).map_err(|_| e)
+}
+
+fn integral_floats_to_integers(value: &mut serde_json::Value) {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().expect("is_f64");
+            if f.fract() == 0.0 && f >= 0.0 && f < u64::MAX as f64 {
+                *value = Value::from(f as u64);
+            } else if f.fract() == 0.0 && f < 0.0 && f >= i64::MIN as f64 {
+                *value = Value::from(f as i64);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_floats_to_integers),
+        Value::Object(map) => map.values_mut().for_each(integral_floats_to_integers),
+        _ => {}
+    }
+}
+
 /// A fault to inject (`myriad chaos`), as sent to the controller and forwarded to an agent.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

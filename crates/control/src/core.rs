@@ -1248,7 +1248,8 @@ impl Core {
         if spec.ranks_per_node > max_slots {
             let message =
                 format!("{} ranks per node, but the largest node has {max_slots} slots", spec.ranks_per_node);
-            return Err(CoreError::Spec(SpecError { field: "ranks_per_node".into(), message }));
+            // Well-formed, but this cluster cannot hold it: a conflict with its state (409).
+            return Err(CoreError::Conflict(format!("ranks_per_node: {message}")));
         }
         let usable = regular + spares.min(spec.spares as u64);
         if spec.nodes as u64 > usable {
@@ -1258,7 +1259,7 @@ impl Core {
                 spec.ranks_per_node,
                 spares.min(spec.spares as u64)
             );
-            return Err(CoreError::Spec(SpecError { field: "nodes".into(), message }));
+            return Err(CoreError::Conflict(format!("nodes: {message}")));
         }
         let id = self.next_job_id;
         self.next_job_id += 1;

@@ -326,8 +326,9 @@ fn cancel_stops_the_ranks_then_frees_the_slots() {
 #[test]
 fn jobs_the_cluster_can_never_hold_are_refused_naming_the_field() {
     let w = &mut World::new(&[("a", 2, false), ("s", 2, true)]);
+    // A conflict with the cluster (409), not a malformed spec; the message starts with the field.
     let field = |e: CoreError| match e {
-        CoreError::Spec(s) => s.field,
+        CoreError::Conflict(m) => m.split(':').next().unwrap().to_string(),
         other => panic!("{other}"),
     };
     assert_eq!(field(w.core.submit(World::spec(1, 3, 0), 0).unwrap_err()), "ranks_per_node");

@@ -348,7 +348,7 @@ pub async fn require_token(State(token): State<Arc<str>>, request: Request, next
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    crate::api::from_json(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }
 
 async fn register(

@@ -104,8 +104,6 @@ async fn bad_jobs_get_a_4xx_naming_the_field() {
         ("name = \"j\"\nargv = [\"true\"\n", "argv"),
         (&*format!("{ok}colour = \"red\"\n"), "colour"),
         (&ok.replace("ranks_per_node = 2", "ranks_per_node = 0"), "ranks_per_node"),
-        (&ok.replace("nodes = 2", "nodes = 3"), "nodes"),
-        (&ok.replace("ranks_per_node = 2", "ranks_per_node = 4"), "ranks_per_node"),
         (&format!("{ok}checkpoint_dir = \"../../etc\"\n"), "checkpoint_dir"),
         (&format!("{ok}workdir = \"/tmp/../etc\"\n"), "workdir"),
         (&ok.replace("\"j\"", "\"../j\""), "name"),
@@ -113,6 +111,15 @@ async fn bad_jobs_get_a_4xx_naming_the_field() {
     for (toml, field) in cases {
         let (status, body) = f.call("POST", "/v1/jobs", toml).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{toml}: {body}");
+        assert!(body.contains(field), "error for {toml:?} should name {field}: {body}");
+    }
+    // Well-formed, but more than this cluster could ever hold: 409, still naming the field.
+    for (toml, field) in [
+        (ok.replace("nodes = 2", "nodes = 3"), "nodes"),
+        (ok.replace("ranks_per_node = 2", "ranks_per_node = 4"), "ranks_per_node"),
+    ] {
+        let (status, body) = f.call("POST", "/v1/jobs", &toml).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{toml}: {body}");
         assert!(body.contains(field), "error for {toml:?} should name {field}: {body}");
     }
     let (status, body) = f.call("POST", "/v1/jobs", ok).await;
@@ -231,4 +238,19 @@ async fn the_document_and_the_metrics_are_served() {
     ] {
         assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn integers_written_as_floats_are_read_as_the_integers_they_are() {
+    let f = Fixture::new("floats");
+    let body = r#"{"name":"n1","slots":2.0,"cores":8.0,"addr":"127.0.0.1","http_port":1.0}"#;
+    let (status, reply) = f.call("POST", "/v1/agents/register", body).await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    let (_, nodes) = f.call("GET", "/v1/nodes", "").await;
+    assert!(nodes.contains("\"slots\":2"), "{nodes}");
+    // A fraction is still no integer, and the error names the field's type.
+    let body = r#"{"name":"n2","slots":2.5,"cores":8,"addr":"127.0.0.1","http_port":1}"#;
+    let (status, reply) = f.call("POST", "/v1/agents/register", body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
+    assert!(reply.contains("u32"), "{reply}");
 }

@@ -33,7 +33,8 @@ pub const RESERVED_ENV: &[&str] = &[
 
 const MAX_NAME_LEN: usize = 64;
 const MAX_ARGV: usize = 4096;
-const MAX_ARG_BYTES: usize = 64 * 1024;
+/// Per argument or variable value, in characters (as the API document's maxLength counts).
+const MAX_ARG_CHARS: usize = 64 * 1024;
 const MAX_ENV: usize = 1024;
 const MAX_PATH_BYTES: usize = 4096;
 /// Generous ceilings that stop a typo (`nodes = 1e9`) before it reaches the scheduler.
@@ -127,7 +128,7 @@ impl JobSpec {
 
     /// Parses a JSON job body, with the same rules as [`JobSpec::from_toml`].
     pub fn from_json(bytes: &[u8]) -> Result<JobSpec, SpecError> {
-        let spec: JobSpec = serde_json::from_slice(bytes).map_err(|e| {
+        let spec: JobSpec = crate::api::from_json(bytes).map_err(|e| {
             let message = e.to_string();
             let field = field_in_message(&message).unwrap_or_else(|| "job".into());
             err(field, format!("invalid JSON: {message}"))
@@ -150,8 +151,11 @@ impl JobSpec {
             return Err(err("argv", format!("has {} entries, at most {MAX_ARGV} allowed", self.argv.len())));
         }
         for (i, arg) in self.argv.iter().enumerate() {
-            if arg.len() > MAX_ARG_BYTES || arg.contains('\0') {
-                return Err(err(format!("argv[{i}]"), "is longer than 64 KiB or contains a NUL byte"));
+            if arg.chars().count() > MAX_ARG_CHARS || arg.contains('\0') {
+                return Err(err(
+                    format!("argv[{i}]"),
+                    "is longer than 65,536 characters or contains a NUL byte",
+                ));
             }
         }
         if self.env.len() > MAX_ENV {
@@ -168,8 +172,8 @@ impl JobSpec {
             if RESERVED_ENV.contains(&key.as_str()) {
                 return Err(err(field, "is set by Myriad for every rank and cannot be overridden"));
             }
-            if value.len() > MAX_ARG_BYTES || value.contains('\0') {
-                return Err(err(field, "is longer than 64 KiB or contains a NUL byte"));
+            if value.chars().count() > MAX_ARG_CHARS || value.contains('\0') {
+                return Err(err(field, "is longer than 65,536 characters or contains a NUL byte"));
             }
         }
         if self.nodes == 0 {
