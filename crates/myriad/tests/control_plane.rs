@@ -189,7 +189,55 @@ fn the_controllers_and_an_agents_metrics_pass_promtool() {
     let agent_text = get(&agent, "/metrics", &token);
     assert!(agent_text.contains("myriad_agent_ranks{state=\"running\"} 1"), "{agent_text}");
     assert!(agent_text.contains("myriad_agent_heartbeat_duration_seconds_count"), "{agent_text}");
-    for (who, text) in [("controller", &text), ("agent", &agent_text)] {
+    // Series that appear only once something happened (a fault, a recovery, a checkpoint copy, a
+    // hang), from the same code the servers run, fed what those events carry.
+    let observed = control::metrics::Metrics::default();
+    let event = |kind: &str, data: Value| control::api::Event {
+        seq: 1,
+        time_ms: 0,
+        job_id: Some(1),
+        node: None,
+        kind: kind.into(),
+        message: String::new(),
+        data: Some(data),
+    };
+    observed.observe_events(&[
+        event("attempt_failed", serde_json::json!({"cause": "node_lost"})),
+        event("recovered", serde_json::json!({"detection_s": 2.9, "restart_s": 1.2, "recompute_s": 0.4})),
+    ]);
+    let happened = observed.render(&control::core::Core::new(Default::default()), 0);
+    let agent_observed = agent::metrics::AgentMetrics::default();
+    agent_observed.checkpoint_copied("buddy", 0.2, 1 << 20);
+    agent_observed.hang_killed();
+    let agent_happened = agent_observed.render(0, 1);
+    let exposed = [&text, &agent_text, &happened, &agent_happened];
+
+    // Every series the Grafana dashboard queries is one that Myriad exposes.
+    let dashboard = include_str!("../../../docs/grafana/myriad.json");
+    let mut names: Vec<&str> = dashboard
+        .match_indices("myriad_")
+        .map(|(i, _)| {
+            let rest = &dashboard[i..];
+            &rest[..rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(rest.len())]
+        })
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+        let typed = format!("# TYPE {family} ");
+        assert!(
+            exposed.iter().any(|t| t.contains(&typed)),
+            "the dashboard queries {name}, which no /metrics declares"
+        );
+    }
+    for (who, text) in [
+        ("controller", &text),
+        ("agent", &agent_text),
+        ("controller (after a fault)", &happened),
+        ("agent (after copies and a hang)", &agent_happened),
+    ] {
         if let Some((ok, said)) = promtool(text) {
             assert!(ok, "promtool check metrics on the {who}'s /metrics:\n{said}\n---\n{text}");
         }

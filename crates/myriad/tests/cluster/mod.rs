@@ -410,19 +410,20 @@ fn run_is_a_drop_in_for_torchrun_and_reports_failure_in_its_exit_status() {
 fn a_bad_job_file_is_refused_naming_the_field() {
     let dir = scratch("badjob");
     let _cluster = up(&dir, &["--nodes", "1", "--slots", "1"]);
-    for (text, field) in [
-        ("name = \"x\"\nargv = [\"true\"]\nranks_per_node = 0\n", "ranks_per_node"),
-        ("name = \"x\"\nargv = [\"true\"]\nnodes = 5\n", "nodes"),
-        ("name = \"x\"\nargv = [\"true\"]\ncheckpoint_dir = \"../up\"\n", "checkpoint_dir"),
-        ("name = \"x\"\nargv = [\"true\"]\ncolour = 1\n", "colour"),
-        ("name = \"x\"\nargv = [\"true\"\n", "argv"),
+    // Malformed specs are 400s; one larger than the cluster is well-formed but a 409 conflict.
+    for (text, field, status) in [
+        ("name = \"x\"\nargv = [\"true\"]\nranks_per_node = 0\n", "ranks_per_node", "HTTP 400"),
+        ("name = \"x\"\nargv = [\"true\"]\nnodes = 5\n", "nodes", "HTTP 409"),
+        ("name = \"x\"\nargv = [\"true\"]\ncheckpoint_dir = \"../up\"\n", "checkpoint_dir", "HTTP 400"),
+        ("name = \"x\"\nargv = [\"true\"]\ncolour = 1\n", "colour", "HTTP 400"),
+        ("name = \"x\"\nargv = [\"true\"\n", "argv", "HTTP 400"),
     ] {
         let file = dir.join("job.toml");
         std::fs::write(&file, text).unwrap();
         let out = cli(&dir, &["submit", file.to_str().unwrap()]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{text}");
-        assert!(stderr.contains("HTTP 400") && stderr.contains(field), "{text}: {stderr}");
+        assert!(stderr.contains(status) && stderr.contains(field), "{text}: {stderr}");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
