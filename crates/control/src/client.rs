@@ -48,6 +48,19 @@ pub struct Client {
     inner: HyperClient<HttpConnector, Full<Bytes>>,
 }
 
+fn hyper_client(
+    connect_timeout: Duration,
+    max_idle_per_host: usize,
+) -> HyperClient<HttpConnector, Full<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_nodelay(true);
+    HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(max_idle_per_host)
+        .build(connector)
+}
+
 impl Client {
     /// `base` is `http://host:port`; no TLS (cluster-internal networks), no path.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Client, String> {
@@ -58,16 +71,10 @@ impl Client {
         if rest.is_empty() || rest.contains('/') {
             return Err(format!("controller URL {base:?} must be http://HOST:PORT"));
         }
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeout));
-        connector.set_nodelay(true);
         // One idle connection per host: an agent calling again the moment an answer arrives
         // (before the pool has its connection back) opens a second one, which is then closed
         // rather than kept; at 1,250 agents every extra socket costs the controller ~30 KB.
-        let inner = HyperClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(1)
-            .build(connector);
+        let inner = hyper_client(timeout, 1);
         Ok(Client {
             base: trimmed.to_string(),
             token: token.to_string(),
@@ -81,10 +88,7 @@ impl Client {
     /// for one-off calls (doorbells) to thousands of hosts, whose idle connections would
     /// otherwise hold buffers for the pool's idle timeout.
     pub fn unpooled(mut self) -> Client {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(self.timeout));
-        connector.set_nodelay(true);
-        self.inner = HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(0).build(connector);
+        self.inner = hyper_client(self.timeout, 0);
         self
     }
 

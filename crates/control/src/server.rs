@@ -216,11 +216,25 @@ impl Controller {
         if let Some(bytes) = self.peers.lock().unwrap_or_else(|p| p.into_inner()).get(&(job_id, attempt)) {
             return Ok(bytes.clone());
         }
-        let table = self.read(|core| core.peer_table(job_id, attempt))?;
-        let bytes = Bytes::from(serde_json::to_vec(&table).expect("serialises"));
+        let (table, current) = self.read(|core| {
+            let current: Vec<(JobId, u32)> = self
+                .peers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys()
+                .copied()
+                .filter(|&(j, a)| {
+                    let job = core.job(j).filter(|job| !job.state.is_final());
+                    job.and_then(|job| job.attempt.as_ref()).is_some_and(|x| x.number == a)
+                })
+                .collect();
+            (core.peer_table(job_id, attempt), current)
+        });
+        let bytes = Bytes::from(serde_json::to_vec(&table?).expect("serialises"));
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        // Only current attempts are kept: one table per job at most.
-        peers.retain(|&(j, a), _| j != job_id || a == attempt);
+        // Only tables of attempts still in progress are kept: the cache never outgrows the jobs
+        // that are running.
+        peers.retain(|key, _| current.contains(key));
         peers.insert((job_id, attempt), bytes.clone());
         Ok(bytes)
     }

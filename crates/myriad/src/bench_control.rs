@@ -331,10 +331,6 @@ fn rss_bytes(pid: u32) -> Option<f64> {
     Some(kb * 1024.0)
 }
 
-fn unix_ms() -> u64 {
-    agent::unix_ms()
-}
-
 /// What one simulated node holds.
 #[derive(Default)]
 struct SimState {
@@ -381,7 +377,8 @@ struct Hub {
     heartbeat_latencies_ms: Mutex<Vec<f64>>,
     heartbeat_errors: AtomicU64,
     tables: Mutex<HashMap<(JobId, u32), Tables>>,
-    table_changed: Notify,
+    /// Rung when an agent registers or a node gets a table: what the phases wait on.
+    progress: Notify,
 }
 
 impl SimAgent {
@@ -487,9 +484,9 @@ async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_no
                 let mut tables = hub.tables.lock().expect("tables");
                 let entry = tables.entry(key).or_insert(Tables { nodes: 0, last_ms: 0, bytes: bytes.len() });
                 entry.nodes += 1;
-                entry.last_ms = unix_ms();
+                entry.last_ms = agent::unix_ms();
                 drop(tables);
-                hub.table_changed.notify_waiters();
+                hub.progress.notify_waiters();
                 return;
             }
             // The attempt was superseded: its table no longer matters.
@@ -534,6 +531,7 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
         .await
         .map_err(|e| format!("{} cannot register: {e}", agent.name))?;
     hub.registered.fetch_add(1, Ordering::Relaxed);
+    hub.progress.notify_waiters();
     let interval = Duration::from_millis(reply.heartbeat_interval_ms);
     // Agents start at different moments in a real cluster: spread the heartbeats over the interval.
     tokio::time::sleep(Duration::from_millis(offset_ms)).await;
@@ -542,17 +540,17 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
         if agent.silent.load(Ordering::Relaxed) {
             return Ok(());
         }
-        let request = agent.report(unix_ms());
+        let request = agent.report(agent::unix_ms());
         let started = Instant::now();
         let mut news = false;
         match client.post_json::<_, HeartbeatReply>(&path, &request).await {
             Ok(reply) => {
                 let ms = started.elapsed().as_secs_f64() * 1e3;
-                agent.last_heartbeat_ms.store(unix_ms(), Ordering::Relaxed);
+                agent.last_heartbeat_ms.store(agent::unix_ms(), Ordering::Relaxed);
                 if hub.recording.load(Ordering::Relaxed) {
                     hub.heartbeat_latencies_ms.lock().expect("latencies").push(ms);
                 }
-                let now_ms = unix_ms();
+                let now_ms = agent::unix_ms();
                 for c in reply.commands {
                     let (tell, launched) = agent.execute(c.command, now_ms);
                     news |= tell;
@@ -616,7 +614,7 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
         heartbeat_latencies_ms: Mutex::new(Vec::new()),
         heartbeat_errors: AtomicU64::new(0),
         tables: Mutex::new(HashMap::new()),
-        table_changed: Notify::new(),
+        progress: Notify::new(),
     });
     let total = (args.nodes + args.spares) as usize;
     let agents: Vec<Arc<SimAgent>> = (0..total)
@@ -645,11 +643,10 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
             }
         }));
     }
-    let never = Notify::new();
     wait_until(
         "every agent registered",
         || (hub.registered.load(Ordering::Relaxed) == total).then_some(()),
-        &never,
+        &hub.progress,
     )
     .await?;
     let register_s = registering.elapsed().as_secs_f64();
@@ -666,13 +663,13 @@ async fn measure(args: &ControlPlaneArgs, ctl: &ControllerProcess) -> Result<Rep
         "spares": args.spares,
         "max_restarts": 3,
     });
-    let submitted_ms = unix_ms();
+    let submitted_ms = agent::unix_ms();
     let submitted = Instant::now();
     let SubmitReply { id } = client.post_json("/v1/jobs", &spec).await.map_err(|e| format!("submit: {e}"))?;
     let Tables { last_ms: tables_ms, bytes: table_bytes, .. } = wait_until(
         "every node holds the rendezvous table of attempt 0",
         || hub.tables.lock().expect("tables").get(&(id, 0)).copied().filter(|t| t.nodes == args.nodes),
-        &hub.table_changed,
+        &hub.progress,
     )
     .await?;
     let mut running_s = None;
@@ -816,7 +813,7 @@ async fn silence_one_node(
     let Tables { last_ms: relaunched_ms, .. } = wait_until(
         "every node holds the rendezvous table of the relaunched attempt",
         || hub.tables.lock().expect("tables").get(&(job, attempt)).copied().filter(|t| t.nodes == args.nodes),
-        &hub.table_changed,
+        &hub.progress,
     )
     .await?;
     // The heartbeat loop may have been mid-call when silenced: its last answered one counts.
