@@ -283,6 +283,26 @@ pub struct JobView {
     pub faults: u32,
 }
 
+/// A job's recent history for charts: at most [`crate::core::SERIES_POINTS`] points covering the
+/// whole run, sampled every `every_ms` (doubled, and every other point dropped, whenever full).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobSeries {
+    pub job_id: JobId,
+    pub every_ms: u64,
+    pub points: Vec<SeriesPoint>,
+}
+
+/// Rank 0's figures when it reported `step`; absent ones were not reported.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SeriesPoint {
+    pub time_ms: u64,
+    pub step: u64,
+    pub loss: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    pub mfu: Option<f64>,
+    pub ettr: Option<f64>,
+}
+
 /// Where a job's wall-clock time went, in milliseconds.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct TimeAccount {

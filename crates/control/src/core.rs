@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use crate::api::{
-    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobView, LaunchSpec, NodeView, PeerTable,
-    RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, StepTime, Tier,
-    TimeAccount,
+    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobSeries, JobView, LaunchSpec, NodeView,
+    PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, SeriesPoint,
+    StepTime, Tier, TimeAccount,
 };
 use crate::spec::{validate_name, JobSpec, SpecError};
 
@@ -227,6 +227,70 @@ pub struct Job {
     /// Committed step time and lost time, for effective training time.
     #[serde(default)]
     pub account: Account,
+    /// Rank 0's figures over time, for the dashboard's charts. Not persisted: a restarted
+    /// controller starts the charts afresh rather than rewrite the job's row at every sample.
+    #[serde(skip)]
+    pub history: History,
+}
+
+/// Points of a job's history kept in memory (about 32 bytes each).
+pub const SERIES_POINTS: usize = 360;
+/// The first sampling period of a job's history.
+const SERIES_FIRST_EVERY_MS: u64 = 1000;
+
+/// Rank 0's figures over a whole run in bounded memory: a sample every `every_ms`; when
+/// [`SERIES_POINTS`] are held, every other one goes and the period doubles. A week-long run keeps
+/// its whole shape, at coarser resolution, in the same 12 KB as a minute-long one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct History {
+    pub every_ms: u64,
+    /// (time_ms, step, loss, tokens/s, MFU, ETTR); NaN where rank 0 reported nothing.
+    points: Vec<(u64, u64, [f32; 4])>,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History { every_ms: SERIES_FIRST_EVERY_MS, points: Vec::new() }
+    }
+}
+
+impl History {
+    fn record(&mut self, time_ms: u64, step: u64, figures: [Option<f64>; 4]) {
+        if let Some(&(last_ms, last_step, _)) = self.points.last() {
+            if step == last_step || time_ms < last_ms + self.every_ms {
+                return;
+            }
+        }
+        if self.points.len() == SERIES_POINTS {
+            let mut i = 0;
+            self.points.retain(|_| {
+                i += 1;
+                i % 2 == 1
+            });
+            self.every_ms *= 2;
+        }
+        self.points.push((time_ms, step, figures.map(|f| f.map_or(f32::NAN, |v| v as f32))));
+    }
+
+    pub fn len(&self) -> usize {
+        self.points.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    pub fn points(&self) -> impl Iterator<Item = SeriesPoint> + '_ {
+        let some = |v: f32| (!v.is_nan()).then_some(v as f64);
+        self.points.iter().map(move |&(time_ms, step, [loss, tokens, mfu, ettr])| SeriesPoint {
+            time_ms,
+            step,
+            loss: some(loss),
+            tokens_per_s: some(tokens),
+            mfu: some(mfu),
+            ettr: some(ettr),
+        })
+    }
 }
 
 /// Placements kept per job (the newest attempts').
@@ -412,6 +476,12 @@ fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>)
 }
 
 /// Each node's group rank: its position in the attempt's node list.
+/// Effective training time: committed step time over wall time since submission.
+fn ettr(job: &Job, now_ms: u64) -> Option<f64> {
+    let wall_ms = job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms);
+    (wall_ms > 0 && !job.account.recent.is_empty()).then(|| job.account.committed_ms() / wall_ms as f64)
+}
+
 fn group_index(nodes: &[String]) -> HashMap<String, u32> {
     nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect()
 }
@@ -943,6 +1013,11 @@ impl Core {
                     self.events.last_mut().expect("just pushed").data = Some(data);
                 }
             }
+            let job = self.jobs.get_mut(&job_id).expect("looked up above");
+            if let Some(step) = job.step {
+                let ettr = ettr(job, now_ms);
+                job.history.record(now_ms, step, [job.loss, job.tokens_per_s, job.mfu, ettr]);
+            }
         }
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(a) = job.attempt.as_mut() else { return };
@@ -1285,6 +1360,7 @@ impl Core {
                 tokens_per_s: None,
                 mfu: None,
                 account: Account::default(),
+                history: History::default(),
             },
         );
         self.dirty_jobs.insert(id);
@@ -1537,10 +1613,9 @@ impl Core {
         self.nodes.get(name)
     }
 
-    /// Effective training time: committed step time over wall time since submission.
-    fn ettr(&self, job: &Job, now_ms: u64) -> Option<f64> {
-        let wall_ms = job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms);
-        (wall_ms > 0 && !job.account.recent.is_empty()).then(|| job.account.committed_ms() / wall_ms as f64)
+    pub fn job_series(&self, id: JobId) -> Option<JobSeries> {
+        let job = self.jobs.get(&id)?;
+        Some(JobSeries { job_id: id, every_ms: job.history.every_ms, points: job.history.points().collect() })
     }
 
     pub fn job_view(&self, id: JobId, now_ms: u64) -> Option<JobView> {
@@ -1568,7 +1643,7 @@ impl Core {
             reason: job.reason.clone(),
             tokens_per_s: job.tokens_per_s,
             mfu: job.mfu,
-            ettr: self.ettr(job, now_ms),
+            ettr: ettr(job, now_ms),
             time: TimeAccount {
                 wall_ms: job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms),
                 committed_ms: job.account.committed_ms(),

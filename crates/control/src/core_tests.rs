@@ -16,6 +16,8 @@ struct FakeAgent {
     compute_ms: BTreeMap<(JobId, u32, u32), f64>,
     checkpoints: Vec<CheckpointReport>,
     bad: Vec<CheckpointReport>,
+    /// Step and loss its ranks report (default: step 7, loss 2.5), with one step time ending now.
+    progress: Option<(u64, f64)>,
 }
 
 struct World {
@@ -66,13 +68,16 @@ impl World {
                     attempt,
                     local_rank,
                     state,
-                    step: Some(7),
-                    loss: Some(2.5),
+                    step: Some(agent.progress.map_or(7, |p| p.0)),
+                    loss: Some(agent.progress.map_or(2.5, |p| p.1)),
                     exited_at_ms: None,
                     hang: agent.hangs.get(&(job_id, attempt, local_rank)).cloned(),
-                    steps: Vec::new(),
-                    tokens_per_s: None,
-                    mfu: None,
+                    steps: agent
+                        .progress
+                        .map(|(step, _)| vec![StepTime { step, ms: 900.0, end_ms: self.now_ms }])
+                        .unwrap_or_default(),
+                    tokens_per_s: agent.progress.map(|(step, _)| 1000.0 * step as f64),
+                    mfu: agent.progress.map(|_| 0.1),
                     compute_ms: agent.compute_ms.get(&(job_id, attempt, local_rank)).copied(),
                 })
                 .collect(),
@@ -626,4 +631,58 @@ fn a_rank_computing_well_above_the_jobs_median_is_reported_once_as_a_straggler()
     assert_eq!(found[0].node.as_deref(), Some("b"));
     assert!(found[0].message.contains("rank 3 on node b"), "{}", found[0].message);
     assert_eq!(found[0].data.as_ref().unwrap()["rank"], 3);
+}
+
+#[test]
+fn a_jobs_history_keeps_the_whole_run_in_bounded_points() {
+    let mut h = History::default();
+    // Four hours of a step every 100 ms, figures on every report.
+    let hours_ms = 4 * 3_600_000u64;
+    let mut step = 0;
+    for t in (0..hours_ms).step_by(100) {
+        step += 1;
+        h.record(t, step, [Some(3.0), Some(1e5), Some(0.4), None]);
+        assert!(h.len() <= SERIES_POINTS);
+    }
+    let points: Vec<_> = h.points().collect();
+    assert!(points.len() > SERIES_POINTS / 2, "{} points", points.len());
+    // The first sample is still there and the newest is at most one period old.
+    assert_eq!(points[0].time_ms, 0);
+    assert!(hours_ms - points.last().unwrap().time_ms <= h.every_ms + 100, "{}", h.every_ms);
+    // Evenly spaced at the current period, and nothing reported is invented.
+    for w in points.windows(2) {
+        assert!(w[1].time_ms - w[0].time_ms >= h.every_ms / 2, "{:?}", w);
+    }
+    assert_eq!(points[1].loss, Some(3.0));
+    assert_eq!(points[1].ettr, None);
+    // The same step reported again adds nothing.
+    let mut h = History::default();
+    h.record(0, 7, [None; 4]);
+    h.record(5_000, 7, [None; 4]);
+    assert_eq!(h.len(), 1);
+}
+
+#[test]
+fn rank_zeros_reports_fill_the_jobs_series() {
+    let mut w = World::new(&[("a", 1, false)]);
+    let id = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    for step in 1..=5u64 {
+        w.agents.get_mut("a").unwrap().progress = Some((step, 5.0 - step as f64 / 2.0));
+        w.round();
+    }
+    let series = w.core.job_series(id).unwrap();
+    // The default step 7 of the rounds before, then steps 1 to 5 (a step number may go back: a
+    // restart resumes from an older checkpoint).
+    assert_eq!(series.points.iter().map(|p| p.step).collect::<Vec<_>>(), [7, 1, 2, 3, 4, 5]);
+    let last = series.points.last().unwrap();
+    // Kept as f32: charts need no more.
+    assert_eq!((last.step, last.loss, last.tokens_per_s), (5, Some(2.5), Some(5000.0)));
+    assert_eq!(last.mfu.map(|m| m as f32), Some(0.1));
+    let ettr = last.ettr.unwrap();
+    assert!(ettr > 0.0 && ettr < 1.0, "{last:?}");
+    assert!(w.core.job_series(id + 1).is_none());
 }

@@ -1,7 +1,7 @@
 //! Myriad's controller: the deterministic core ([`core`]), the job specs it accepts ([`spec`]), the
 //! wire types ([`api`]), and the edges that do IO: the SQLite store ([`store`]), the HTTP server
-//! ([`server`], with its Prometheus [`metrics`]) and the HTTP client the agents and the CLI use
-//! ([`client`]).
+//! ([`server`], with its Prometheus [`metrics`] and its web dashboard [`web`]) and the HTTP client
+//! the agents and the CLI use ([`client`]).
 
 pub mod api;
 pub mod auth;
@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod server;
 pub mod spec;
 pub mod store;
+pub mod web;

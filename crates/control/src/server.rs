@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::api::{
-    ErrorBody, Event, HeartbeatRequest, JobId, JobView, NodeView, RegisterRequest, SubmitReply,
+    ErrorBody, Event, HeartbeatRequest, JobId, JobSeries, JobView, NodeView, RegisterRequest, SubmitReply,
     MAX_BODY_BYTES,
 };
 use crate::auth::{bearer_matches, load_or_create_token};
@@ -299,10 +299,16 @@ fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &crate
     }
 }
 
-/// Every route, behind the token check and the body limit.
+/// Every route. The API sits behind the token check and the body limit; the dashboard's three
+/// files do not, as they hold no cluster data (the page asks for the token and sends it with
+/// every API call it makes).
 pub fn router(ctl: Arc<Controller>) -> Router {
     let token = ctl.token.clone();
-    Router::new()
+    let dashboard = Router::new()
+        .route("/", get(|| crate::web::asset(crate::web::INDEX)))
+        .route("/dashboard.js", get(|| crate::web::asset(crate::web::SCRIPT)))
+        .route("/dashboard.css", get(|| crate::web::asset(crate::web::STYLE)));
+    let api = Router::new()
         .route("/v1/agents/register", post(register))
         .route("/v1/agents/{name}/heartbeat", post(heartbeat))
         .route("/v1/jobs", post(submit).get(list_jobs))
@@ -310,6 +316,7 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .route("/v1/jobs/{id}/cancel", post(cancel))
         .route("/v1/jobs/{id}/events", get(job_events))
         .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/series", get(job_series))
         .route("/v1/jobs/{id}/attempts/{attempt}/peers", get(job_peers))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/events", get(all_events))
@@ -320,7 +327,8 @@ pub fn router(ctl: Arc<Controller>) -> Router {
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(token, require_token))
-        .with_state(ctl)
+        .with_state(ctl);
+    dashboard.merge(api)
 }
 
 /// Observes how long each matched route takes to answer.
@@ -453,6 +461,14 @@ async fn job_events(
         return Err(CoreError::UnknownJob(id).into());
     }
     events(&ctl, Some(id), q?.0)
+}
+
+async fn job_series(
+    State(ctl): State<Arc<Controller>>,
+    id: Result<Path<JobId>, PathRejection>,
+) -> Result<Json<JobSeries>, ApiError> {
+    let Path(id) = id?;
+    ctl.read(|core| core.job_series(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
 }
 
 async fn all_events(

@@ -62,6 +62,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/jobs/1/cancel"),
     ("GET", "/v1/jobs/1/events"),
     ("GET", "/v1/jobs/1/logs"),
+    ("GET", "/v1/jobs/1/series"),
     ("GET", "/v1/jobs/1/attempts/0/peers"),
     ("GET", "/v1/nodes"),
     ("GET", "/v1/events"),
@@ -211,7 +212,7 @@ fn every_route_is_in_the_openapi_document_and_nothing_else() {
         }
     }
     let declared = declared_routes();
-    assert!(declared.len() >= 14, "parsed only {declared:?} from server.rs");
+    assert!(declared.len() >= 18, "parsed only {declared:?} from server.rs");
     assert_eq!(declared, documented, "routes in server.rs vs paths in api/openapi.json");
     // Every schema reference resolves.
     let text = OPENAPI_JSON;
@@ -253,4 +254,47 @@ async fn integers_written_as_floats_are_read_as_the_integers_they_are() {
     let (status, reply) = f.call("POST", "/v1/agents/register", body).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{reply}");
     assert!(reply.contains("u32"), "{reply}");
+}
+
+#[tokio::test]
+async fn the_dashboard_is_served_without_the_token_and_holds_no_cluster_data() {
+    let f = Fixture::new("web");
+    f.register("secret-node-name", 2).await;
+    for (uri, content_type, needle) in [
+        ("/", "text/html", "/dashboard.js"),
+        ("/dashboard.js", "text/javascript", "Bearer "),
+        ("/dashboard.css", "text/css", ".node-grid"),
+    ] {
+        let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        let resp = router(f.ctl.clone()).oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{uri}");
+        let headers = resp.headers().clone();
+        assert!(headers["content-type"].to_str().unwrap().starts_with(content_type), "{uri}: {headers:?}");
+        let csp = headers["content-security-policy"].to_str().unwrap();
+        assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"), "{uri}: {csp}");
+        let body = axum::body::to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(body.contains(needle), "{uri} lacks {needle:?}");
+        assert!(
+            !body.contains("secret-node-name") && !body.contains(f.ctl.token()),
+            "{uri} leaks cluster data"
+        );
+    }
+    // The page runs no inline script or style, which the policy would block anyway.
+    let page = crate::web::INDEX_HTML;
+    assert!(!page.contains("<script>") && !page.contains(" style=") && !page.contains("<style"), "{page}");
+}
+
+#[tokio::test]
+async fn a_jobs_series_is_served_and_an_unknown_job_is_404() {
+    let f = Fixture::new("series");
+    f.register("n1", 1).await;
+    let (status, body) = f.call("POST", "/v1/jobs", r#"{"name":"j","argv":["true"]}"#).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, body) = f.call("GET", "/v1/jobs/1/series", "").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let series: crate::api::JobSeries = serde_json::from_str(&body).unwrap();
+    assert_eq!((series.job_id, series.points.len()), (1, 0));
+    assert_eq!(f.call("GET", "/v1/jobs/2/series", "").await.0, StatusCode::NOT_FOUND);
+    assert_eq!(f.call("GET", "/v1/jobs/x/series", "").await.0, StatusCode::BAD_REQUEST);
 }
