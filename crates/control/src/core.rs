@@ -227,25 +227,25 @@ pub struct Job {
     /// Committed step time and lost time, for effective training time.
     #[serde(default)]
     pub account: Account,
-    /// Rank 0's figures over time, for the dashboard's charts. Not persisted: a restarted
-    /// controller starts the charts afresh rather than rewrite the job's row at every sample.
-    #[serde(skip)]
+    /// Rank 0's figures over time, for the dashboard's charts. Persisted with the row, which a
+    /// new step rewrites anyway, so a restarted controller keeps the charts whole.
+    #[serde(default)]
     pub history: History,
 }
 
-/// Points of a job's history kept in memory (about 32 bytes each).
+/// Points of a job's history kept (48 bytes each in memory, about 50 in the job's row).
 pub const SERIES_POINTS: usize = 360;
 /// The first sampling period of a job's history.
 const SERIES_FIRST_EVERY_MS: u64 = 1000;
 
 /// Rank 0's figures over a whole run in bounded memory: a sample every `every_ms`; when
 /// [`SERIES_POINTS`] are held, every other one goes and the period doubles. A week-long run keeps
-/// its whole shape, at coarser resolution, in the same 12 KB as a minute-long one.
-#[derive(Clone, Debug, PartialEq)]
+/// its whole shape, at coarser resolution, in the same 17 KB as a minute-long one.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct History {
     pub every_ms: u64,
-    /// (time_ms, step, loss, tokens/s, MFU, ETTR); NaN where rank 0 reported nothing.
-    points: Vec<(u64, u64, [f32; 4])>,
+    /// (time_ms, step, [loss, tokens/s, MFU, ETTR]); None where rank 0 reported nothing.
+    points: Vec<(u64, u64, [Option<f32>; 4])>,
 }
 
 impl Default for History {
@@ -255,10 +255,11 @@ impl Default for History {
 }
 
 impl History {
-    fn record(&mut self, time_ms: u64, step: u64, figures: [Option<f64>; 4]) {
+    /// Returns whether the sample was kept.
+    fn record(&mut self, time_ms: u64, step: u64, figures: [Option<f64>; 4]) -> bool {
         if let Some(&(last_ms, last_step, _)) = self.points.last() {
             if step == last_step || time_ms < last_ms + self.every_ms {
-                return;
+                return false;
             }
         }
         if self.points.len() == SERIES_POINTS {
@@ -269,7 +270,8 @@ impl History {
             });
             self.every_ms *= 2;
         }
-        self.points.push((time_ms, step, figures.map(|f| f.map_or(f32::NAN, |v| v as f32))));
+        self.points.push((time_ms, step, figures.map(|f| f.map(|v| v as f32))));
+        true
     }
 
     pub fn len(&self) -> usize {
@@ -281,14 +283,14 @@ impl History {
     }
 
     pub fn points(&self) -> impl Iterator<Item = SeriesPoint> + '_ {
-        let some = |v: f32| (!v.is_nan()).then_some(v as f64);
+        let wide = |v: Option<f32>| v.map(f64::from);
         self.points.iter().map(move |&(time_ms, step, [loss, tokens, mfu, ettr])| SeriesPoint {
             time_ms,
             step,
-            loss: some(loss),
-            tokens_per_s: some(tokens),
-            mfu: some(mfu),
-            ettr: some(ettr),
+            loss: wide(loss),
+            tokens_per_s: wide(tokens),
+            mfu: wide(mfu),
+            ettr: wide(ettr),
         })
     }
 }
@@ -476,6 +478,16 @@ fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>)
 }
 
 /// Each node's group rank: its position in the attempt's node list.
+/// Names for an event: all of a small job's nodes; the first few of a large one and a count (its
+/// full placement is in the job's view), so one event is not 15 KB at 1,250 nodes.
+fn node_list(nodes: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if nodes.len() <= SHOWN {
+        return nodes.join(", ");
+    }
+    format!("{}, … and {} more ({} nodes)", nodes[..SHOWN].join(", "), nodes.len() - SHOWN, nodes.len())
+}
+
 /// Effective training time: committed step time over wall time since submission.
 fn ettr(job: &Job, now_ms: u64) -> Option<f64> {
     let wall_ms = job.ended_ms.unwrap_or(now_ms).saturating_sub(job.submitted_ms);
@@ -1016,7 +1028,9 @@ impl Core {
             let job = self.jobs.get_mut(&job_id).expect("looked up above");
             if let Some(step) = job.step {
                 let ettr = ettr(job, now_ms);
-                job.history.record(now_ms, step, [job.loss, job.tokens_per_s, job.mfu, ettr]);
+                if job.history.record(now_ms, step, [job.loss, job.tokens_per_s, job.mfu, ettr]) {
+                    self.dirty_jobs.insert(job_id);
+                }
             }
         }
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
@@ -1566,7 +1580,7 @@ impl Core {
             Some(job_id),
             None,
             "scheduled",
-            format!("attempt {number} on {}", nodes.join(", ")),
+            format!("attempt {number} on {}", node_list(&nodes)),
         );
     }
 

@@ -657,8 +657,8 @@ fn a_jobs_history_keeps_the_whole_run_in_bounded_points() {
     assert_eq!(points[1].ettr, None);
     // The same step reported again adds nothing.
     let mut h = History::default();
-    h.record(0, 7, [None; 4]);
-    h.record(5_000, 7, [None; 4]);
+    assert!(h.record(0, 7, [None; 4]));
+    assert!(!h.record(5_000, 7, [None; 4]));
     assert_eq!(h.len(), 1);
 }
 
@@ -685,4 +685,16 @@ fn rank_zeros_reports_fill_the_jobs_series() {
     let ettr = last.ettr.unwrap();
     assert!(ettr > 0.0 && ettr < 1.0, "{last:?}");
     assert!(w.core.job_series(id + 1).is_none());
+    // The history is part of the job's persisted row: a restarted controller keeps the charts.
+    let changes = w.core.take_changes();
+    let row = changes.jobs.iter().find(|j| j.id == id).expect("the job's row was written");
+    let restored: Job = serde_json::from_str(&serde_json::to_string(row).unwrap()).unwrap();
+    assert_eq!(restored.history, w.core.job(id).unwrap().history);
+}
+
+#[test]
+fn events_name_a_small_jobs_nodes_and_count_a_large_ones() {
+    let names = |n: usize| (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>();
+    assert_eq!(node_list(&names(2)), "n0, n1");
+    assert_eq!(node_list(&names(1250)), "n0, n1, n2, n3, n4, n5, n6, n7, … and 1242 more (1250 nodes)");
 }

@@ -250,6 +250,7 @@ function renderEvents(job, events) {
     when.title = fmt.clock(e.time_ms);
     li.append(when, el("span", "kind", e.kind.replace(/_/g, " ")));
     const text = el("span", "message", e.message + (e.node ? "  [" + e.node + "]" : ""));
+    text.title = text.textContent;
     li.append(text);
     const d = e.data;
     if (e.kind === "recovered" && d) {

@@ -257,6 +257,7 @@ pub fn up(a: UpArgs) -> Result<(), String> {
         let info = serde_json::json!({
             "url": cluster.url, "cluster": dir, "token_file": token_file,
             "nodes": a.nodes, "spares": a.spares, "slots": a.slots,
+            "dashboard": crate::local::dashboard_link(&cluster.url, &cluster.token),
         });
         println!("{info}");
     } else {
@@ -265,6 +266,7 @@ pub fn up(a: UpArgs) -> Result<(), String> {
             a.nodes, a.spares, a.slots, cluster.url
         );
         println!("state and logs in {}; token in {}", dir.display(), token_file.display());
+        println!("dashboard: {}", crate::local::dashboard_link(&cluster.url, &cluster.token));
         println!(
             "try: myriad submit --nnodes {} --nproc-per-node {} -- myriad train --preset tiny",
             a.nodes, a.slots
@@ -415,74 +417,162 @@ pub struct StatusArgs {
     job: Option<u64>,
     #[arg(long)]
     json: bool,
+    /// Redraw in place every SECONDS (default 2) until Ctrl-C.
+    #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+    watch: Option<f64>,
     #[command(flatten)]
     conn: Conn,
 }
 
 pub fn status(a: StatusArgs) -> Result<(), String> {
     let client = a.conn.client()?;
-    match a.job {
+    let Some(every_s) = a.watch else {
+        return block_on(status_frame(&client, a.job, a.json)).map(|frame| print!("{frame}"));
+    };
+    if a.json {
+        return Err("--watch redraws tables; for JSON, call `myriad status --json` in a loop".into());
+    }
+    if !(0.1..=3600.0).contains(&every_s) {
+        return Err(format!("--watch {every_s}: the refresh period must be between 0.1 and 3600 seconds"));
+    }
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    block_on(async {
+        loop {
+            // A controller that stops answering is shown, not fatal: it may be restarting.
+            let frame = status_frame(&client, a.job, false)
+                .await
+                .unwrap_or_else(|e| format!("{e}\n(retrying every {every_s} s)\n"));
+            let clock = utc_clock(now_ms());
+            let header = format!("myriad status · every {every_s} s · {clock} · Ctrl-C stops\n\n");
+            let mut out = std::io::stdout().lock();
+            if terminal {
+                // Home, each line overwritten and cleared to its end, then the rest of the screen
+                // cleared: no flicker, and nothing left of a longer previous frame.
+                let body: String =
+                    format!("{header}{frame}").lines().map(|l| format!("{l}\x1b[K\n")).collect();
+                let _ = write!(out, "\x1b[H{body}\x1b[J");
+            } else {
+                let _ = writeln!(out, "{header}{frame}");
+            }
+            let _ = out.flush();
+            drop(out);
+            tokio::select! {
+                _ = control::server::shutdown_signal() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_secs_f64(every_s)) => {}
+            }
+        }
+    })
+}
+
+/// HH:MM:SS (UTC) of a Unix time in ms.
+fn utc_clock(ms: u64) -> String {
+    let s = ms / 1000;
+    format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
+}
+
+/// What `myriad status` prints once: one job with its events, or every job and a node summary.
+async fn status_frame(client: &Client, job: Option<u64>, json: bool) -> Result<String, String> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    match job {
         Some(id) => {
-            let (job, events): (JobView, Vec<Event>) = block_on(async {
-                let job = client.get_json(&format!("/v1/jobs/{id}")).await?;
-                let events = client.get_json(&format!("/v1/jobs/{id}/events")).await?;
-                Ok::<_, control::client::ClientError>((job, events))
-            })
-            .map_err(|e| format!("status: {e}"))?;
-            if a.json {
-                println!("{}", serde_json::json!({ "job": job, "events": events }));
-                return Ok(());
+            let job: JobView =
+                client.get_json(&format!("/v1/jobs/{id}")).await.map_err(|e| format!("status: {e}"))?;
+            let events: Vec<Event> = client
+                .get_json(&format!("/v1/jobs/{id}/events"))
+                .await
+                .map_err(|e| format!("status: {e}"))?;
+            if json {
+                return Ok(format!("{}\n", serde_json::json!({ "job": job, "events": events })));
             }
-            print_jobs(std::slice::from_ref(&job));
+            out += &jobs_table(std::slice::from_ref(&job));
+            let t = &job.time;
+            let _ = writeln!(
+                out,
+                "\ntime: {} wall, {} committed; lost: start-up {}, detection {}, restart {}, recomputation {}",
+                format_age_s(t.wall_ms as f64 / 1e3),
+                format_age_s(t.committed_ms / 1e3),
+                format_age_s(t.startup_ms / 1e3),
+                format_age_s(t.detection_ms / 1e3),
+                format_age_s(t.restart_ms / 1e3),
+                format_age_s(t.recompute_ms / 1e3),
+            );
             if let Some(reason) = &job.reason {
-                println!("\nreason: {reason}");
+                let _ = writeln!(out, "reason: {reason}");
             }
-            println!("\nevents:");
+            let _ = writeln!(out, "\nevents:");
             for e in &events {
                 let t = (e.time_ms.saturating_sub(job.submitted_ms)) as f64 / 1e3;
                 let node = e.node.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
-                println!("  +{t:>8.1}s  {:<18} {}{node}", e.kind, e.message);
+                let _ = writeln!(out, "  +{t:>8.1}s  {:<18} {}{node}", e.kind, e.message);
             }
         }
         None => {
-            let (jobs, nodes): (Vec<JobView>, Vec<NodeView>) = block_on(async {
-                Ok::<_, control::client::ClientError>((
-                    client.get_json("/v1/jobs").await?,
-                    client.get_json("/v1/nodes").await?,
-                ))
-            })
-            .map_err(|e| format!("status: {e}"))?;
-            if a.json {
-                println!("{}", serde_json::json!({ "jobs": jobs, "nodes": nodes }));
-                return Ok(());
+            let jobs: Vec<JobView> = client.get_json("/v1/jobs").await.map_err(|e| format!("status: {e}"))?;
+            let nodes: Vec<NodeView> =
+                client.get_json("/v1/nodes").await.map_err(|e| format!("status: {e}"))?;
+            if json {
+                return Ok(format!("{}\n", serde_json::json!({ "jobs": jobs, "nodes": nodes })));
             }
             if jobs.is_empty() {
-                println!("no jobs");
+                out += "no jobs\n";
             } else {
-                print_jobs(&jobs);
+                out += &jobs_table(&jobs);
             }
             let healthy = nodes.iter().filter(|n| n.health == "healthy").count();
             let slots: u32 = nodes.iter().filter(|n| n.health == "healthy").map(|n| n.slots).sum();
             let used: u32 = nodes.iter().map(|n| n.slots_used).sum();
-            println!("\nnodes: {healthy} healthy of {}, slots {used}/{slots} in use", nodes.len());
+            let _ = write!(out, "\nnodes: {healthy} healthy of {}, slots {used}/{slots} in use", nodes.len());
+            for (health, label) in [("lost", "lost"), ("quarantined", "quarantined")] {
+                let names: Vec<&str> =
+                    nodes.iter().filter(|n| n.health == health).map(|n| n.name.as_str()).collect();
+                if !names.is_empty() {
+                    let shown = names.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+                    let more = names.len().saturating_sub(8);
+                    let _ = write!(out, "; {} {label}: {shown}", names.len());
+                    if more > 0 {
+                        let _ = write!(out, " and {more} more");
+                    }
+                }
+            }
+            out.push('\n');
         }
     }
-    Ok(())
+    Ok(out)
 }
 
-fn print_jobs(jobs: &[JobView]) {
-    println!(
-        "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>8}  NODES",
-        "ID", "NAME", "STATE", "LAYOUT", "ATTEMPT", "STEP", "LOSS", "AGE"
+fn jobs_table(jobs: &[JobView]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>8}  NODES",
+        "ID", "NAME", "STATE", "LAYOUT", "ATTEMPT", "STEP", "LOSS", "TOK/S", "MFU", "ETTR", "FAULTS", "AGE"
     );
     let now = now_ms();
+    let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
     for j in jobs {
         let layout = format!("{}x{}", j.spec.nodes, j.spec.ranks_per_node);
         let step = j.step.map_or("-".into(), |s| s.to_string());
         let loss = j.loss.map_or("-".into(), |l| format!("{l:.4}"));
+        let tokens = j.tokens_per_s.map_or("-".into(), |t| {
+            if t >= 1e4 {
+                format!("{:.1}k", t / 1e3)
+            } else {
+                format!("{t:.0}")
+            }
+        });
         let age = format_age_s((j.ended_ms.unwrap_or(now).saturating_sub(j.submitted_ms)) as f64 / 1e3);
-        println!(
-            "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>8}  {}",
+        // 1,250 node names do not fit a line: the first few and a count.
+        let nodes = if j.nodes.len() > 4 {
+            format!("{},… ({} nodes)", j.nodes[..3].join(","), j.nodes.len())
+        } else {
+            j.nodes.join(",")
+        };
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<16} {:<10} {:>7} {:>7} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>8}  {}",
             j.id,
             truncate(&j.name, 16),
             j.state,
@@ -490,10 +580,15 @@ fn print_jobs(jobs: &[JobView]) {
             j.attempt,
             step,
             loss,
+            tokens,
+            pct(j.mfu),
+            pct(j.ettr),
+            j.faults,
             age,
-            j.nodes.join(",")
+            nodes
         );
     }
+    out
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -52,6 +52,9 @@ pub struct DemoArgs {
     /// Keep the cluster directory (logs, checkpoints) instead of removing it.
     #[arg(long)]
     keep: bool,
+    /// After the summary, keep the cluster and its dashboard up until Ctrl-C.
+    #[arg(long)]
+    stay: bool,
     /// Save the final weights and optimizer state here (to compare runs bit for bit).
     #[arg(long)]
     final_checkpoint: Option<std::path::PathBuf>,
@@ -111,6 +114,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         a.nodes, a.spares
     );
     let mut cluster = LocalCluster::start(&dir, &opts)?;
+    eprintln!("dashboard: {}", crate::local::dashboard_link(&cluster.url, &cluster.token));
     let client = cluster.client()?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?.display().to_string();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
@@ -160,6 +164,10 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         Ok((job, events)) => summarize(&client, &job, &events, &a, started),
         Err(e) => Err(e),
     };
+    if a.stay {
+        eprintln!("the cluster stays up for its dashboard; Ctrl-C stops it");
+        block_on(control::server::shutdown_signal());
+    }
     cluster.stop();
     if a.keep {
         eprintln!("cluster directory kept: {}", dir.display());

@@ -248,3 +248,9 @@ fn terminate(mut children: Vec<Child>, grace: Duration) {
         let _ = c.wait();
     }
 }
+
+/// The dashboard's address with the cluster token in its fragment: the browser never sends a
+/// fragment to a server, and the page moves the token into the tab's session storage.
+pub fn dashboard_link(url: &str, token: &str) -> String {
+    format!("{}/#token={token}", url.trim_end_matches('/'))
+}

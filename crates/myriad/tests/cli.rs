@@ -2,6 +2,7 @@
 //! never a panic; good input trains, prints JSON per step, checkpoints and resumes.
 
 mod cluster;
+mod support;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};

@@ -4,10 +4,13 @@
 //! node found lost only after its timeout and the job relaunched with the spare in its place.
 //! A test binary of its own, so it never shares the machine with the training tests in `cli.rs`.
 
+mod support;
+
 use serde_json::Value;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::{controller, get, scratch, up};
 
 /// Runs the bench and returns its JSON; kills it if it outlives `within`.
 fn bench(args: &[&str], within: Duration) -> Value {
@@ -82,37 +85,6 @@ fn bad_bench_arguments_name_the_flag() {
     assert!(stderr.contains("--spares"), "{stderr}");
 }
 
-/// A child process stopped (SIGTERM, then SIGKILL) when dropped, even when an assertion fails.
-struct Guard(std::process::Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The body of a GET with the cluster token, over a plain socket (HTTP/1.0: no chunking).
-fn get(addr: &str, path: &str, token: &str) -> String {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
-}
-
 /// `promtool check metrics` on `text`; None when promtool is not installed (and not required).
 fn promtool(text: &str) -> Option<(bool, String)> {
     use std::io::Write;
@@ -141,25 +113,10 @@ fn promtool(text: &str) -> Option<(bool, String)> {
 
 #[test]
 fn the_controllers_and_an_agents_metrics_pass_promtool() {
-    let dir = std::env::temp_dir().join(format!("myriad-metrics-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch("metrics");
     let cluster = dir.join(".myriad");
-    let mut up = Command::new(env!("CARGO_BIN_EXE_myriad"))
-        .args(["up", "--nodes", "1", "--slots", "1", "--json", "--heartbeat-ms", "200"])
-        .env("MYRIAD_CLUSTER", &cluster)
-        .current_dir(&dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(up.stdout.take().unwrap()), &mut line).unwrap();
-    let _up = Guard(up);
-    let info: Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("`myriad up` printed {line:?}: {e}"));
-    let controller = info["url"].as_str().unwrap().trim_start_matches("http://").to_string();
-    let token = std::fs::read_to_string(cluster.join("controller/token")).unwrap().trim().to_string();
+    let _up = up(&dir, &["--nodes", "1", "--slots", "1"]);
+    let (controller, token) = controller(&dir);
 
     let exe = env!("CARGO_BIN_EXE_myriad");
     let train = [exe, "train", "--preset", "tiny", "--peak-gflops", "100", "--batch", "2", "--seq", "16"];
