@@ -425,16 +425,20 @@ pub struct StatusArgs {
 }
 
 pub fn status(a: StatusArgs) -> Result<(), String> {
+    if let Some(every_s) = a.watch {
+        if a.json {
+            return Err("--watch redraws tables; for JSON, call `myriad status --json` in a loop".into());
+        }
+        if !(0.1..=3600.0).contains(&every_s) {
+            return Err(format!(
+                "--watch {every_s}: the refresh period must be between 0.1 and 3600 seconds"
+            ));
+        }
+    }
     let client = a.conn.client()?;
     let Some(every_s) = a.watch else {
         return block_on(status_frame(&client, a.job, a.json)).map(|frame| print!("{frame}"));
     };
-    if a.json {
-        return Err("--watch redraws tables; for JSON, call `myriad status --json` in a loop".into());
-    }
-    if !(0.1..=3600.0).contains(&every_s) {
-        return Err(format!("--watch {every_s}: the refresh period must be between 0.1 and 3600 seconds"));
-    }
     use std::io::{IsTerminal, Write};
     let terminal = std::io::stdout().is_terminal();
     block_on(async {

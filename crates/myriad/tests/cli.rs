@@ -345,3 +345,10 @@ fn plan_bad_input_names_what_is_wrong() {
     );
     fails_with(&["plan", "validate", "/no/such/runs.csv"], &["runs.csv"]);
 }
+
+#[test]
+fn status_watch_refuses_json_and_a_bad_period() {
+    fails_with(&["status", "--watch", "--json"], &["--watch", "--json"]);
+    fails_with(&["status", "--watch", "0"], &["--watch 0", "between 0.1 and 3600"]);
+    fails_with(&["status", "--watch", "NaN"], &["--watch NaN"]);
+}

@@ -279,6 +279,32 @@ fn the_dashboard_shows_a_faulted_jobs_table_live_charts_timeline_and_nodes_in_ch
         "the loss chart did not grow: {first} then {later}"
     );
 
+    // The same cluster in a terminal: `status --watch` redraws until Ctrl-C, then exits 0.
+    let mut watch = Command::new(exe)
+        .args(["status", "--watch", "0.2"])
+        .env("MYRIAD_CLUSTER", dir.join(".myriad"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let mut watch = Guard(Some(watch));
+    std::thread::sleep(Duration::from_millis(1500));
+    let child = watch.0.as_mut().unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    // A few frames fit the pipe's buffer: the process never blocks writing before it is read.
+    let status =
+        wait_for("status --watch to stop on Ctrl-C", Duration::from_secs(10), || child.try_wait().unwrap());
+    let mut text = String::new();
+    stdout.read_to_string(&mut text).unwrap();
+    assert!(status.success(), "status --watch after Ctrl-C: {status:?}");
+    let frames = text.matches("myriad status · every 0.2 s").count();
+    assert!(frames >= 3, "{frames} frames in 1.5 s:\n{text}");
+    assert!(
+        text.contains("running") && text.contains("ETTR") && text.contains("nodes: 3 healthy of 3"),
+        "{text}"
+    );
+
     let png = base64_decode(browser.call("GET", "screenshot", None).as_str().unwrap());
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 20_000, "{} bytes", png.len());
     let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
