@@ -90,7 +90,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     // Launched by an agent after a failure: start from the checkpoint it verified for us.
     let restore_dir = std::env::var_os("MYRIAD_RESTORE_DIR").filter(|_| a.resume.is_none());
     let resume = a.resume.clone().or_else(|| restore_dir.map(|d| d.to_string_lossy().into_owned()));
-    let memory = MemoryTier::from_env()?;
+    let mut memory = MemoryTier::from_env()?;
     let mut trainer = match &resume {
         Some(which) => {
             let dir = if which == "latest" {
@@ -202,7 +202,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 eta_s,
             );
         }
-        if let Some(tier) = &memory {
+        if let Some(tier) = memory.as_mut() {
             tier.maybe_save(&trainer, agent.as_mut())?;
         }
         if let Some(root) = &a.checkpoint_dir {
@@ -211,6 +211,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 trainer.save(root).map_err(|e| e.to_string())?;
             }
         }
+    }
+    if let Some(tier) = memory.as_mut() {
+        tier.finish(agent.as_mut())?;
     }
     let floor = trainer.entropy_floor().map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
     if leader {
@@ -228,13 +231,22 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
 /// MYRIAD_CHECKPOINT_EVERY steps rank 0 writes a checkpoint there and tells its agent, which
 /// copies it to another node and persists some. Ranks of a plain data-parallel group all hold the
 /// same state, so rank 0's copy is the whole checkpoint.
+///
+/// Only the memory copy of the state holds up training; a writer thread turns it into the
+/// checkpoint directory (files, SHA-256s, manifest, rename) while the next steps run, and the
+/// agent hears of it once it is complete. At most one write is in flight, into one reused buffer.
 struct MemoryTier {
     root: PathBuf,
     every: u64,
+    /// The buffers of the last copy, back from its writer.
+    spare: Option<train::StateCopy>,
+    writing: Option<std::thread::JoinHandle<(train::StateCopy, Result<u64, String>)>>,
 }
 
 /// In-memory checkpoints kept by the rank (the agent's buddy keeps its own two).
 const MEMORY_KEEP: usize = 2;
+
+type Agent<'a> = Option<&'a mut crate::agent_progress::AgentProgress>;
 
 impl MemoryTier {
     fn from_env() -> Result<Option<MemoryTier>, String> {
@@ -247,25 +259,49 @@ impl MemoryTier {
                 .ok_or(format!("MYRIAD_CHECKPOINT_EVERY={v:?} is not a positive integer"))?,
             Err(_) => 1,
         };
-        Ok(Some(MemoryTier { root: PathBuf::from(root), every }))
+        Ok(Some(MemoryTier { root: PathBuf::from(root), every, spare: None, writing: None }))
     }
 
-    fn maybe_save(
-        &self,
-        trainer: &Trainer,
-        agent: Option<&mut crate::agent_progress::AgentProgress>,
-    ) -> Result<(), String> {
+    fn maybe_save(&mut self, trainer: &Trainer, mut agent: Agent) -> Result<(), String> {
+        self.collect(agent.as_deref_mut(), false)?;
         // A ZeRO-1 checkpoint needs every rank's shard in one directory; node-local memory is not
         // one (persisted --checkpoint-dir checkpoints still work).
         if !trainer.step.is_multiple_of(self.every) || trainer.is_zero1() || trainer.rank() != 0 {
             return Ok(());
         }
-        trainer.save(&self.root).map_err(|e| format!("in-memory checkpoint: {e}"))?;
-        prune_checkpoints(&self.root, MEMORY_KEEP);
+        // The previous write must be done before its buffer is reused (it is, unless writing
+        // takes longer than `every` steps).
+        self.collect(agent, true)?;
+        let Some(state) = trainer.copy_state(self.spare.take()) else { return Ok(()) };
+        let root = self.root.clone();
+        self.writing = Some(std::thread::spawn(move || {
+            let written = state.save(&root).map(|_| state.step).map_err(|e| e.to_string());
+            if written.is_ok() {
+                prune_checkpoints(&root, MEMORY_KEEP);
+            }
+            (state, written)
+        }));
+        Ok(())
+    }
+
+    /// Reports a finished write to the agent; with `wait`, waits for one in flight.
+    fn collect(&mut self, agent: Agent, wait: bool) -> Result<(), String> {
+        if self.writing.as_ref().is_none_or(|w| !wait && !w.is_finished()) {
+            return Ok(());
+        }
+        let writer = self.writing.take().expect("checked above");
+        let (state, written) = writer.join().map_err(|_| "in-memory checkpoint: the writer panicked")?;
+        self.spare = Some(state);
+        let step = written.map_err(|e| format!("in-memory checkpoint: {e}"))?;
         if let Some(agent) = agent {
-            agent.checkpoint(trainer.step);
+            agent.checkpoint(step);
         }
         Ok(())
+    }
+
+    /// Waits for the last write, so the run's final checkpoint is reported before it exits.
+    fn finish(&mut self, agent: Agent) -> Result<(), String> {
+        self.collect(agent, true)
     }
 }
 

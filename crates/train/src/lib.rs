@@ -23,4 +23,4 @@ pub use config::{ModelConfig, TrainConfig};
 pub use data::DataSpec;
 pub use error::{Error, Result};
 pub use model::Gpt;
-pub use trainer::{StepStats, Trainer};
+pub use trainer::{StateCopy, StepStats, Trainer};

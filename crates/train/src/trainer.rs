@@ -101,8 +101,7 @@ impl Trainer {
         cfg.validate(&m.model)?;
         let mut source = open_source(data, &m.model, &cfg)?;
         source.restore(&m.data_cursor)?;
-        let mut model = Gpt::new(m.model.clone(), cfg.seed);
-        model.params = loaded.params;
+        let model = Gpt::with_params(m.model.clone(), loaded.params);
         let opt = AdamW { m: loaded.exp_avg, v: loaded.exp_avg_sq, t: m.adam_t, shard: loaded.moments_range };
         let mut trainer = Trainer {
             model,
@@ -284,6 +283,42 @@ impl Trainer {
         self.group.as_ref().map(|g| g.timeout())
     }
 
+    /// Copies the run's whole state into `into`, reusing its buffers, so that a checkpoint can be
+    /// written by another thread while this one trains on. Not for ZeRO-1 runs, whose optimizer
+    /// state is spread over the ranks (None then).
+    pub fn copy_state(&self, into: Option<StateCopy>) -> Option<StateCopy> {
+        if self.is_zero1() {
+            return None;
+        }
+        let fill = |buf: &mut Vec<f32>, from: &[f32]| {
+            buf.clear();
+            buf.extend_from_slice(from);
+        };
+        let mut c = into.unwrap_or_else(|| StateCopy {
+            step: 0,
+            data_cursor: self.data.cursor(),
+            rng_state: 0,
+            adam_t: 0,
+            model: self.model.cfg.clone(),
+            train: self.cfg.clone(),
+            params: Vec::new(),
+            exp_avg: Vec::new(),
+            exp_avg_sq: Vec::new(),
+            world_size: 1,
+        });
+        c.step = self.step;
+        c.data_cursor = self.data.cursor();
+        c.rng_state = self.rng.state();
+        c.adam_t = self.opt.t;
+        c.model.clone_from(&self.model.cfg);
+        c.train.clone_from(&self.cfg);
+        fill(&mut c.params, &self.model.params);
+        fill(&mut c.exp_avg, &self.opt.m);
+        fill(&mut c.exp_avg_sq, &self.opt.v);
+        c.world_size = self.world_size();
+        Some(c)
+    }
+
     /// Saves the run under `root/step_N`; returns that directory. Without ZeRO-1 every rank
     /// holds the same state, so rank 0 alone writes it. With ZeRO-1 every rank must call this:
     /// each writes its optimizer shard, and rank 0 writes the weights and the manifest listing
@@ -331,6 +366,43 @@ impl Trainer {
         // Nobody moves on (or reports the checkpoint) before it is committed.
         group.barrier()?;
         Ok(final_dir)
+    }
+}
+
+/// The whole state of an unsharded run at one step, owned: [`Trainer::copy_state`] fills it in a
+/// memory copy, and [`StateCopy::save`] writes the same checkpoint `Trainer::save` would have, from
+/// any thread.
+#[derive(Clone, Debug)]
+pub struct StateCopy {
+    pub step: u64,
+    data_cursor: crate::data::DataCursor,
+    rng_state: u64,
+    adam_t: u64,
+    model: ModelConfig,
+    train: TrainConfig,
+    params: Vec<f32>,
+    exp_avg: Vec<f32>,
+    exp_avg_sq: Vec<f32>,
+    world_size: usize,
+}
+
+impl StateCopy {
+    /// Writes `root/step_N` (temporary name, then rename); returns that directory.
+    pub fn save(&self, root: &Path) -> Result<PathBuf> {
+        let snap = Snapshot {
+            step: self.step,
+            data_cursor: self.data_cursor.clone(),
+            rng_state: self.rng_state,
+            adam_t: self.adam_t,
+            model: &self.model,
+            train: &self.train,
+            params: &self.params,
+            exp_avg: &self.exp_avg,
+            exp_avg_sq: &self.exp_avg_sq,
+            world_size: self.world_size,
+            shard: None,
+        };
+        checkpoint::save(root, &snap)
     }
 }
 

@@ -118,6 +118,37 @@ fn resume_continues_bitwise_identically() {
 }
 
 #[test]
+fn a_state_copy_written_from_another_thread_is_the_same_checkpoint_byte_for_byte() {
+    let (m, c, d) = tiny_run(6);
+    let mut t = Trainer::new(m, c, &d).unwrap();
+    let (direct, copied) = (scratch_dir("copy-direct"), scratch_dir("copy-thread"));
+    let mut copy = None;
+    for _ in 0..2 {
+        // Twice over the same buffers: a reused copy carries nothing stale.
+        for _ in 0..3 {
+            t.train_step().unwrap();
+        }
+        let saved = t.save(&direct).unwrap();
+        let state = t.copy_state(copy.take()).expect("an unsharded run copies");
+        let dir = copied.clone();
+        let (state, written) = std::thread::spawn(move || {
+            let written = state.save(&dir).unwrap();
+            (state, written)
+        })
+        .join()
+        .unwrap();
+        copy = Some(state);
+        for file in ["model.safetensors", "optimizer.safetensors", "manifest.json"] {
+            let (a, b) =
+                (std::fs::read(saved.join(file)).unwrap(), std::fs::read(written.join(file)).unwrap());
+            assert!(a == b, "{file} of step {} differs", t.step);
+        }
+    }
+    std::fs::remove_dir_all(&direct).unwrap();
+    std::fs::remove_dir_all(&copied).unwrap();
+}
+
+#[test]
 fn a_flipped_byte_anywhere_is_refused_naming_the_file() {
     let (m, c, d) = tiny_run(2);
     let mut t = Trainer::new(m, c, &d).unwrap();
