@@ -40,6 +40,9 @@ pub struct CoreConfig {
     /// straggler; checked every `straggler_check_ms`.
     pub straggler_margin: f64,
     pub straggler_check_ms: u64,
+    /// A straggler still straggling after this many checks in a row has its node swapped for a
+    /// free spare the job may use (a restart from the newest checkpoint); 0 never evicts.
+    pub straggler_evict_checks: u32,
 }
 
 impl Default for CoreConfig {
@@ -55,6 +58,9 @@ impl Default for CoreConfig {
             // the jitter of ranks sharing a busy host is not.
             straggler_margin: 0.5,
             straggler_check_ms: 5_000,
+            // 15 s of a rank 50% slower costs the job more than a restart from an in-memory
+            // checkpoint (seconds), and three checks in a row are not jitter.
+            straggler_evict_checks: 3,
         }
     }
 }
@@ -192,6 +198,9 @@ pub struct Attempt {
     pub stragglers: BTreeSet<u32>,
     #[serde(skip)]
     pub straggler_checked_ms: u64,
+    /// Checks in a row each rank has been found straggling (not persisted: it starts again).
+    #[serde(skip)]
+    pub straggling_checks: BTreeMap<u32, u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -231,6 +240,9 @@ pub struct Job {
     /// new step rewrites anyway, so a restarted controller keeps the charts whole.
     #[serde(default)]
     pub history: History,
+    /// Nodes evicted from this job for straggling: its later attempts avoid them.
+    #[serde(default)]
+    pub evicted: BTreeSet<String>,
 }
 
 /// Points of a job's history kept (48 bytes each in memory, about 50 in the job's row).
@@ -413,6 +425,8 @@ pub enum FaultKind {
     AgentRestart,
     /// The ranks did not all start in time.
     LaunchTimeout,
+    /// A node kept straggling and was swapped for a spare.
+    Straggler,
     /// Not a fault: success or cancellation.
     None,
 }
@@ -425,6 +439,7 @@ impl FaultKind {
             FaultKind::NodeLost => "node_lost",
             FaultKind::AgentRestart => "agent_restart",
             FaultKind::LaunchTimeout => "launch_timeout",
+            FaultKind::Straggler => "straggler",
             FaultKind::None => "none",
         }
     }
@@ -477,7 +492,6 @@ fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>)
             as u32;
 }
 
-/// Each node's group rank: its position in the attempt's node list.
 /// Names for an event: all of a small job's nodes; the first few of a large one and a count (its
 /// full placement is in the job's view), so one event is not 15 KB at 1,250 nodes.
 fn node_list(nodes: &[String]) -> String {
@@ -494,6 +508,7 @@ fn ettr(job: &Job, now_ms: u64) -> Option<f64> {
     (wall_ms > 0 && !job.account.recent.is_empty()).then(|| job.account.committed_ms() / wall_ms as f64)
 }
 
+/// Each node's group rank: its position in the attempt's node list.
 fn group_index(nodes: &[String]) -> HashMap<String, u32> {
     nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect()
 }
@@ -1375,6 +1390,7 @@ impl Core {
                 mfu: None,
                 account: Account::default(),
                 history: History::default(),
+                evicted: BTreeSet::new(),
             },
         );
         self.dirty_jobs.insert(id);
@@ -1461,9 +1477,13 @@ impl Core {
     /// Running jobs whose check is due: a rank computing `straggler_margin` above the job's
     /// median is reported once per attempt. All ranks of a synchronous job take equally long per
     /// step (the fast ones wait for the slow one), so it is compute time that tells them apart.
+    /// One still straggling after `straggler_evict_checks` checks in a row has its node swapped
+    /// for a spare, when the job may use one, one is free and a restart is left.
     fn find_stragglers(&mut self, now_ms: u64) {
         let (margin, every_ms) = (self.cfg.straggler_margin, self.cfg.straggler_check_ms);
+        let evict_after = self.cfg.straggler_evict_checks;
         let mut found: Vec<(JobId, u32, String, f64, f64)> = Vec::new();
+        let mut persistent: Vec<(JobId, u32, u32, String, f64, f64)> = Vec::new();
         for job in self.jobs.values_mut().filter(|j| j.state == JobState::Running) {
             let Some(a) = job.attempt.as_mut() else { continue };
             if now_ms.saturating_sub(a.straggler_checked_ms) < every_ms {
@@ -1479,12 +1499,25 @@ impl Core {
             // The lower median: of two ranks, the faster one is the yardstick.
             let median = known[(known.len() - 1) / 2];
             let nproc = job.spec.ranks_per_node as usize;
+            let mut checks = BTreeMap::new();
             for (rank, ms) in a.compute_ms.iter().enumerate() {
                 let Some(ms) = *ms else { continue };
-                if ms > median * (1.0 + margin) && a.stragglers.insert(rank as u32) {
-                    found.push((job.id, rank as u32, a.nodes[rank / nproc].clone(), ms, median));
+                if ms <= median * (1.0 + margin) {
+                    continue;
+                }
+                let rank = rank as u32;
+                let node = a.nodes[rank as usize / nproc].clone();
+                let n = a.straggling_checks.get(&rank).map_or(1, |n| n + 1);
+                checks.insert(rank, n);
+                if a.stragglers.insert(rank) {
+                    found.push((job.id, rank, node.clone(), ms, median));
+                }
+                if evict_after > 0 && n >= evict_after {
+                    persistent.push((job.id, a.number, rank, node, ms, median));
                 }
             }
+            // A rank back within the margin starts counting afresh.
+            a.straggling_checks = checks;
         }
         for (job_id, rank, node, ms, median) in found {
             self.dirty_jobs.insert(job_id);
@@ -1496,11 +1529,49 @@ impl Core {
             let data = serde_json::json!({"rank": rank, "compute_ms": ms, "median_ms": median});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }
+        for (job_id, attempt, rank, node, ms, median) in persistent {
+            if !self.spare_for(job_id) {
+                continue;
+            }
+            let job = self.jobs.get_mut(&job_id).expect("found above");
+            if job.attempt.as_ref().is_none_or(|a| a.outcome.is_some() || a.number != attempt) {
+                continue; // one eviction per attempt
+            }
+            job.evicted.insert(node.clone());
+            let reason = format!(
+                "rank {rank} on node {node} straggled at {evict_after} checks in a row, {} s apart ({ms:.0} ms of \
+                 compute per step against {median:.0} ms): node evicted for a spare",
+                every_ms / 1000
+            );
+            self.end_attempt(
+                job_id,
+                attempt,
+                Outcome::Restart,
+                (FaultKind::Straggler, reason),
+                now_ms,
+                now_ms,
+            );
+            self.maybe_finish_attempt(job_id, now_ms);
+        }
     }
 
-    /// Gang scheduling, first come first served: the oldest queued job starts when enough healthy
-    /// nodes have the free slots for all its ranks at once; younger jobs wait behind it so a large
-    /// job is never starved by small ones.
+    /// Whether evicting a node of `job_id` leaves it somewhere to go: a restart left, a spare
+    /// it may still use, and a spare free for it.
+    fn spare_for(&self, job_id: JobId) -> bool {
+        let Some(job) = self.jobs.get(&job_id) else { return false };
+        let Some(a) = job.attempt.as_ref() else { return false };
+        let spares_used = a.nodes.iter().filter(|n| self.nodes.get(*n).is_some_and(|n| n.spare)).count();
+        job.restarts < job.spec.max_restarts
+            && spares_used < job.spec.spares as usize
+            && self.nodes.values().any(|n| {
+                n.spare
+                    && n.health == Health::Healthy
+                    && !n.quarantined
+                    && !job.evicted.contains(&n.name)
+                    && n.slots - n.slots_used() >= job.spec.ranks_per_node
+            })
+    }
+
     fn schedule(&mut self, now_ms: u64) {
         self.schedule_due = false;
         let queued: Vec<JobId> =
@@ -1517,8 +1588,9 @@ impl Core {
             let mut slots: Vec<Option<String>> = vec![None; need];
             if let Some(previous) = job.placements.last() {
                 for (slot, name) in slots.iter_mut().zip(previous) {
-                    if let Some(n) = self.nodes.get(name).filter(|n| free(n) && (!n.spare || spares_left > 0))
-                    {
+                    let back =
+                        |n: &&Node| free(n) && (!n.spare || spares_left > 0) && !job.evicted.contains(name);
+                    if let Some(n) = self.nodes.get(name).filter(back) {
                         spares_left -= n.spare as usize;
                         *slot = Some(n.name.clone());
                     }
@@ -1527,8 +1599,12 @@ impl Core {
             let mut taken: HashSet<String> = slots.iter().flatten().cloned().collect();
             let mut holes = (0..need).filter(|&i| slots[i].is_none()).collect::<Vec<usize>>().into_iter();
             let mut hole = holes.next();
-            for spare in [false, true] {
-                for n in self.nodes.values().filter(|n| n.spare == spare && free(n)) {
+            // Regular nodes, then spares; nodes evicted from this job for straggling only when
+            // nothing else is free (slow beats stuck in the queue).
+            for (spare, evicted) in [(false, false), (true, false), (false, true), (true, true)] {
+                let candidate =
+                    |n: &&Node| n.spare == spare && free(n) && job.evicted.contains(&n.name) == evicted;
+                for n in self.nodes.values().filter(candidate) {
                     let Some(i) = hole else { break };
                     if !taken.contains(&n.name) && (!spare || spares_left > 0) {
                         spares_left -= spare as usize;
@@ -1562,6 +1638,7 @@ impl Core {
             compute_ms: Vec::new(),
             stragglers: BTreeSet::new(),
             straggler_checked_ms: now_ms,
+            straggling_checks: BTreeMap::new(),
         });
         job.placements.push(nodes.clone());
         if job.placements.len() > PLACEMENTS_KEPT {

@@ -631,6 +631,56 @@ fn a_rank_computing_well_above_the_jobs_median_is_reported_once_as_a_straggler()
     assert_eq!(found[0].node.as_deref(), Some("b"));
     assert!(found[0].message.contains("rank 3 on node b"), "{}", found[0].message);
     assert_eq!(found[0].data.as_ref().unwrap()["rank"], 3);
+    // Without a spare to move to, the job runs on with its straggler.
+    for _ in 0..30 {
+        w.round();
+    }
+    assert_eq!((w.state(id), w.core.job(id).unwrap().restarts), (JobState::Running, 0));
+}
+
+#[test]
+fn a_node_that_keeps_straggling_is_swapped_for_a_spare() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(2, 1, 3);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    w.agents.get_mut("a").unwrap().compute_ms.insert((id, 0, 0), 100.0);
+    w.agents.get_mut("b").unwrap().compute_ms.insert((id, 0, 0), 250.0);
+    // Reported at the first check; evicted at the third in a row (10 s later).
+    let checks = CoreConfig::default().straggler_evict_checks as u64;
+    let every_s = CoreConfig::default().straggler_check_ms / 1000;
+    let mut events = Vec::new();
+    for _ in 0..(checks * every_s + 2) {
+        w.round();
+        events.extend(w.core.take_changes().events);
+        if events.iter().any(|e| e.kind == "attempt_failed") {
+            break;
+        }
+    }
+    let reported = events.iter().position(|e| e.kind == "straggler").expect("reported");
+    let failed = events.iter().position(|e| e.kind == "attempt_failed").expect("evicted");
+    assert!(reported < failed);
+    let seconds = (events[failed].time_ms - events[reported].time_ms) / 1000;
+    assert_eq!(seconds, (checks - 1) * every_s, "{events:?}");
+    assert_eq!(events[failed].data.as_ref().unwrap()["cause"], "straggler");
+    assert!(events[failed].message.contains("node b") && events[failed].message.contains("evicted"));
+    for _ in 0..5 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.state, JobState::Running);
+    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"], "the spare takes b's place");
+    assert_eq!((job.restarts, job.account.faults), (1, 1));
+    // b stays out of this job's later attempts while anything else is free.
+    w.exit("a", id, 1, 0, 1);
+    for _ in 0..5 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a", "s"]);
 }
 
 #[test]

@@ -97,6 +97,10 @@ pub struct ControllerArgs {
     /// An attempt whose ranks have not all started by then fails.
     #[arg(long, default_value_t = 120)]
     launch_timeout_s: u64,
+    /// A rank straggling (50% above the job's median compute) at this many 5-second checks in a
+    /// row has its node swapped for a free spare of the job; 0 only reports stragglers.
+    #[arg(long, default_value_t = 3)]
+    straggler_evict_checks: u32,
 }
 
 pub fn controller(a: ControllerArgs) -> Result<(), String> {
@@ -107,6 +111,7 @@ pub fn controller(a: ControllerArgs) -> Result<(), String> {
         heartbeat_interval_ms: a.heartbeat_ms,
         launch_timeout_ms: a.launch_timeout_s * 1000,
         tick_ms: (a.heartbeat_ms / 10).max(5),
+        straggler_evict_checks: a.straggler_evict_checks,
         ..CoreConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
