@@ -213,6 +213,30 @@ fn the_dashboard_shows_a_faulted_jobs_table_live_charts_timeline_and_nodes_in_ch
     });
     assert_eq!(page["main_shown"], false, "{page}");
     assert_eq!(page["rows"].as_array().unwrap().len(), 0, "{page}");
+    // A wrong token typed into the form: the controller's 401 brings the form back, saying so.
+    let submit = |token: &str| {
+        let script = format!(
+            "document.getElementById('token').value = {};\
+             document.getElementById('login').requestSubmit(); return true;",
+            json!(token)
+        );
+        browser.script(&script);
+    };
+    submit("not-the-cluster-token");
+    let refused = wait_for("the form to come back", Duration::from_secs(30), || {
+        let said = browser.script(
+            "return document.getElementById('login').hidden ? null : \
+             document.getElementById('login-error').textContent;",
+        );
+        said.as_str().filter(|s| !s.is_empty()).map(str::to_string)
+    });
+    assert!(refused.contains("refused the token"), "{refused}");
+    // The right one typed in shows the cluster.
+    submit(&token);
+    wait_for("the jobs table after typing the token", Duration::from_secs(30), || {
+        let page = browser.script(READ_PAGE);
+        (page["main_shown"] == true && !page["rows"].as_array().unwrap().is_empty()).then_some(())
+    });
 
     // With it, as `myriad up` prints the link: everything, live.
     browser.open(&format!("http://{addr}/?view=1#token={token}"));
