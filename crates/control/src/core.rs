@@ -114,6 +114,11 @@ impl Node {
         self.allocations.iter().map(|a| a.slots).sum()
     }
 
+    /// Healthy, not quarantined, with `slots` free.
+    fn has_room(&self, slots: u32) -> bool {
+        self.health == Health::Healthy && !self.quarantined && self.slots - self.slots_used() >= slots
+    }
+
     fn holds(&self, job_id: JobId, attempt: u32) -> bool {
         self.allocations.iter().any(|a| a.job_id == job_id && a.attempt == attempt)
     }
@@ -284,14 +289,6 @@ impl History {
         }
         self.points.push((time_ms, step, figures.map(|f| f.map(|v| v as f32))));
         true
-    }
-
-    pub fn len(&self) -> usize {
-        self.points.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.points.is_empty()
     }
 
     pub fn points(&self) -> impl Iterator<Item = SeriesPoint> + '_ {
@@ -1563,15 +1560,15 @@ impl Core {
         let spares_used = a.nodes.iter().filter(|n| self.nodes.get(*n).is_some_and(|n| n.spare)).count();
         job.restarts < job.spec.max_restarts
             && spares_used < job.spec.spares as usize
-            && self.nodes.values().any(|n| {
-                n.spare
-                    && n.health == Health::Healthy
-                    && !n.quarantined
-                    && !job.evicted.contains(&n.name)
-                    && n.slots - n.slots_used() >= job.spec.ranks_per_node
-            })
+            && self
+                .nodes
+                .values()
+                .any(|n| n.spare && n.has_room(job.spec.ranks_per_node) && !job.evicted.contains(&n.name))
     }
 
+    /// Gang scheduling, first come first served: the oldest queued job starts when enough healthy
+    /// nodes have the free slots for all its ranks at once; younger jobs wait behind it so a large
+    /// job is never starved by small ones.
     fn schedule(&mut self, now_ms: u64) {
         self.schedule_due = false;
         let queued: Vec<JobId> =
@@ -1580,9 +1577,7 @@ impl Core {
             let job = &self.jobs[&job_id];
             let (need, per_node) = (job.spec.nodes as usize, job.spec.ranks_per_node);
             let mut spares_left = job.spec.spares as usize;
-            let free = |n: &Node| {
-                n.health == Health::Healthy && !n.quarantined && n.slots - n.slots_used() >= per_node
-            };
+            let free = |n: &Node| n.has_room(per_node);
             // A restart goes back to the nodes it ran on (their memory holds its checkpoints), each
             // in its old group rank; only the missing ones are replaced, regular nodes first.
             let mut slots: Vec<Option<String>> = vec![None; need];

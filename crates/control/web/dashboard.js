@@ -112,7 +112,8 @@ function setConn(text, cls) {
 
 // ------------------------------------------------------------------ jobs table
 
-const ACTIVE = new Set(["running", "starting", "stopping", "queued"]);
+// Jobs whose charts move: the dashboard follows the newest of them unless one was clicked.
+const ACTIVE = new Set(["running", "starting", "stopping"]);
 
 function renderJobs(jobs, now) {
   const body = document.querySelector("#jobs-table tbody");
@@ -140,7 +141,7 @@ function renderJobs(jobs, now) {
 
 function pickJob(jobs) {
   if (state.pinned && jobs.some((j) => j.id === state.selected)) return state.selected;
-  const active = jobs.filter((j) => ACTIVE.has(j.state) && j.state !== "queued");
+  const active = jobs.filter((j) => ACTIVE.has(j.state));
   const newest = (list) => list.reduce((a, b) => (b.id > a.id ? b : a));
   if (active.length) return newest(active).id;
   return jobs.length ? newest(jobs).id : null;
@@ -404,7 +405,7 @@ async function poll() {
     document.body.dataset.polls = state.polls;
     setConn("live · " + fmt.clock(now), "ok");
   } catch (e) {
-    if (e instanceof Unauthorized) { busy = false; showLogin(e.message); return; }
+    if (e instanceof Unauthorized) { showLogin(e.message); return; }
     setConn("controller unreachable: " + e.message, "bad");
   } finally {
     busy = false;

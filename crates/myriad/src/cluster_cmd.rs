@@ -442,14 +442,15 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
     }
     let client = a.conn.client()?;
     let Some(every_s) = a.watch else {
-        return block_on(status_frame(&client, a.job, a.json)).map(|frame| print!("{frame}"));
+        return block_on(status_frame(&client, a.job, a.json, usize::MAX)).map(|frame| print!("{frame}"));
     };
     use std::io::{IsTerminal, Write};
     let terminal = std::io::stdout().is_terminal();
     block_on(async {
         loop {
             // A controller that stops answering is shown, not fatal: it may be restarting.
-            let frame = status_frame(&client, a.job, false)
+            // The newest events only: a frame taller than the terminal cannot be redrawn in place.
+            let frame = status_frame(&client, a.job, false, WATCH_EVENTS)
                 .await
                 .unwrap_or_else(|e| format!("{e}\n(retrying every {every_s} s)\n"));
             let clock = utc_clock(now_ms());
@@ -474,14 +475,23 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
     })
 }
 
+/// Events of one job that `status JOB --watch` shows.
+const WATCH_EVENTS: usize = 20;
+
 /// HH:MM:SS (UTC) of a Unix time in ms.
 fn utc_clock(ms: u64) -> String {
     let s = ms / 1000;
     format!("{:02}:{:02}:{:02} UTC", s / 3600 % 24, s / 60 % 60, s % 60)
 }
 
-/// What `myriad status` prints once: one job with its events, or every job and a node summary.
-async fn status_frame(client: &Client, job: Option<u64>, json: bool) -> Result<String, String> {
+/// What `myriad status` prints once: one job with its newest `events_shown` events, or every job
+/// and a node summary.
+async fn status_frame(
+    client: &Client,
+    job: Option<u64>,
+    json: bool,
+    events_shown: usize,
+) -> Result<String, String> {
     use std::fmt::Write;
     let mut out = String::new();
     match job {
@@ -499,19 +509,24 @@ async fn status_frame(client: &Client, job: Option<u64>, json: bool) -> Result<S
             let t = &job.time;
             let _ = writeln!(
                 out,
-                "\ntime: {} wall, {} committed; lost: start-up {}, detection {}, restart {}, recomputation {}",
-                format_age_s(t.wall_ms as f64 / 1e3),
-                format_age_s(t.committed_ms / 1e3),
-                format_age_s(t.startup_ms / 1e3),
-                format_age_s(t.detection_ms / 1e3),
-                format_age_s(t.restart_ms / 1e3),
-                format_age_s(t.recompute_ms / 1e3),
+                "\ntime: {:.1} s wall, {:.1} s committed; lost: start-up {:.1} s, detection {:.1} s, \
+                 restart {:.1} s, recomputation {:.1} s",
+                t.wall_ms as f64 / 1e3,
+                t.committed_ms / 1e3,
+                t.startup_ms / 1e3,
+                t.detection_ms / 1e3,
+                t.restart_ms / 1e3,
+                t.recompute_ms / 1e3,
             );
             if let Some(reason) = &job.reason {
                 let _ = writeln!(out, "reason: {reason}");
             }
             let _ = writeln!(out, "\nevents:");
-            for e in &events {
+            let hidden = events.len().saturating_sub(events_shown);
+            if hidden > 0 {
+                let _ = writeln!(out, "  ({hidden} earlier; `myriad status {id}` lists them all)");
+            }
+            for e in &events[hidden..] {
                 let t = (e.time_ms.saturating_sub(job.submitted_ms)) as f64 / 1e3;
                 let node = e.node.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
                 let _ = writeln!(out, "  +{t:>8.1}s  {:<18} {}{node}", e.kind, e.message);

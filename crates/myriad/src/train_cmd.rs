@@ -212,8 +212,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             }
         }
     }
+    // The last write is reported before the run exits.
     if let Some(tier) = memory.as_mut() {
-        tier.finish(agent.as_mut())?;
+        tier.collect(agent.as_mut(), true)?;
     }
     let floor = trainer.entropy_floor().map(|f| format!(", entropy floor {f:.4}")).unwrap_or_default();
     if leader {
@@ -297,11 +298,6 @@ impl MemoryTier {
             agent.checkpoint(step);
         }
         Ok(())
-    }
-
-    /// Waits for the last write, so the run's final checkpoint is reported before it exits.
-    fn finish(&mut self, agent: Agent) -> Result<(), String> {
-        self.collect(agent, true)
     }
 }
 

@@ -97,11 +97,13 @@ impl Gpt {
     /// draws from its own seeded stream, so init is parallel and still deterministic.
     pub fn new(cfg: ModelConfig, seed: u64) -> Self {
         cfg.validate().expect("Gpt::new takes a validated config");
-        let specs = p::param_specs(&cfg);
-        let n = specs.iter().map(|s| s.numel()).sum();
-        let mut params = crate::memory::zeroed(n);
+        let n = p::param_specs(&cfg).iter().map(|s| s.numel()).sum();
+        let mut model = Gpt::with_params(cfg, crate::memory::zeroed(n));
+        let cfg = &model.cfg;
         let resid_std = 0.02 / (2.0 * cfg.n_layer as f64).sqrt();
-        for (ti, (spec, buf)) in specs.iter().zip(p::split_mut(&mut params, &specs)).enumerate() {
+        for (ti, (spec, buf)) in
+            model.specs.iter().zip(p::split_mut(&mut model.params, &model.specs)).enumerate()
+        {
             let name = spec.name.as_str();
             let std = if name.ends_with("c_proj.weight") {
                 resid_std
@@ -121,13 +123,13 @@ impl Gpt {
                 rng.fill_normal(chunk, std);
             });
         }
-        Gpt { cfg, specs, grads: crate::memory::zeroed(n), params, acts: None }
+        model
     }
 
     /// A model whose weights come from elsewhere (a checkpoint): no random initialisation, which
     /// for `small` is a third of a second of every restart.
     pub fn with_params(cfg: ModelConfig, params: Vec<f32>) -> Self {
-        cfg.validate().expect("Gpt::with_params takes a validated config");
+        cfg.validate().expect("Gpt takes a validated config");
         let specs = p::param_specs(&cfg);
         let n = specs.iter().map(|s| s.numel()).sum();
         assert_eq!(params.len(), n, "{n} parameters expected");

@@ -283,40 +283,33 @@ impl Trainer {
         self.group.as_ref().map(|g| g.timeout())
     }
 
-    /// Copies the run's whole state into `into`, reusing its buffers, so that a checkpoint can be
+    /// Copies the run's whole state, reusing the buffers of `into`, so that a checkpoint can be
     /// written by another thread while this one trains on. Not for ZeRO-1 runs, whose optimizer
     /// state is spread over the ranks (None then).
     pub fn copy_state(&self, into: Option<StateCopy>) -> Option<StateCopy> {
         if self.is_zero1() {
             return None;
         }
-        let fill = |buf: &mut Vec<f32>, from: &[f32]| {
+        let (mut params, mut exp_avg, mut exp_avg_sq) =
+            into.map_or_else(Default::default, |c| (c.params, c.exp_avg, c.exp_avg_sq));
+        for (buf, from) in
+            [(&mut params, &self.model.params), (&mut exp_avg, &self.opt.m), (&mut exp_avg_sq, &self.opt.v)]
+        {
             buf.clear();
             buf.extend_from_slice(from);
-        };
-        let mut c = into.unwrap_or_else(|| StateCopy {
-            step: 0,
+        }
+        Some(StateCopy {
+            step: self.step,
             data_cursor: self.data.cursor(),
-            rng_state: 0,
-            adam_t: 0,
+            rng_state: self.rng.state(),
+            adam_t: self.opt.t,
             model: self.model.cfg.clone(),
             train: self.cfg.clone(),
-            params: Vec::new(),
-            exp_avg: Vec::new(),
-            exp_avg_sq: Vec::new(),
-            world_size: 1,
-        });
-        c.step = self.step;
-        c.data_cursor = self.data.cursor();
-        c.rng_state = self.rng.state();
-        c.adam_t = self.opt.t;
-        c.model.clone_from(&self.model.cfg);
-        c.train.clone_from(&self.cfg);
-        fill(&mut c.params, &self.model.params);
-        fill(&mut c.exp_avg, &self.opt.m);
-        fill(&mut c.exp_avg_sq, &self.opt.v);
-        c.world_size = self.world_size();
-        Some(c)
+            params,
+            exp_avg,
+            exp_avg_sq,
+            world_size: self.world_size(),
+        })
     }
 
     /// Saves the run under `root/step_N`; returns that directory. Without ZeRO-1 every rank
