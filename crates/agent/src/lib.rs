@@ -463,9 +463,18 @@ impl Agent {
         {
             listener.take();
         }
+        // A node whose ranks keep their state live (slot files under the job's memory directory)
+        // restarts from those: the ranks agree among themselves on the newest step anyone holds,
+        // which is at least the controller's. No copy to fetch or verify here. A rank of the
+        // previous attempt must not be writing those files any more when the new one maps them.
+        let live = memory_dir.join(LIVE_DIR).is_dir();
+        if live {
+            self.retire_older_ranks(spec.job_id, spec.attempt).await;
+        }
         // Every rank starts from the step the controller chose, verified, or not at all.
         let restore = match &spec.restore {
             None => Ok(None),
+            Some(_) if live => Ok(None),
             Some(r) => {
                 checkpoints::resolve_restore(&self.cfg.token, spec.job_id, r, &memory_dir, &checkpoint_dir)
                     .await
@@ -497,6 +506,9 @@ impl Agent {
             ];
             if let Some(d) = &restore_dir {
                 env.push(("MYRIAD_RESTORE_DIR".to_string(), d.display().to_string()));
+            }
+            if let Some(r) = &spec.restore {
+                env.push(("MYRIAD_RESTORE_STEP".to_string(), r.step.to_string()));
             }
             env
         };
@@ -644,6 +656,41 @@ async fn watch(agent: Arc<Agent>, key: RankKey, mut child: tokio::process::Child
         r.exited_at_ms = Some(unix_ms());
     }
     agent.wake.notify_one();
+}
+
+/// Under a job's memory directory: its ranks' live state slots (the trainer's `train::live`).
+const LIVE_DIR: &str = "live";
+/// How long a launch waits for the previous attempt's ranks here to be gone.
+const RETIRE_DEADLINE: Duration = Duration::from_secs(5);
+
+impl Agent {
+    /// Kills this node's ranks of earlier attempts of `job_id` (they were told to stop; a new
+    /// attempt is starting) and waits, up to [`RETIRE_DEADLINE`], until they have exited.
+    async fn retire_older_ranks(&self, job_id: JobId, attempt: u32) {
+        let deadline = Instant::now() + RETIRE_DEADLINE;
+        loop {
+            let pids: Vec<u32> = {
+                let node = self.node.lock().expect("agent state");
+                node.ranks
+                    .iter()
+                    .filter(|((job, a, _), r)| *job == job_id && *a < attempt && r.state.is_running())
+                    .filter_map(|(_, r)| r.pid)
+                    .collect()
+            };
+            if pids.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "agent {}: job {job_id}: ranks {pids:?} of an earlier attempt outlived {RETIRE_DEADLINE:?}",
+                    self.cfg.name
+                );
+                return;
+            }
+            signal_groups(&pids, libc::SIGKILL);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
 }
 
 /// Exit code reported for ranks that could not start because their checkpoint failed to verify.

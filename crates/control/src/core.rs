@@ -369,6 +369,15 @@ impl Account {
         attempt: u32,
         submitted_ms: u64,
     ) -> Option<(String, serde_json::Value)> {
+        // The first report of a new attempt says which step it restored: the one before its
+        // first. That can be newer than the restore point the controller named (ranks that keep
+        // their state live agree on the newest step any of them holds), so the steps after it
+        // are rolled back only now.
+        if self.pending.as_ref().is_some_and(|p| attempt > p.attempt) {
+            if let Some(first) = steps.iter().map(|s| s.step).min() {
+                self.roll_back(first.saturating_sub(1));
+            }
+        }
         let first =
             steps.iter().filter(|s| !self.recent.contains_key(&s.step)).min_by_key(|s| s.step).copied();
         for s in steps {
@@ -918,7 +927,9 @@ impl Core {
         let restore = self.restore_point(&self.jobs[&job_id]);
         let restore_step = restore.as_ref().map_or(0, |r| r.step);
         let job = self.jobs.get_mut(&job_id).expect("checked above");
-        job.account.roll_back(restore_step);
+        if let Some(p) = job.account.pending.as_mut() {
+            p.restore_step = restore_step;
+        }
         job.step = Some(restore_step);
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");

@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use train::data::DataSpec;
 use train::{ModelConfig, TrainConfig, Trainer};
 
+/// Under the agent's memory directory: this rank's live state slots (train::live).
+const LIVE_DIR: &str = "live";
+
 #[derive(Args)]
 pub struct TrainArgs {
     /// Model shape: tiny (~1M parameters), small (~11M) or gpt2-124m.
@@ -91,8 +94,54 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     let restore_dir = std::env::var_os("MYRIAD_RESTORE_DIR").filter(|_| a.resume.is_none());
     let resume = a.resume.clone().or_else(|| restore_dir.map(|d| d.to_string_lossy().into_owned()));
     let mut memory = MemoryTier::from_env()?;
-    let mut trainer = match &resume {
-        Some(which) => {
+    let fresh_config = || -> Result<(ModelConfig, TrainConfig), String> {
+        let mut model = ModelConfig::preset(&a.preset).map_err(|e| e.to_string())?;
+        if let Some(h) = a.heads {
+            model.n_head = h;
+        }
+        let cfg = TrainConfig {
+            batch: a.batch,
+            seq_len: a.seq,
+            grad_accum: a.grad_accum,
+            steps: a.steps,
+            lr: a.lr,
+            min_lr_ratio: a.min_lr_ratio,
+            warmup_steps: a.warmup,
+            weight_decay: a.weight_decay,
+            grad_clip: a.grad_clip,
+            seed: a.seed,
+            ..TrainConfig::default()
+        };
+        Ok((model, cfg))
+    };
+    let mut trainer = match (&memory, &resume) {
+        // Under an agent (and not ZeRO-1): the state lives in the agent's memory every step, and
+        // a restart takes the newest step any rank holds (see train::live). MYRIAD_LIVE_STATE=0
+        // turns that off (restarts then use the checkpoint directories alone).
+        (Some(tier), _) if !a.zero1 && a.resume.is_none() && live_state_enabled() => {
+            let (model, cfg) = fresh_config()?;
+            // One rank per node keeps the slots: in data parallelism every rank's state is the same.
+            let keeper = std::env::var("LOCAL_RANK").ok().is_none_or(|l| l.trim() == "0");
+            let slots_dir = keeper.then(|| tier.root.join(LIVE_DIR));
+            let expected = match std::env::var("MYRIAD_RESTORE_STEP") {
+                Ok(v) => {
+                    Some(v.parse::<u64>().map_err(|_| format!("MYRIAD_RESTORE_STEP={v:?} is not a step"))?)
+                }
+                Err(_) => None,
+            };
+            let restore_dir = resume.as_ref().map(PathBuf::from);
+            Trainer::start_live(
+                model,
+                cfg,
+                &data,
+                group,
+                slots_dir.as_deref(),
+                restore_dir.as_deref(),
+                expected,
+            )
+            .map_err(|e| e.to_string())?
+        }
+        (_, Some(which)) => {
             let dir = if which == "latest" {
                 let root = a.checkpoint_dir.as_ref().ok_or("--resume latest needs --checkpoint-dir")?;
                 train::checkpoint::latest(root)
@@ -103,24 +152,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
             };
             Trainer::resume_in(&dir, &data, Some(a.steps), group, a.zero1).map_err(|e| e.to_string())?
         }
-        None => {
-            let mut model = ModelConfig::preset(&a.preset).map_err(|e| e.to_string())?;
-            if let Some(h) = a.heads {
-                model.n_head = h;
-            }
-            let cfg = TrainConfig {
-                batch: a.batch,
-                seq_len: a.seq,
-                grad_accum: a.grad_accum,
-                steps: a.steps,
-                lr: a.lr,
-                min_lr_ratio: a.min_lr_ratio,
-                warmup_steps: a.warmup,
-                weight_decay: a.weight_decay,
-                grad_clip: a.grad_clip,
-                seed: a.seed,
-                ..TrainConfig::default()
-            };
+        (_, None) => {
+            let (model, cfg) = fresh_config()?;
             let mut trainer = Trainer::new(model, cfg, &data).map_err(|e| e.to_string())?;
             if let Some(group) = group {
                 trainer.attach_group(group, a.zero1).map_err(|e| e.to_string())?;
@@ -299,6 +332,10 @@ impl MemoryTier {
         }
         Ok(())
     }
+}
+
+fn live_state_enabled() -> bool {
+    std::env::var("MYRIAD_LIVE_STATE").map_or(true, |v| v.trim() != "0")
 }
 
 /// Keeps the newest `keep` complete `step_N` directories under `root`.

@@ -10,6 +10,7 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod kernels;
+pub mod live;
 pub mod memory;
 pub mod model;
 pub mod optim;

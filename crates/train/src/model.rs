@@ -86,7 +86,7 @@ impl Activations {
 pub struct Gpt {
     pub cfg: ModelConfig,
     pub specs: Vec<TensorSpec>,
-    pub params: Vec<f32>,
+    pub params: crate::live::Buf,
     pub grads: Vec<f32>,
     acts: Option<Activations>,
 }
@@ -128,7 +128,8 @@ impl Gpt {
 
     /// A model whose weights come from elsewhere (a checkpoint): no random initialisation, which
     /// for `small` is a third of a second of every restart.
-    pub fn with_params(cfg: ModelConfig, params: Vec<f32>) -> Self {
+    pub fn with_params(cfg: ModelConfig, params: impl Into<crate::live::Buf>) -> Self {
+        let params = params.into();
         cfg.validate().expect("Gpt takes a validated config");
         let specs = p::param_specs(&cfg);
         let n = specs.iter().map(|s| s.numel()).sum();

@@ -6,6 +6,7 @@ use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{DataSpec, TokenSource};
 use crate::error::{Error, Result};
 use crate::kernels;
+use crate::live::{Buf, LiveSlots, StepHeader};
 use crate::model::Gpt;
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -44,6 +45,8 @@ pub struct Trainer {
     comm_timeout_cap: std::time::Duration,
     /// Recent step times in ms, for the adaptive collective deadline (bounded ring).
     recent_step_ms: std::collections::VecDeque<f64>,
+    /// The slot files the state lives in, when it is kept live ([`Trainer::keep_live`]).
+    live: Option<LiveSlots>,
 }
 
 /// Collective deadlines adapt to the job: `STEP_MULTIPLE` × the median recent step, at least
@@ -74,6 +77,7 @@ impl Trainer {
             group: None,
             comm_timeout_cap: comm::DEFAULT_TIMEOUT,
             recent_step_ms: Default::default(),
+            live: None,
         })
     }
 
@@ -102,7 +106,12 @@ impl Trainer {
         let mut source = open_source(data, &m.model, &cfg)?;
         source.restore(&m.data_cursor)?;
         let model = Gpt::with_params(m.model.clone(), loaded.params);
-        let opt = AdamW { m: loaded.exp_avg, v: loaded.exp_avg_sq, t: m.adam_t, shard: loaded.moments_range };
+        let opt = AdamW {
+            m: loaded.exp_avg.into(),
+            v: loaded.exp_avg_sq.into(),
+            t: m.adam_t,
+            shard: loaded.moments_range,
+        };
         let mut trainer = Trainer {
             model,
             opt,
@@ -114,6 +123,7 @@ impl Trainer {
             group: None,
             comm_timeout_cap: comm::DEFAULT_TIMEOUT,
             recent_step_ms: Default::default(),
+            live: None,
         };
         match group {
             Some(group) => trainer.attach_group(group, zero1)?,
@@ -132,6 +142,12 @@ impl Trainer {
     /// parameters with its shard of the optimizer state, and the weights are all-gathered.
     /// Rank 0's weights are broadcast first so all ranks start equal.
     pub fn attach_group(&mut self, group: comm::ProcessGroup, zero1: bool) -> Result<()> {
+        self.join_group(group, zero1, true)
+    }
+
+    /// [`Trainer::attach_group`] for ranks that already hold the same state (`broadcast` false
+    /// skips sending rank 0's weights).
+    fn join_group(&mut self, group: comm::ProcessGroup, zero1: bool, broadcast: bool) -> Result<()> {
         let (rank, world) = (group.rank(), group.world_size());
         if !self.cfg.batch.is_multiple_of(world) {
             return Err(Error::Config(format!(
@@ -145,7 +161,7 @@ impl Trainer {
         if zero1 && world > 1 && self.opt.shard == whole {
             let t = self.opt.t;
             let (m, v) = (self.opt.m[mine.clone()].to_vec(), self.opt.v[mine.clone()].to_vec());
-            self.opt = AdamW { m, v, t, shard: mine };
+            self.opt = AdamW { m: m.into(), v: v.into(), t, shard: mine };
         } else if self.opt.shard != whole && (!zero1 || self.opt.shard != mine) {
             return Err(Error::Config(format!(
                 "the optimizer state is sharded ({:?} of {n} parameters) but this rank would own {:?}; \
@@ -154,7 +170,9 @@ impl Trainer {
                 if zero1 { mine } else { whole }
             )));
         }
-        group.broadcast(&mut self.model.params, 0)?;
+        if broadcast {
+            group.broadcast(&mut self.model.params, 0)?;
+        }
         self.comm_timeout_cap = group.timeout();
         self.group = Some(group);
         Ok(())
@@ -240,13 +258,35 @@ impl Trainer {
         let clip = self.cfg.grad_clip;
         let scale = if clip > 0.0 && grad_norm > clip { clip / grad_norm } else { 1.0 };
         let lr = self.cfg.lr_at(self.step);
-        self.opt.update(&mut self.model.params, &self.model.grads, &self.model.specs, &self.cfg, lr, scale);
+        match self.live.as_mut() {
+            // Out of place into the other slot, so the current one stays whole until this step is.
+            Some(live) => {
+                let out = live.begin_write();
+                let model = &mut self.model;
+                self.opt.update_into(
+                    &mut model.params,
+                    &model.grads,
+                    &model.specs,
+                    &self.cfg,
+                    (lr, scale),
+                    out,
+                );
+            }
+            None => {
+                let model = &mut self.model;
+                self.opt.update(&mut model.params, &model.grads, &model.specs, &self.cfg, lr, scale)
+            }
+        }
         if let (Some(group), true) = (&self.group, zero1) {
             let at = Instant::now();
             group.all_gather(&mut self.model.params)?;
             waited += at.elapsed();
         }
         self.step += 1;
+        let header = self.live.is_some().then(|| self.header());
+        if let (Some(live), Some(header)) = (&mut self.live, header) {
+            live.finish_write(&mut self.opt.m, &mut self.opt.v, &header);
+        }
         let step_ms = start.elapsed().as_secs_f64() * 1e3;
         self.adapt_comm_timeout(step_ms);
         Ok(StepStats {
@@ -281,6 +321,177 @@ impl Trainer {
     /// The deadline collectives currently run under (None for a single process).
     pub fn comm_timeout(&self) -> Option<std::time::Duration> {
         self.group.as_ref().map(|g| g.timeout())
+    }
+
+    fn header(&self) -> StepHeader {
+        StepHeader {
+            step: self.step,
+            adam_t: self.opt.t,
+            rng_state: self.rng.state(),
+            data_cursor: self.data.cursor(),
+        }
+    }
+
+    /// From now on the state lives in `slots` and every step leaves it there whole
+    /// ([`crate::live`]). `adopted`: the slot whose moments this trainer's already are (its
+    /// weights a copy of that slot's); otherwise the state is copied into slot 0 once.
+    pub fn keep_live(&mut self, mut slots: LiveSlots, adopted: Option<usize>) -> Result<()> {
+        if self.is_zero1() {
+            return Err(Error::Config(
+                "live state slots need the whole optimizer state, not a ZeRO-1 shard".into(),
+            ));
+        }
+        let current = match adopted {
+            Some(k) => k,
+            None => {
+                slots.discard();
+                let [mut weights, mut m, mut v] = slots.take_views(0);
+                weights.copy_from_slice(&self.model.params);
+                m.copy_from_slice(&self.opt.m);
+                v.copy_from_slice(&self.opt.v);
+                (self.opt.m, self.opt.v) = (m, v);
+                slots.commit(0, &self.header());
+                0
+            }
+        };
+        slots.start(current);
+        self.live = Some(slots);
+        Ok(())
+    }
+
+    /// Starts a rank the way an agent's job needs: from the newest state any rank of the group
+    /// holds (a live slot of its own, or the checkpoint directory its agent fetched), else from
+    /// scratch. Ranks agree on the step over the group; those that lack it receive it from the
+    /// lowest rank that has it. `slots_dir` keeps this rank's state live there from now on.
+    /// `expected`: the step the controller restores, if any: with nothing at all to restore
+    /// from, this rank refuses to start over from scratch.
+    pub fn start_live(
+        model_cfg: ModelConfig,
+        cfg: TrainConfig,
+        data: &DataSpec,
+        group: Option<comm::ProcessGroup>,
+        slots_dir: Option<&Path>,
+        restore_dir: Option<&Path>,
+        expected: Option<u64>,
+    ) -> Result<Self> {
+        model_cfg.validate()?;
+        cfg.validate(&model_cfg)?;
+        let n: usize = crate::params::param_specs(&model_cfg).iter().map(|s| s.numel()).sum();
+        let slots = match slots_dir {
+            Some(d) => Some(LiveSlots::open(d, n, crate::live::fingerprint(&model_cfg, &cfg))?),
+            None => None,
+        };
+        let newest_slot = slots.as_ref().and_then(|s| s.newest());
+        let dir_step = match restore_dir {
+            Some(d) => Some(checkpoint::read_manifest(d)?.step),
+            None => None,
+        };
+        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank(), g.world_size()));
+        // Every rank's offer: its newest slot's step and its directory's step (u64::MAX: none).
+        let mut table = vec![0f32; 4 * world];
+        let offer = [newest_slot.as_ref().map(|(_, h)| h.step), dir_step].map(|s| s.unwrap_or(u64::MAX));
+        for (i, step) in offer.into_iter().enumerate() {
+            table[4 * rank + 2 * i] = f32::from_bits(step as u32);
+            table[4 * rank + 2 * i + 1] = f32::from_bits((step >> 32) as u32);
+        }
+        if let Some(g) = &group {
+            g.all_gather(&mut table)?;
+        }
+        let offers: Vec<[Option<u64>; 2]> = table
+            .chunks_exact(4)
+            .map(|w| {
+                let step = |i: usize| w[i].to_bits() as u64 | (w[i + 1].to_bits() as u64) << 32;
+                [step(0), step(2)].map(|s| (s != u64::MAX).then_some(s))
+            })
+            .collect();
+        let Some(best) = offers.iter().flatten().flatten().copied().max() else {
+            if let Some(step) = expected.filter(|&s| s > 0) {
+                if let Some(d) = slots_dir {
+                    // Let the next attempt's agent fetch a checkpoint instead of trusting these.
+                    let _ = std::fs::remove_dir_all(d);
+                }
+                return Err(Error::Config(format!(
+                    "restart from step {step}: no rank holds live state or a checkpoint to restore"
+                )));
+            }
+            let mut trainer = Trainer::new(model_cfg, cfg, data)?;
+            if let Some(group) = group {
+                trainer.attach_group(group, false)?;
+            }
+            if let Some(slots) = slots {
+                trainer.keep_live(slots, None)?;
+            }
+            return Ok(trainer);
+        };
+        let holds = |o: &[Option<u64>; 2]| o.contains(&Some(best));
+        let source = (0..world)
+            .find(|&r| offers[r][0] == Some(best))
+            .or_else(|| (0..world).find(|&r| offers[r][1] == Some(best)))
+            .expect("someone offered the best step");
+        let mut adopted = None;
+        let (mut header, mut bufs): (Option<StepHeader>, [Buf; 3]) = match (&newest_slot, &offers[rank]) {
+            (Some((k, h)), [Some(s), _]) if *s == best => {
+                adopted = Some(*k);
+                let [weights, m, v] = slots.as_ref().expect("a slot was offered").take_views(*k);
+                // The weights go to the trainer's own (huge-page) memory; see LiveSlots.
+                let mut params: Buf = crate::memory::zeroed(n).into();
+                params.copy_from_slice(&weights);
+                (Some(h.clone()), [params, m, v])
+            }
+            (_, [_, Some(s)]) if *s == best => {
+                let dir = restore_dir.expect("a directory was offered");
+                let loaded = checkpoint::load_for_rank(dir, rank, world)?;
+                let m = &loaded.manifest;
+                let same_train = TrainConfig { steps: cfg.steps, ..m.train.clone() } == cfg;
+                if m.model != model_cfg || !same_train {
+                    return Err(Error::checkpoint(
+                        dir,
+                        "was written by a different model or training configuration",
+                    ));
+                }
+                let header = StepHeader {
+                    step: m.step,
+                    adam_t: m.adam_t,
+                    rng_state: m.rng_state,
+                    data_cursor: m.data_cursor.clone(),
+                };
+                (Some(header), [loaded.params.into(), loaded.exp_avg.into(), loaded.exp_avg_sq.into()])
+            }
+            _ => (None, [0, 1, 2].map(|_| crate::memory::zeroed(n).into())),
+        };
+        if !offers.iter().all(holds) {
+            let group = group.as_ref().expect("one rank holds everything in a group of one");
+            let mut words = header.as_ref().map_or([0f32; crate::live::HEADER_WORDS], StepHeader::to_words);
+            group.broadcast(&mut words, source)?;
+            header = Some(StepHeader::from_words(&words)?);
+            for buf in bufs.iter_mut() {
+                group.broadcast(buf, source)?;
+            }
+        }
+        let header = header.expect("held or received");
+        let mut source_data = open_source(data, &model_cfg, &cfg)?;
+        source_data.restore(&header.data_cursor)?;
+        let [params, m, v] = bufs;
+        let mut trainer = Trainer {
+            model: Gpt::with_params(model_cfg, params),
+            opt: AdamW { m, v, t: header.adam_t, shard: 0..n },
+            rng: Rng::from_state(header.rng_state),
+            window: vec![0; cfg.batch * cfg.seq_len + 1],
+            cfg,
+            data: source_data,
+            step: header.step,
+            group: None,
+            comm_timeout_cap: comm::DEFAULT_TIMEOUT,
+            recent_step_ms: Default::default(),
+            live: None,
+        };
+        if let Some(group) = group {
+            trainer.join_group(group, false, false)?;
+        }
+        if let Some(slots) = slots {
+            trainer.keep_live(slots, adopted)?;
+        }
+        Ok(trainer)
     }
 
     /// Copies the run's whole state, reusing the buffers of `into`, so that a checkpoint can be

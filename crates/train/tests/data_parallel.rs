@@ -67,7 +67,7 @@ fn train_on(world: usize, zero1: bool) -> (Vec<f32>, Vec<Vec<f32>>) {
     if world == 1 {
         let mut t = Trainer::new(model, cfg, &data).unwrap();
         let losses = (0..STEPS).map(|_| t.train_step().unwrap().loss).collect();
-        return (t.model.params.clone(), vec![losses]);
+        return (t.model.params.to_vec(), vec![losses]);
     }
     let results = on_ranks(world, |_, group| {
         let mut t = Trainer::new(model.clone(), cfg.clone(), &data).unwrap();
@@ -81,7 +81,7 @@ fn train_on(world: usize, zero1: bool) -> (Vec<f32>, Vec<Vec<f32>>) {
         let losses: Vec<f32> = (0..STEPS).map(|_| t.train_step().unwrap().loss).collect();
         // Steps take milliseconds here, so the adaptive deadline sits at its 8 s floor.
         assert_eq!(t.comm_timeout(), Some(Duration::from_secs(8)));
-        (t.model.params.clone(), losses)
+        (t.model.params.to_vec(), losses)
     });
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (rank, (w, _)) in results.iter().enumerate() {
@@ -150,7 +150,7 @@ fn sharded_checkpoint_resumes_exactly_on_the_same_world_size_only() {
                 t.save(&dir).unwrap();
             }
         }
-        (t.model.params.clone(), t.opt.m.clone())
+        (t.model.params.to_vec(), t.opt.m.to_vec())
     });
     let ckpt = dir.join(train::checkpoint::step_dir_name(half));
     let manifest = train::checkpoint::read_manifest(&ckpt).unwrap();
@@ -166,7 +166,7 @@ fn sharded_checkpoint_resumes_exactly_on_the_same_world_size_only() {
         for _ in half..STEPS {
             t.train_step().unwrap();
         }
-        (t.model.params.clone(), t.opt.m.clone())
+        (t.model.params.to_vec(), t.opt.m.to_vec())
     });
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for r in 0..2 {

@@ -83,7 +83,7 @@ fn same_seed_gives_bitwise_identical_runs() {
         let (sa, sb) = (a.train_step().unwrap(), b.train_step().unwrap());
         assert_eq!(sa.loss.to_bits(), sb.loss.to_bits(), "losses differ at step {}", sa.step);
     }
-    assert!(a.model.params.iter().zip(&b.model.params).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(a.model.params.iter().zip(b.model.params.iter()).all(|(x, y)| x.to_bits() == y.to_bits()));
 }
 
 #[test]
