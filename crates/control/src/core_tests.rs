@@ -523,9 +523,9 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
         acc.record_steps(&[step(4, 1290)], 0, 0).is_none(),
         "the failed attempt's own steps recover nothing"
     );
-    acc.roll_back(1);
-    assert_eq!(acc.committed_ms(), 100.0, "steps 2 to 4 are no longer committed");
-    // The new attempt's first step (step 2 again) begins at 2000 ms.
+    assert_eq!(acc.committed_ms(), 400.0, "nothing is rolled back before the new attempt reports");
+    // The new attempt's first step (step 2 again) begins at 2000 ms: it resumed from step 1, and
+    // steps 2 to 4 are no longer committed.
     let (message, data) = acc.record_steps(&[step(2, 2100)], 1, 0).expect("recovered");
     assert!(message.contains("recovered from step 1"), "{message}");
     assert_eq!(data["detection_s"], 0.05);
@@ -536,6 +536,30 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
     assert_eq!(acc.committed_ms(), 200.0);
     assert!(acc.record_steps(&[step(2, 2100)], 1, 0).is_none(), "a repeated report changes nothing");
     assert_eq!(acc.committed_ms(), 200.0);
+}
+
+#[test]
+fn a_restart_from_live_state_newer_than_the_named_restore_point_loses_only_later_steps() {
+    let step = |step: u64, end_ms: u64| StepTime { step, ms: 100.0, end_ms };
+    let mut acc = Account::default();
+    let first: Vec<StepTime> = (1..=6).map(|s| step(s, 1000 + 100 * s)).collect();
+    acc.record_steps(&first, 0, 0);
+    // The controller's newest checkpoint directory is step 2, but the ranks kept every step live
+    // and agree on step 6: nothing is computed again.
+    acc.pending = Some(PendingFault {
+        attempt: 0,
+        cause: "rank 0 died".into(),
+        kind: "rank_exit".into(),
+        fault_ms: 1650,
+        detected_ms: 1650,
+        recompute_ms: 0.0,
+        lost_steps: 0,
+        restore_step: 2,
+    });
+    let (message, data) = acc.record_steps(&[step(7, 1900)], 1, 0).expect("recovered");
+    assert!(message.contains("recovered from step 6"), "{message}");
+    assert_eq!((data["lost_steps"].as_u64(), data["recompute_s"].as_f64()), (Some(0), Some(0.0)));
+    assert_eq!(acc.committed_ms(), 700.0, "steps 1 to 7 all count");
 }
 
 #[test]

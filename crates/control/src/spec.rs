@@ -70,16 +70,19 @@ pub struct JobSpec {
     /// TORCHELASTIC_RUN_ID (torchrun's --rdzv-id); defaults to `myriad-<id>`.
     #[serde(default)]
     pub run_id: Option<String>,
-    /// Steps between in-memory checkpoints (MYRIAD_CHECKPOINT_EVERY for ranks that take them).
-    #[serde(default = "one_u64")]
+    /// Steps between the checkpoint directories a rank hands its agent for the buddy copy and
+    /// persistence (MYRIAD_CHECKPOINT_EVERY for ranks that take them). The reference trainer
+    /// also keeps its state live in the agent's memory every step, which is what restarts use,
+    /// so a directory (SHA-256 of every file, a copy over the network) is not needed every step.
+    #[serde(default = "fifty")]
     pub checkpoint_every: u64,
     /// Every this many in-memory checkpoints, one is persisted to the checkpoint directory.
     #[serde(default = "ten")]
     pub persist_every: u64,
 }
 
-fn one_u64() -> u64 {
-    1
+fn fifty() -> u64 {
+    50
 }
 
 fn ten() -> u64 {

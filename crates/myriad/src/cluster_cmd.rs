@@ -323,10 +323,11 @@ pub struct SubmitArgs {
     /// Relative to each agent's checkpoint root.
     #[arg(long)]
     checkpoint_dir: Option<String>,
-    /// Steps between in-memory checkpoints (for ranks that take them, like `myriad train`).
-    #[arg(long, default_value_t = 1)]
+    /// Steps between checkpoint directories handed to the agent (for ranks that take them, like
+    /// `myriad train`, which also keeps its state live in the agent's memory every step).
+    #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
-    /// Persist every this many in-memory checkpoints.
+    /// Persist every this many checkpoint directories.
     #[arg(long, default_value_t = 10)]
     persist_every: u64,
     #[arg(long)]

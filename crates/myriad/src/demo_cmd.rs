@@ -30,8 +30,9 @@ pub struct DemoArgs {
     batch: usize,
     #[arg(long, default_value_t = 64)]
     seq: usize,
-    /// Steps between in-memory checkpoints.
-    #[arg(long, default_value_t = 10)]
+    /// Steps between the checkpoint directories rank 0 hands its agent (copied to a buddy
+    /// node; every second one persisted). Restarts use the ranks' live state, kept every step.
+    #[arg(long, default_value_t = 50)]
     checkpoint_every: u64,
     /// Faults as ACTION@STEP, comma-separated. Actions: kill-rank, hang-rank, slow-rank,
     /// kill-agent, partition, corrupt-checkpoint, kill-controller.
@@ -142,7 +143,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     .collect();
     let spec = json!({
         "name": format!("demo-{}", a.preset), "argv": argv, "nodes": a.nodes, "ranks_per_node": 1,
-        "spares": a.spares, "max_restarts": 50, "checkpoint_every": a.checkpoint_every, "persist_every": 5,
+        "spares": a.spares, "max_restarts": 50, "checkpoint_every": a.checkpoint_every, "persist_every": 2,
         // The "nodes" share this machine's cores: one share each, not every core each.
         "env": { "OMP_NUM_THREADS": threads.to_string() },
     });
@@ -155,7 +156,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             .map_err(|e| format!("submit: {e}"))?;
         let id = serde_json::from_slice::<SubmitReply>(&bytes).map_err(|e| e.to_string())?.id;
         eprintln!(
-            "job {id}: {} × {} ranks, `{}` for {} steps, in-memory checkpoint every {} steps, {} faults scheduled",
+            "job {id}: {} × {} ranks, `{}` for {} steps, state kept live every step, checkpoint directory every {} steps, {} faults scheduled",
             a.nodes, 1, a.preset, a.steps, a.checkpoint_every, faults.len()
         );
         follow(&mut cluster, &client, id, &mut faults, a.steps, started).await

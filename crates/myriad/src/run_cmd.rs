@@ -98,7 +98,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
         checkpoint_dir: None,
         workdir: Some(workdir.to_str().ok_or("the current directory is not UTF-8")?.to_string()),
         run_id: a.rdzv_id.clone(),
-        checkpoint_every: 1,
+        checkpoint_every: 50,
         persist_every: 10,
     };
     spec.validate().map_err(|e| e.to_string())?;

@@ -317,10 +317,17 @@ fn a_bad_job_file_is_refused_naming_the_field() {
 
 /// `myriad demo` with the given extra arguments; returns its JSON summary.
 fn demo(dir: &Path, extra: &[&str]) -> Value {
+    demo_with(dir, extra, true)
+}
+
+/// [`demo`]; without `live`, ranks keep no live state (MYRIAD_LIVE_STATE=0) and every restart
+/// goes through the checkpoint directories: fetched, verified, a corrupt one refused.
+fn demo_with(dir: &Path, extra: &[&str], live: bool) -> Value {
     let out = Command::new(exe())
         .args(["demo", "--json", "--preset", "tiny", "--nodes", "2", "--spares", "1", "--steps", "160"])
         .args(["--batch", "16", "--seq", "128", "--checkpoint-every", "1", "--heartbeat-ms", "300"])
         .args(extra)
+        .env("MYRIAD_LIVE_STATE", if live { "1" } else { "0" })
         .current_dir(dir)
         .output()
         .unwrap();
@@ -364,15 +371,31 @@ fn a_job_hit_by_every_kind_of_fault_ends_bitwise_identical_to_one_that_never_fai
     let faults =
         "kill-rank@25,hang-rank@50,corrupt-checkpoint@75,kill-agent@90,kill-controller@115,slow-rank@130";
     let faulted = demo(&dir, &["--faults", faults, "--final-checkpoint", faulted_ckpt.to_str().unwrap()]);
+    // The same faults, restarting from checkpoint directories instead of live state.
+    let dirs_ckpt = dir.join("dirs");
+    let from_dirs =
+        demo_with(&dir, &["--faults", faults, "--final-checkpoint", dirs_ckpt.to_str().unwrap()], false);
 
     assert_eq!(clean["faults"], 0);
-    assert!(faulted["faults"].as_u64().unwrap() >= 3, "{faulted:#}");
-    assert_eq!(faulted["steps"], 160);
+    for run in [&faulted, &from_dirs] {
+        assert!(run["faults"].as_u64().unwrap() >= 3, "{run:#}");
+        assert_eq!(run["steps"], 160);
+    }
     // The same weights and optimizer state, bit for bit, and the same loss at every step.
     assert_eq!(checkpoint_hashes(&clean_ckpt), checkpoint_hashes(&faulted_ckpt));
-    let (a, b) = (clean["losses"].as_array().unwrap(), faulted["losses"].as_array().unwrap());
+    assert_eq!(checkpoint_hashes(&clean_ckpt), checkpoint_hashes(&dirs_ckpt));
+    let a = clean["losses"].as_array().unwrap();
     assert_eq!(a.len(), 160);
-    assert_eq!(a, b, "committed losses differ");
+    assert_eq!(a, faulted["losses"].as_array().unwrap(), "committed losses differ");
+    assert_eq!(
+        a,
+        from_dirs["losses"].as_array().unwrap(),
+        "committed losses differ (checkpoint directories)"
+    );
+    // With live state a fault costs at most the step in flight: no committed step is redone.
+    for r in faulted["recoveries"].as_array().unwrap() {
+        assert!(r["lost_steps"].as_u64().unwrap() <= 1, "more than a step lost: {r}");
+    }
 
     // Detection bounds, from the recovery records and the event timeline.
     let recoveries = faulted["recoveries"].as_array().unwrap();
