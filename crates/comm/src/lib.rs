@@ -9,6 +9,7 @@ pub mod error;
 pub mod group;
 #[cfg(target_os = "linux")]
 mod shm;
+pub use shm::SharedMap;
 pub mod store;
 
 pub use error::{CommError, Result};

@@ -41,8 +41,7 @@ pub enum Stall {
 }
 
 pub struct ShmRing {
-    base: *mut u8,
-    len: usize,
+    map: SharedMap,
     /// The negotiated TCP connection, watched for EOF (never read otherwise).
     liveness: TcpStream,
 }
@@ -52,16 +51,62 @@ pub struct ShmRing {
 unsafe impl Send for ShmRing {}
 unsafe impl Sync for ShmRing {}
 
-impl Drop for ShmRing {
+/// A shared, read-write mapping of a whole file, unmapped on drop. What the bytes mean, and who
+/// may touch which, is the owner's business.
+pub struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory; the owners (the ring protocol, the trainer's live slots) govern access.
+unsafe impl Send for SharedMap {}
+unsafe impl Sync for SharedMap {}
+
+impl Drop for SharedMap {
     fn drop(&mut self) {
-        // SAFETY: base/len came from a successful mmap and are unmapped once.
+        // SAFETY: ptr/len came from a successful mmap and are unmapped once.
         unsafe {
-            libc::munmap(self.base.cast(), self.len);
+            libc::munmap(self.ptr.cast(), self.len);
         }
     }
 }
 
-fn map(path: &std::path::Path, create: bool) -> std::io::Result<(*mut u8, usize)> {
+impl SharedMap {
+    /// Maps the first `len` bytes of `file` (which must be at least that long), shared.
+    pub fn new(file: &std::fs::File, len: usize) -> std::io::Result<SharedMap> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a fresh shared read-write mapping of a file we hold open; checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(SharedMap { ptr: p.cast(), len })
+    }
+
+    /// The first byte (page-aligned).
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+fn map(path: &std::path::Path, create: bool) -> std::io::Result<SharedMap> {
     use std::os::unix::fs::OpenOptionsExt;
     let len = HEADER + CAPACITY;
     let file =
@@ -71,45 +116,28 @@ fn map(path: &std::path::Path, create: bool) -> std::io::Result<(*mut u8, usize)
     } else if file.metadata()?.len() != len as u64 {
         return Err(std::io::Error::new(ErrorKind::InvalidData, "ring file has the wrong size"));
     }
-    use std::os::fd::AsRawFd;
-    // SAFETY: a fresh shared read-write mapping of a file of exactly `len` bytes.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok((p.cast(), len))
+    SharedMap::new(&file, len)
 }
 
 impl ShmRing {
     /// Creates the ring file (zeroed by the kernel) at `path`; the producer side.
     pub fn create(path: &std::path::Path, liveness: TcpStream) -> std::io::Result<Self> {
-        let (base, len) = map(path, true)?;
-        Ok(ShmRing { base, len, liveness })
+        Ok(ShmRing { map: map(path, true)?, liveness })
     }
 
     /// Maps a ring another rank created; the consumer side.
     pub fn open(path: &std::path::Path, liveness: TcpStream) -> std::io::Result<Self> {
-        let (base, len) = map(path, false)?;
-        Ok(ShmRing { base, len, liveness })
+        Ok(ShmRing { map: map(path, false)?, liveness })
     }
 
     fn header(&self) -> &Header {
         // SAFETY: the mapping starts with a zero-initialised Header (atomics are valid at 0).
-        unsafe { &*self.base.cast::<Header>() }
+        unsafe { &*self.map.ptr().cast::<Header>() }
     }
 
     fn data(&self) -> *mut u8 {
         // SAFETY: HEADER < len.
-        unsafe { self.base.add(HEADER) }
+        unsafe { self.map.ptr().add(HEADER) }
     }
 
     /// True when the peer's TCP side is closed (it exited, failed or gave up).

@@ -36,24 +36,9 @@ const RNG_AT: usize = 40;
 const CURSOR_LEN_AT: usize = 48;
 const CURSOR_AT: usize = 52;
 
-/// A shared, writable mapping of a whole file.
+/// A slot file, mapped whole.
 struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory; which thread touches which bytes is governed by the
-// `Buf`s carved from it (disjoint) and by the header's atomic step.
-unsafe impl Send for Mapping {}
-unsafe impl Sync for Mapping {}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: ptr/len came from a successful mmap and nothing uses them after the last Arc.
-        unsafe {
-            libc::munmap(self.ptr.cast(), self.len);
-        }
-    }
+    map: comm::SharedMap,
 }
 
 impl Mapping {
@@ -71,29 +56,19 @@ impl Mapping {
         if current != len as u64 {
             file.set_len(len as u64).map_err(|e| Error::io(path, e))?;
         }
-        use std::os::fd::AsRawFd;
-        // SAFETY: a fresh shared mapping of a file we hold open; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::io(path, std::io::Error::last_os_error()));
-        }
-        Ok(Mapping { ptr: ptr.cast(), len })
+        let map = comm::SharedMap::new(&file, len).map_err(|e| Error::io(path, e))?;
+        Ok(Mapping { map })
+    }
+
+    fn ptr(&self) -> *mut u8 {
+        self.map.ptr()
     }
 
     fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
         assert!(range.end <= HEADER_BYTES);
         // SAFETY: the header lies inside the mapping; only the step word is written concurrently
         // with reads, and that one is only touched atomically.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(range.start), range.len()) }
+        unsafe { std::slice::from_raw_parts(self.ptr().add(range.start), range.len()) }
     }
 
     fn u64_at(&self, at: usize) -> u64 {
@@ -102,7 +77,7 @@ impl Mapping {
 
     fn step(&self) -> &AtomicU64 {
         // SAFETY: 8-byte aligned (page-aligned mapping + 8) and inside the header.
-        unsafe { &*(self.ptr.add(STEP_AT) as *const AtomicU64) }
+        unsafe { &*(self.ptr().add(STEP_AT) as *const AtomicU64) }
     }
 
     /// Writes header bytes. The caller makes sure no reader expects them stable (the slot is
@@ -110,7 +85,7 @@ impl Mapping {
     fn write(&self, at: usize, bytes: &[u8]) {
         assert!(at + bytes.len() <= HEADER_BYTES && at >= COUNT_AT);
         // SAFETY: inside the header, never overlapping the atomic step word (at ≥ 16).
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), bytes.len()) }
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr().add(at), bytes.len()) }
     }
 }
 
@@ -136,9 +111,9 @@ unsafe impl Sync for Buf {}
 
 impl Buf {
     fn view(map: &Arc<Mapping>, first: usize, len: usize) -> Buf {
-        assert!(HEADER_BYTES + (first + len) * 4 <= map.len);
+        assert!(HEADER_BYTES + (first + len) * 4 <= map.map.len());
         // SAFETY: in bounds (asserted) and 4-byte aligned (page-aligned mapping + 4 KiB header).
-        let ptr = unsafe { map.ptr.add(HEADER_BYTES).cast::<f32>().add(first) };
+        let ptr = unsafe { map.ptr().add(HEADER_BYTES).cast::<f32>().add(first) };
         Buf { inner: Inner::Mapped { _map: map.clone(), ptr, len } }
     }
 
@@ -362,7 +337,7 @@ impl LiveSlots {
         map.write(CURSOR_LEN_AT, &(cursor.len() as u32).to_le_bytes());
         map.write(CURSOR_AT, &cursor);
         // SAFETY: the magic is the first 8 bytes of the mapping, written before the step.
-        unsafe { std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), map.ptr, 8) };
+        unsafe { std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), map.ptr(), 8) };
         map.step().store(header.step, Ordering::Release);
     }
 
