@@ -235,6 +235,8 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 eta_s,
             );
         }
+        // Only a reported step becomes restorable (train::live): its loss is never lost.
+        trainer.commit_live();
         if let Some(tier) = memory.as_mut() {
             tier.maybe_save(&trainer, agent.as_mut())?;
         }

@@ -15,26 +15,24 @@
 //!
 //! Slot layout: a 4 KiB header, then the weights, first moments and second moments as f32.
 //! Header (little-endian): magic, step (u64::MAX while being written), parameter count,
-//! configuration fingerprint, AdamW's update count, RNG state, data cursor length and JSON.
+//! configuration fingerprint, and the step's [`StepHeader`] bytes (as sent over the group).
 
 use crate::data::DataCursor;
 use crate::error::{Error, Result};
 use std::ops::{Deref, DerefMut};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 const MAGIC: &[u8; 8] = b"MYRLIVE1";
 const HEADER_BYTES: usize = 4096;
 const INVALID: u64 = u64::MAX;
-/// Byte offsets in the header.
+/// Byte offsets in the header: the step word (the slot's validity), the parameter count, the
+/// configuration fingerprint, then the [`StepHeader`]'s bytes.
 const STEP_AT: usize = 8;
 const COUNT_AT: usize = 16;
 const FINGERPRINT_AT: usize = 24;
-const ADAM_T_AT: usize = 32;
-const RNG_AT: usize = 40;
-const CURSOR_LEN_AT: usize = 48;
-const CURSOR_AT: usize = 52;
+const STEP_HEADER_AT: usize = 32;
 
 /// A slot file, mapped whole.
 struct Mapping {
@@ -116,11 +114,6 @@ impl Buf {
         let ptr = unsafe { map.ptr().add(HEADER_BYTES).cast::<f32>().add(first) };
         Buf { inner: Inner::Mapped { _map: map.clone(), ptr, len } }
     }
-
-    /// Whether this buffer lives in a slot file.
-    pub fn is_mapped(&self) -> bool {
-        matches!(self.inner, Inner::Mapped { .. })
-    }
 }
 
 impl From<Vec<f32>> for Buf {
@@ -158,7 +151,8 @@ impl DerefMut for Buf {
 
 impl std::fmt::Debug for Buf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Buf({} f32s{})", self.len(), if self.is_mapped() { ", mapped" } else { "" })
+        let mapped = matches!(self.inner, Inner::Mapped { .. });
+        write!(f, "Buf({} f32s{})", self.len(), if mapped { ", mapped" } else { "" })
     }
 }
 
@@ -171,29 +165,25 @@ pub struct StepHeader {
     pub data_cursor: DataCursor,
 }
 
+/// Bytes of an encoded [`StepHeader`]: three u64s, the cursor's JSON length (u32) and the JSON.
+const STEP_HEADER_BYTES: usize = 256;
 /// Words of a [`StepHeader`] sent over a collective (raw bits, not values).
-pub const HEADER_WORDS: usize = 64;
+pub const HEADER_WORDS: usize = STEP_HEADER_BYTES / 4;
 
 impl StepHeader {
-    pub fn to_words(&self) -> [f32; HEADER_WORDS] {
-        let mut bytes = Vec::with_capacity(HEADER_WORDS * 4);
-        for x in [self.step, self.adam_t, self.rng_state] {
-            bytes.extend_from_slice(&x.to_le_bytes());
-        }
+    fn to_bytes(&self) -> [u8; STEP_HEADER_BYTES] {
         let cursor = serde_json::to_vec(&self.data_cursor).expect("a cursor serialises");
-        assert!(28 + cursor.len() <= HEADER_WORDS * 4, "data cursor too long for the header");
-        bytes.extend_from_slice(&(cursor.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&cursor);
-        bytes.resize(HEADER_WORDS * 4, 0);
-        let mut words = [0f32; HEADER_WORDS];
-        for (w, b) in words.iter_mut().zip(bytes.chunks_exact(4)) {
-            *w = f32::from_bits(u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        assert!(28 + cursor.len() <= STEP_HEADER_BYTES, "data cursor too long for the header");
+        let mut bytes = [0u8; STEP_HEADER_BYTES];
+        for (i, x) in [self.step, self.adam_t, self.rng_state].into_iter().enumerate() {
+            bytes[8 * i..8 * i + 8].copy_from_slice(&x.to_le_bytes());
         }
-        words
+        bytes[24..28].copy_from_slice(&(cursor.len() as u32).to_le_bytes());
+        bytes[28..28 + cursor.len()].copy_from_slice(&cursor);
+        bytes
     }
 
-    pub fn from_words(words: &[f32; HEADER_WORDS]) -> Result<StepHeader> {
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_le_bytes()).collect();
+    fn from_bytes(bytes: &[u8]) -> Result<StepHeader> {
         let u = |i: usize| u64::from_le_bytes(bytes[8 * i..8 * i + 8].try_into().expect("8 bytes"));
         let len = u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")) as usize;
         let cursor = bytes
@@ -202,17 +192,39 @@ impl StepHeader {
             .ok_or_else(|| Error::Config("live state header: unreadable data cursor".into()))?;
         Ok(StepHeader { step: u(0), adam_t: u(1), rng_state: u(2), data_cursor: cursor })
     }
+
+    pub fn to_words(&self) -> [f32; HEADER_WORDS] {
+        let mut words = [0f32; HEADER_WORDS];
+        for (w, b) in words.iter_mut().zip(self.to_bytes().chunks_exact(4)) {
+            *w = f32::from_bits(u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        }
+        words
+    }
+
+    pub fn from_words(words: &[f32; HEADER_WORDS]) -> Result<StepHeader> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_bits().to_le_bytes()).collect();
+        Self::from_bytes(&bytes)
+    }
+}
+
+/// A u64 as two f32 words for a collective (raw bits, not values), and back.
+pub(crate) fn u64_to_words(x: u64) -> [f32; 2] {
+    [f32::from_bits(x as u32), f32::from_bits((x >> 32) as u32)]
+}
+
+pub(crate) fn words_to_u64(words: &[f32]) -> u64 {
+    words[0].to_bits() as u64 | (words[1].to_bits() as u64) << 32
 }
 
 /// The two slot files of one rank.
 ///
 /// The trainer's moments are views of the current slot, and the update writes the next ones
 /// into the other slot. Weights are different: GEMMs read them over and over, and tmpfs pages
-/// are 4 KiB where the trainer's own buffers are 2 MiB (a quarter more TLB misses made steps 8%
-/// slower in a 4-rank run here). So the trainer keeps its weights in its own memory and the
-/// update writes each new weight twice, there and into the slot: one extra store stream.
+/// are 4 KiB where the trainer's own buffers are 2 MiB. With the weights in the slot too, a
+/// 4-rank demo's steps were 8% slower here (TLB misses, presumably; not measured directly). So
+/// the trainer keeps its weights in its own memory and the update writes each new weight twice,
+/// there and into the slot: one extra store stream.
 pub struct LiveSlots {
-    dir: PathBuf,
     maps: [Arc<Mapping>; 2],
     n: usize,
     fingerprint: u64,
@@ -222,6 +234,8 @@ pub struct LiveSlots {
     weights: Option<[Buf; 2]>,
     /// The other slot's moments (first, second) while the trainer holds the current one's.
     other_moments: Option<[Buf; 2]>,
+    /// The current slot's header, written once the step is reported.
+    pending: Option<StepHeader>,
 }
 
 /// Where an update writes when the state is live: the other slot.
@@ -239,13 +253,13 @@ impl LiveSlots {
         let len = HEADER_BYTES + 3 * n * 4;
         let open = |i: usize| Mapping::open(&dir.join(format!("slot-{i}.bin")), len).map(Arc::new);
         Ok(LiveSlots {
-            dir: dir.to_path_buf(),
             maps: [open(0)?, open(1)?],
             n,
             fingerprint,
             current: 0,
             weights: None,
             other_moments: None,
+            pending: None,
         })
     }
 
@@ -261,16 +275,9 @@ impl LiveSlots {
         {
             return None;
         }
-        let len = u32::from_le_bytes(map.bytes(CURSOR_LEN_AT..CURSOR_AT).try_into().ok()?) as usize;
-        let cursor =
-            serde_json::from_slice(map.bytes(CURSOR_AT..CURSOR_AT + len.min(HEADER_BYTES - CURSOR_AT)))
-                .ok()?;
-        Some(StepHeader {
-            step,
-            adam_t: map.u64_at(ADAM_T_AT),
-            rng_state: map.u64_at(RNG_AT),
-            data_cursor: cursor,
-        })
+        let header =
+            StepHeader::from_bytes(map.bytes(STEP_HEADER_AT..STEP_HEADER_AT + STEP_HEADER_BYTES)).ok()?;
+        (header.step == step).then_some(header)
     }
 
     /// The newest valid slot and its header.
@@ -303,6 +310,8 @@ impl LiveSlots {
 
     /// Marks the slot about to be written invalid and hands out where the update writes.
     pub fn begin_write(&mut self) -> SlotOutputs<'_> {
+        // The step before must be whole first: the slot about to be overwritten is the only other.
+        self.commit_pending();
         let other = 1 - self.current;
         self.invalidate(other);
         let weights = self.weights.as_mut().expect("LiveSlots::start was called");
@@ -311,13 +320,23 @@ impl LiveSlots {
     }
 
     /// After the update wrote the other slot: its moments become the trainer's (the trainer's
-    /// go back to this slot set), its header is recorded, and it becomes the current slot.
-    pub fn finish_write(&mut self, exp_avg: &mut Buf, exp_avg_sq: &mut Buf, header: &StepHeader) {
+    /// go back to this slot set) and it becomes the current slot, still invalid: `header` is
+    /// written by [`LiveSlots::commit_pending`], once the step has been reported. A step is
+    /// never restored that nobody heard of, so its loss and time are never missing from the
+    /// run's record.
+    pub fn finish_write(&mut self, exp_avg: &mut Buf, exp_avg_sq: &mut Buf, header: StepHeader) {
         let [m, v] = self.other_moments.as_mut().expect("LiveSlots::start was called");
         std::mem::swap(m, exp_avg);
         std::mem::swap(v, exp_avg_sq);
         self.current = 1 - self.current;
-        self.commit(self.current, header);
+        self.pending = Some(header);
+    }
+
+    /// Makes the current slot valid with the header [`LiveSlots::finish_write`] left.
+    pub fn commit_pending(&mut self) {
+        if let Some(header) = self.pending.take() {
+            self.commit(self.current, &header);
+        }
     }
 
     /// Writes slot `slot`'s header; its step goes last, so the slot counts only once complete.
@@ -328,14 +347,9 @@ impl LiveSlots {
             INVALID,
             "a slot is rewritten only once invalid"
         );
-        let cursor = serde_json::to_vec(&header.data_cursor).expect("a cursor serialises");
-        assert!(CURSOR_AT + cursor.len() <= HEADER_BYTES, "data cursor too long for the header");
         map.write(COUNT_AT, &(self.n as u64).to_le_bytes());
         map.write(FINGERPRINT_AT, &self.fingerprint.to_le_bytes());
-        map.write(ADAM_T_AT, &header.adam_t.to_le_bytes());
-        map.write(RNG_AT, &header.rng_state.to_le_bytes());
-        map.write(CURSOR_LEN_AT, &(cursor.len() as u32).to_le_bytes());
-        map.write(CURSOR_AT, &cursor);
+        map.write(STEP_HEADER_AT, &header.to_bytes());
         // SAFETY: the magic is the first 8 bytes of the mapping, written before the step.
         unsafe { std::ptr::copy_nonoverlapping(MAGIC.as_ptr(), map.ptr(), 8) };
         map.step().store(header.step, Ordering::Release);
@@ -345,10 +359,6 @@ impl LiveSlots {
     pub fn discard(&self) {
         self.invalidate(0);
         self.invalidate(1);
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

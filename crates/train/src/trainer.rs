@@ -6,7 +6,7 @@ use crate::config::{ModelConfig, TrainConfig};
 use crate::data::{DataSpec, TokenSource};
 use crate::error::{Error, Result};
 use crate::kernels;
-use crate::live::{Buf, LiveSlots, StepHeader};
+use crate::live::{u64_to_words, words_to_u64, Buf, LiveSlots, StepHeader};
 use crate::model::Gpt;
 use crate::optim::AdamW;
 use crate::rng::Rng;
@@ -66,19 +66,32 @@ impl Trainer {
         let source = open_source(data, &model_cfg, &cfg)?;
         let model = Gpt::new(model_cfg, cfg.seed);
         let n = model.num_params();
-        Ok(Trainer {
+        let rng = Rng::new(cfg.seed ^ 0x0074_7261_696e); // "train"
+        Ok(Trainer::assemble(model, AdamW::new(n), rng, cfg, source, 0))
+    }
+
+    /// A single-process trainer at `step` from its parts.
+    fn assemble(
+        model: Gpt,
+        opt: AdamW,
+        rng: Rng,
+        cfg: TrainConfig,
+        data: Box<dyn TokenSource>,
+        step: u64,
+    ) -> Trainer {
+        Trainer {
             model,
-            opt: AdamW::new(n),
-            rng: Rng::new(cfg.seed ^ 0x0074_7261_696e), // "train"
+            opt,
+            rng,
             window: vec![0; cfg.batch * cfg.seq_len + 1],
             cfg,
-            data: source,
-            step: 0,
+            data,
+            step,
             group: None,
             comm_timeout_cap: comm::DEFAULT_TIMEOUT,
             recent_step_ms: Default::default(),
             live: None,
-        })
+        }
     }
 
     /// Continues the run saved in checkpoint directory `dir`. `steps` may extend the run's length.
@@ -112,19 +125,8 @@ impl Trainer {
             t: m.adam_t,
             shard: loaded.moments_range,
         };
-        let mut trainer = Trainer {
-            model,
-            opt,
-            rng: Rng::from_state(m.rng_state),
-            window: vec![0; cfg.batch * cfg.seq_len + 1],
-            cfg,
-            data: source,
-            step: m.step,
-            group: None,
-            comm_timeout_cap: comm::DEFAULT_TIMEOUT,
-            recent_step_ms: Default::default(),
-            live: None,
-        };
+        let (rng, step) = (Rng::from_state(m.rng_state), m.step);
+        let mut trainer = Trainer::assemble(model, opt, rng, cfg, source, step);
         match group {
             Some(group) => trainer.attach_group(group, zero1)?,
             None if trainer.opt.shard.len() != trainer.model.num_params() => {
@@ -285,7 +287,7 @@ impl Trainer {
         self.step += 1;
         let header = self.live.is_some().then(|| self.header());
         if let (Some(live), Some(header)) = (&mut self.live, header) {
-            live.finish_write(&mut self.opt.m, &mut self.opt.v, &header);
+            live.finish_write(&mut self.opt.m, &mut self.opt.v, header);
         }
         let step_ms = start.elapsed().as_secs_f64() * 1e3;
         self.adapt_comm_timeout(step_ms);
@@ -321,6 +323,14 @@ impl Trainer {
     /// The deadline collectives currently run under (None for a single process).
     pub fn comm_timeout(&self) -> Option<std::time::Duration> {
         self.group.as_ref().map(|g| g.timeout())
+    }
+
+    /// With live state: makes the last step restorable. Call it once the step has been
+    /// reported (the next step does it anyway, first thing).
+    pub fn commit_live(&mut self) {
+        if let Some(live) = self.live.as_mut() {
+            live.commit_pending();
+        }
     }
 
     fn header(&self) -> StepHeader {
@@ -391,18 +401,14 @@ impl Trainer {
         let mut table = vec![0f32; 4 * world];
         let offer = [newest_slot.as_ref().map(|(_, h)| h.step), dir_step].map(|s| s.unwrap_or(u64::MAX));
         for (i, step) in offer.into_iter().enumerate() {
-            table[4 * rank + 2 * i] = f32::from_bits(step as u32);
-            table[4 * rank + 2 * i + 1] = f32::from_bits((step >> 32) as u32);
+            table[4 * rank + 2 * i..4 * rank + 2 * i + 2].copy_from_slice(&u64_to_words(step));
         }
         if let Some(g) = &group {
             g.all_gather(&mut table)?;
         }
         let offers: Vec<[Option<u64>; 2]> = table
             .chunks_exact(4)
-            .map(|w| {
-                let step = |i: usize| w[i].to_bits() as u64 | (w[i + 1].to_bits() as u64) << 32;
-                [step(0), step(2)].map(|s| (s != u64::MAX).then_some(s))
-            })
+            .map(|w| [words_to_u64(&w[..2]), words_to_u64(&w[2..])].map(|s| (s != u64::MAX).then_some(s)))
             .collect();
         let Some(best) = offers.iter().flatten().flatten().copied().max() else {
             if let Some(step) = expected.filter(|&s| s > 0) {
@@ -472,19 +478,14 @@ impl Trainer {
         let mut source_data = open_source(data, &model_cfg, &cfg)?;
         source_data.restore(&header.data_cursor)?;
         let [params, m, v] = bufs;
-        let mut trainer = Trainer {
-            model: Gpt::with_params(model_cfg, params),
-            opt: AdamW { m, v, t: header.adam_t, shard: 0..n },
-            rng: Rng::from_state(header.rng_state),
-            window: vec![0; cfg.batch * cfg.seq_len + 1],
+        let mut trainer = Trainer::assemble(
+            Gpt::with_params(model_cfg, params),
+            AdamW { m, v, t: header.adam_t, shard: 0..n },
+            Rng::from_state(header.rng_state),
             cfg,
-            data: source_data,
-            step: header.step,
-            group: None,
-            comm_timeout_cap: comm::DEFAULT_TIMEOUT,
-            recent_step_ms: Default::default(),
-            live: None,
-        };
+            source_data,
+            header.step,
+        );
         if let Some(group) = group {
             trainer.join_group(group, false, false)?;
         }
@@ -615,8 +616,7 @@ const ENTRY_WORDS: usize = 10;
 
 fn encode_entry(entry: &checkpoint::FileEntry) -> [f32; ENTRY_WORDS] {
     let mut words = [0f32; ENTRY_WORDS];
-    words[0] = f32::from_bits(entry.bytes as u32);
-    words[1] = f32::from_bits((entry.bytes >> 32) as u32);
+    words[..2].copy_from_slice(&u64_to_words(entry.bytes));
     for (i, w) in words[2..].iter_mut().enumerate() {
         let hex = &entry.sha256[8 * i..8 * i + 8];
         *w = f32::from_bits(u32::from_str_radix(hex, 16).expect("sha256 is hex"));
@@ -625,7 +625,7 @@ fn encode_entry(entry: &checkpoint::FileEntry) -> [f32; ENTRY_WORDS] {
 }
 
 fn decode_entry(name: String, words: &[f32]) -> checkpoint::FileEntry {
-    let bytes = words[0].to_bits() as u64 | ((words[1].to_bits() as u64) << 32);
+    let bytes = words_to_u64(words);
     let sha256 = words[2..].iter().map(|w| format!("{:08x}", w.to_bits())).collect();
     checkpoint::FileEntry { name, bytes, sha256 }
 }

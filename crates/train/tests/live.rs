@@ -47,6 +47,7 @@ fn a_rank_restarted_from_its_live_slots_continues_bit_for_bit() {
     assert_eq!(t.step, 0);
     for _ in 0..5 {
         losses.push(t.train_step().unwrap().loss.to_bits());
+        t.commit_live();
     }
     // Killed here: nothing is saved on the way out.
     drop(t);
@@ -66,7 +67,13 @@ fn a_slot_being_written_when_the_rank_died_is_not_taken() {
     let (want_params, _, want_losses) = reference();
     let dir = scratch_dir("torn");
     let mut t = start(&dir, 1, None).unwrap();
-    let mut losses: Vec<u32> = (0..5).map(|_| t.train_step().unwrap().loss.to_bits()).collect();
+    let mut losses: Vec<u32> = (0..5)
+        .map(|_| {
+            let loss = t.train_step().unwrap().loss.to_bits();
+            t.commit_live();
+            loss
+        })
+        .collect();
     let n = t.model.num_params();
     drop(t);
     // Step 6's update dies halfway: the slot it writes was marked invalid first and holds junk.
@@ -84,6 +91,21 @@ fn a_slot_being_written_when_the_rank_died_is_not_taken() {
     losses.extend((0..3).map(|_| t.train_step().unwrap().loss.to_bits()));
     assert_eq!(losses, want_losses);
     assert_eq!(bits(&t.model.params), want_params);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_step_not_yet_reported_is_not_restorable() {
+    let dir = scratch_dir("unreported");
+    let mut t = start(&dir, 1, None).unwrap();
+    for _ in 0..3 {
+        t.train_step().unwrap();
+        t.commit_live();
+    }
+    // Step 4 finished, but the rank died before reporting it (commit_live): it is redone.
+    t.train_step().unwrap();
+    drop(t);
+    assert_eq!(start(&dir, 1, None).unwrap().step, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

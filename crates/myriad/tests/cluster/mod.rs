@@ -111,7 +111,8 @@ fn every_rank_gets_torchruns_environment_and_a_restart_gets_a_new_port() {
     std::fs::create_dir_all(&dump).unwrap();
     // Every rank dumps its environment. In the first attempt the ranks wait until all four have,
     // then fail; the second attempt succeeds.
-    let script = "env > \"$DUMP/env.$RANK.$TORCHELASTIC_RESTART_COUNT\"; \
+    // Written under a hidden name and renamed: a rank stopped mid-write leaves no partial dump.
+    let script = "env > \"$DUMP/.env.$RANK\" && mv \"$DUMP/.env.$RANK\" \"$DUMP/env.$RANK.$TORCHELASTIC_RESTART_COUNT\"; \
         [ \"$TORCHELASTIC_RESTART_COUNT\" -ge 1 ] && exit 0; \
         while [ \"$(ls \"$DUMP\" | grep -c '[.]0$')\" -lt 4 ]; do sleep 0.05; done; exit 1";
     let dump_env = format!("DUMP={}", dump.display());
