@@ -6,8 +6,8 @@
 //! from the step the controller names: its own copy, a copy fetched from a holder, or the
 //! persisted one, whichever first verifies.
 
-use control::api::{CheckpointReport, JobId, RestoreSpec, Tier};
-use control::client::{Client, Method};
+use net::client::{Client, Method};
+use proto::api::{CheckpointReport, JobId, RestoreSpec, Tier};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::io::Read;

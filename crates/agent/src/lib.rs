@@ -21,14 +21,15 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Router};
-use control::api::{
+use hyper::body::Bytes;
+use net::client::{Client, ClientError};
+use net::http::{require_token, ApiError};
+use proto::api::MAX_LOG_TAIL_BYTES;
+use proto::api::{
     CheckpointReport, Command, HangReport, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport,
     RankReport, RankState, RegisterReply, RegisterRequest, StepTime,
 };
-use control::client::{Client, ClientError};
-use control::server::{require_token, ApiError, MAX_LOG_TAIL_BYTES};
-use control::spec::validate_relative_path;
-use hyper::body::Bytes;
+use proto::spec::validate_relative_path;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom};
@@ -242,7 +243,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
 
     let result = tokio::select! {
         r = heartbeat_loop(agent.clone(), client, http_port) => r,
-        _ = control::server::shutdown_signal() => Ok(()),
+        _ = net::http::shutdown_signal() => Ok(()),
     };
     agent.stop_everything().await;
     let _ = std::fs::remove_file(&agent.socket_path);
@@ -487,11 +488,7 @@ impl Agent {
             Err((step, message)) => {
                 eprintln!("agent {}: job {}: cannot restore {message}", self.cfg.name, spec.job_id);
                 let mut node = self.node.lock().expect("agent state");
-                node.bad.push(CheckpointReport {
-                    job_id: spec.job_id,
-                    step,
-                    tier: control::api::Tier::Memory,
-                });
+                node.bad.push(CheckpointReport { job_id: spec.job_id, step, tier: proto::api::Tier::Memory });
                 for &l in &fresh {
                     let failed = RankState::Exited { code: Some(RESTORE_FAILED_EXIT), signal: None };
                     node.ranks.insert((spec.job_id, spec.attempt, l), Rank::new(failed, None));
@@ -1063,7 +1060,7 @@ async fn serve_metrics(State(agent): State<Arc<Agent>>) -> Response {
         let running = node.ranks.values().filter(|r| r.state.is_running()).count();
         (running, node.ranks.len() - running)
     };
-    ([("content-type", control::metrics::CONTENT_TYPE)], agent.metrics.render(running, exited))
+    ([("content-type", net::http::METRICS_CONTENT_TYPE)], agent.metrics.render(running, exited))
         .into_response()
 }
 
@@ -1078,7 +1075,7 @@ async fn chaos(
     State(agent): State<Arc<Agent>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    use control::api::{ChaosAction, ChaosRequest};
+    use proto::api::{ChaosAction, ChaosRequest};
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let req: ChaosRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("chaos: {e}")))?;

@@ -95,7 +95,7 @@ impl AgentMetrics {
         registry.register("hung_ranks_killed", "Ranks found without progress and killed", self.hangs.clone());
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");
-        control::metrics::to_classic_text(&text)
+        net::http::to_classic_text(&text)
     }
 }
 

@@ -15,47 +15,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::AtomicU64;
 
-use crate::api::Event;
-use crate::core::Core;
-
-/// The media type of the exposition: Prometheus' classic text format, which every scraper and
-/// `promtool check metrics` read.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Rewrites prometheus-client's OpenMetrics text into the classic text format. The two differ
-/// where it matters to readers: an OpenMetrics counter family `x` has samples `x_total`, while
-/// the classic format names the family after its samples; `# UNIT` and `# EOF` do not exist.
-pub fn to_classic_text(openmetrics: &str) -> String {
-    let counters: std::collections::HashSet<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE "))
-        .filter_map(|l| l.strip_suffix(" counter"))
-        .collect();
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let meta = ["# HELP ", "# TYPE "].into_iter().find(|p| line.starts_with(p));
-        match meta {
-            Some(prefix) => {
-                let rest = &line[prefix.len()..];
-                let name = rest.split(' ').next().unwrap_or_default();
-                if counters.contains(name) {
-                    out.push_str(prefix);
-                    out.push_str(name);
-                    out.push_str("_total");
-                    out.push_str(&rest[name.len()..]);
-                } else {
-                    out.push_str(line);
-                }
-            }
-            None => out.push_str(line),
-        }
-        out.push('\n');
-    }
-    out
-}
+use myriad_core::Core;
+use proto::api::Event;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -266,21 +227,6 @@ impl Metrics {
 
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");
-        to_classic_text(&text)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counters_are_named_after_their_samples_and_openmetrics_only_lines_go() {
-        let om = "# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs{state=\"x\"} 1\n# HELP a_faults Faults.\n# TYPE a_faults counter\n# UNIT a_faults faults\na_faults_total 3\n# EOF\n";
-        let classic = to_classic_text(om);
-        assert_eq!(
-            classic,
-            "# HELP a_jobs Jobs.\n# TYPE a_jobs gauge\na_jobs{state=\"x\"} 1\n# HELP a_faults_total Faults.\n# TYPE a_faults_total counter\na_faults_total 3\n"
-        );
+        net::http::to_classic_text(&text)
     }
 }

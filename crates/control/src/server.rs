@@ -16,72 +16,28 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::api::{
-    ErrorBody, Event, HeartbeatRequest, JobId, JobSeries, JobView, NodeView, RegisterRequest, SubmitReply,
+use crate::metrics::Metrics;
+use crate::store::Store;
+use myriad_core::{Core, CoreConfig, CoreError};
+use net::auth::load_or_create_token;
+use net::client::{Client, ClientError};
+use net::http::{require_token, shutdown_signal, ApiError};
+use proto::api::MAX_LOG_TAIL_BYTES;
+use proto::api::{
+    Event, HeartbeatRequest, JobId, JobSeries, JobView, NodeView, RegisterRequest, SubmitReply,
     MAX_BODY_BYTES,
 };
-use crate::auth::{bearer_matches, load_or_create_token};
-use crate::client::{Client, ClientError};
-use crate::core::{Core, CoreConfig, CoreError};
-use crate::metrics::Metrics;
-use crate::spec::JobSpec;
-use crate::store::Store;
+use proto::spec::JobSpec;
 
-/// The one error type of every route: a status and a message that names what was wrong.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError { status, message: message.into() }
-    }
-    fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(ErrorBody { error: self.message })).into_response()
-    }
-}
-
-impl From<CoreError> for ApiError {
-    fn from(e: CoreError) -> ApiError {
-        let status = match &e {
-            CoreError::Spec(_) => StatusCode::BAD_REQUEST,
-            CoreError::UnknownNode(_) | CoreError::UnknownJob(_) => StatusCode::NOT_FOUND,
-            CoreError::Conflict(_) => StatusCode::CONFLICT,
-        };
-        ApiError::new(status, e.to_string())
-    }
-}
-
-impl From<BytesRejection> for ApiError {
-    fn from(e: BytesRejection) -> ApiError {
-        let status = e.status();
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("request body exceeds the limit of {MAX_BODY_BYTES} bytes")
-        } else {
-            e.body_text()
-        };
-        ApiError::new(status, message)
-    }
-}
-
-impl From<PathRejection> for ApiError {
-    fn from(e: PathRejection) -> ApiError {
-        ApiError::bad_request(e.body_text())
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(e: QueryRejection) -> ApiError {
-        ApiError::bad_request(e.body_text())
-    }
+/// A core error as the API answers it: 400 for a bad spec, 404 for an unknown node or job, 409
+/// for a conflict.
+fn core_error(e: CoreError) -> ApiError {
+    let status = match &e {
+        CoreError::Spec(_) => StatusCode::BAD_REQUEST,
+        CoreError::UnknownNode(_) | CoreError::UnknownJob(_) => StatusCode::NOT_FOUND,
+        CoreError::Conflict(_) => StatusCode::CONFLICT,
+    };
+    ApiError::new(status, e.to_string())
 }
 
 pub fn now_ms() -> u64 {
@@ -185,7 +141,7 @@ impl Controller {
             // The writer either commits or stops the process, so this wait ends.
             let _ = durable.wait_for(|&g| g >= generation).await;
         }
-        Ok(result?)
+        result.map_err(core_error)
     }
 
     fn read<T>(&self, f: impl FnOnce(&Core) -> T) -> T {
@@ -230,7 +186,7 @@ impl Controller {
                 .collect();
             (core.peer_table(job_id, attempt), current)
         });
-        let bytes = Bytes::from(serde_json::to_vec(&table?).expect("serialises"));
+        let bytes = Bytes::from(serde_json::to_vec(&table.map_err(core_error)?).expect("serialises"));
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         // Only tables of attempts still in progress are kept: the cache never outgrows the jobs
         // that are running.
@@ -287,9 +243,9 @@ fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<
 
 /// Nodes with new commands are told to heartbeat now instead of at their next interval: a
 /// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
-fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &crate::core::Changes) {
+fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &myriad_core::Changes) {
     for node in
-        changes.nodes.iter().filter(|n| !n.commands.is_empty() && n.health == crate::core::Health::Healthy)
+        changes.nodes.iter().filter(|n| !n.commands.is_empty() && n.health == myriad_core::Health::Healthy)
     {
         let base = format!("http://{}:{}", node.addr, node.http_port);
         let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT).map(Client::unpooled) else { continue };
@@ -353,24 +309,11 @@ async fn openapi() -> Response {
 
 async fn metrics(State(ctl): State<Arc<Controller>>) -> Response {
     let text = ctl.read(|core| ctl.metrics.render(core, now_ms()));
-    ([("content-type", crate::metrics::CONTENT_TYPE)], text).into_response()
-}
-
-/// 401 unless the request carries the cluster token; checked before the body is read.
-pub async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
-    let header = request.headers().get("authorization").map(|v| v.as_bytes());
-    if !bearer_matches(header, &token) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong cluster token (Authorization: Bearer …)",
-        )
-        .into_response();
-    }
-    next.run(request).await
+    ([("content-type", net::http::METRICS_CONTENT_TYPE)], text).into_response()
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    crate::api::from_json(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
+    proto::api::from_json(body).map_err(|e| ApiError::bad_request(format!("{what}: {e}")))
 }
 
 async fn register(
@@ -422,7 +365,9 @@ async fn get_job(
     id: Result<Path<JobId>, PathRejection>,
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
-    ctl.read(|core| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core| core.job_view(id, now_ms()))
+        .map(Json)
+        .ok_or_else(|| core_error(CoreError::UnknownJob(id)))
 }
 
 async fn cancel(
@@ -431,7 +376,9 @@ async fn cancel(
 ) -> Result<Json<JobView>, ApiError> {
     let Path(id) = id?;
     ctl.apply(|core, now| core.cancel(id, now)).await?;
-    ctl.read(|core| core.job_view(id, now_ms())).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core| core.job_view(id, now_ms()))
+        .map(Json)
+        .ok_or_else(|| core_error(CoreError::UnknownJob(id)))
 }
 
 #[derive(Deserialize)]
@@ -458,7 +405,7 @@ async fn job_events(
 ) -> Result<Json<Vec<Event>>, ApiError> {
     let Path(id) = id?;
     if ctl.read(|core| core.job(id).is_none()) {
-        return Err(CoreError::UnknownJob(id).into());
+        return Err(core_error(CoreError::UnknownJob(id)));
     }
     events(&ctl, Some(id), q?.0)
 }
@@ -468,7 +415,7 @@ async fn job_series(
     id: Result<Path<JobId>, PathRejection>,
 ) -> Result<Json<JobSeries>, ApiError> {
     let Path(id) = id?;
-    ctl.read(|core| core.job_series(id)).map(Json).ok_or_else(|| CoreError::UnknownJob(id).into())
+    ctl.read(|core| core.job_series(id)).map(Json).ok_or_else(|| core_error(CoreError::UnknownJob(id)))
 }
 
 async fn all_events(
@@ -503,9 +450,6 @@ struct LogQuery {
     tail_bytes: Option<u64>,
 }
 
-/// Default and largest log tail returned in one call.
-pub const MAX_LOG_TAIL_BYTES: u64 = 8 << 20;
-
 /// Fetches a rank's log from the agent of the node it ran on.
 async fn job_logs(
     State(ctl): State<Arc<Controller>>,
@@ -519,11 +463,13 @@ async fn job_logs(
         return Err(ApiError::bad_request(format!("stream {stream:?} must be stdout or stderr")));
     }
     let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
-    let (base, attempt, local_rank) = ctl.read(|core| {
-        core.locate_rank(id, q.rank, q.attempt).map(|(node, attempt, local)| {
-            (format!("http://{}:{}", node.addr, node.http_port), attempt, local)
+    let (base, attempt, local_rank) = ctl
+        .read(|core| {
+            core.locate_rank(id, q.rank, q.attempt).map(|(node, attempt, local)| {
+                (format!("http://{}:{}", node.addr, node.http_port), attempt, local)
+            })
         })
-    })?;
+        .map_err(core_error)?;
     let agent = Client::new(&base, &ctl.token, AGENT_CALL_TIMEOUT).map_err(ApiError::bad_request)?;
     let path = format!("/v1/logs/{id}/{attempt}/{local_rank}/{stream}?tail_bytes={tail}");
     match agent.call(Method::GET, &path, None).await {
@@ -568,15 +514,6 @@ pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<
         .map_err(|e| e.to_string())
 }
 
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 /// Writes a file under a temporary name and renames it, so readers never see half of it.
 pub fn write_atomically(path: &FsPath, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
@@ -596,15 +533,17 @@ async fn chaos(
     State(ctl): State<Arc<Controller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    use crate::api::{ChaosAction, ChaosRequest};
+    use proto::api::{ChaosAction, ChaosRequest};
     let mut req: ChaosRequest = parse_json(&body?, "chaos")?;
     let (base, node_name) = ctl.read(|core| -> Result<(String, String), ApiError> {
         let node = match (&req.node, req.job_id) {
-            (Some(name), _) => core.node(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?,
+            (Some(name), _) => {
+                core.node(name).ok_or_else(|| core_error(CoreError::UnknownNode(name.clone())))?
+            }
             (None, Some(job)) => {
                 let rank =
                     if req.action == ChaosAction::CorruptCheckpoint { 0 } else { req.rank.unwrap_or(0) };
-                let (node, _, local) = core.locate_rank(job, rank, None)?;
+                let (node, _, local) = core.locate_rank(job, rank, None).map_err(core_error)?;
                 req.rank = Some(local);
                 node
             }

@@ -173,7 +173,7 @@ async fn the_rendezvous_table_is_served_once_the_attempt_is_launched() {
 
     let (status, body) = f.call("GET", "/v1/jobs/1/attempts/0/peers", "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let table: crate::api::PeerTable = serde_json::from_str(&body).unwrap();
+    let table: proto::api::PeerTable = serde_json::from_str(&body).unwrap();
     assert_eq!((table.world_size, table.ranks_per_node, table.master_port), (4, 2, 29400));
     assert_eq!(table.hosts, vec!["127.0.0.1".to_string(); 2]);
     // Served from the cache the second time, byte for byte.
@@ -288,7 +288,7 @@ async fn a_jobs_series_is_served_and_an_unknown_job_is_404() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = f.call("GET", "/v1/jobs/1/series", "").await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let series: crate::api::JobSeries = serde_json::from_str(&body).unwrap();
+    let series: proto::api::JobSeries = serde_json::from_str(&body).unwrap();
     assert_eq!((series.job_id, series.points.len()), (1, 0));
     assert_eq!(f.call("GET", "/v1/jobs/2/series", "").await.0, StatusCode::NOT_FOUND);
     assert_eq!(f.call("GET", "/v1/jobs/x/series", "").await.0, StatusCode::BAD_REQUEST);

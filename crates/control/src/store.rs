@@ -7,8 +7,8 @@
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::Path;
 
-use crate::api::{Event, JobId};
-use crate::core::{Changes, Job, Node};
+use myriad_core::{Changes, Job, Node};
+use proto::api::{Event, JobId};
 
 #[derive(Debug)]
 pub struct StoreError(pub String);

@@ -9,11 +9,11 @@
 //! relaunch the job with a spare in its place.
 
 use clap::Args;
-use control::api::{
+use net::client::{Client, Method};
+use proto::api::{
     Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, PortReport, RankReport, RankState,
     RegisterReply, RegisterRequest, StepTime, SubmitReply,
 };
-use control::client::{Client, Method};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -490,7 +490,7 @@ async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_no
                 return;
             }
             // The attempt was superseded: its table no longer matters.
-            Err(control::client::ClientError::Status { status: 409, .. }) => return,
+            Err(net::client::ClientError::Status { status: 409, .. }) => return,
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
@@ -514,7 +514,7 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
                 }
             }),
         )
-        .layer(axum::middleware::from_fn_with_state(token, control::server::require_token));
+        .layer(axum::middleware::from_fn_with_state(token, net::http::require_token));
     tokio::spawn(async move { axum::serve(listener, doorbell).await });
 
     let client = Client::new(&hub.url, &hub.token, CALL_TIMEOUT)?;
@@ -818,7 +818,7 @@ async fn silence_one_node(
     .await?;
     // The heartbeat loop may have been mid-call when silenced: its last answered one counts.
     let last_ms = victim.last_heartbeat_ms.load(Ordering::Relaxed);
-    let events: Vec<control::api::Event> = client.get_json("/v1/events").await.map_err(|e| e.to_string())?;
+    let events: Vec<proto::api::Event> = client.get_json("/v1/events").await.map_err(|e| e.to_string())?;
     let lost = events
         .iter()
         .find(|e| e.kind == "node_lost" && e.node.as_deref() == Some(victim_name.as_str()))

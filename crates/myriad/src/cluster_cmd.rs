@@ -2,10 +2,10 @@
 //! `nodes`. Wiring only: arguments in, calls to the controller's API, tables or JSON out.
 
 use clap::Args;
-use control::api::{Event, JobView, NodeView, SubmitReply};
-use control::client::Client;
-use control::core::CoreConfig;
-use control::spec::JobSpec;
+use myriad_core::CoreConfig;
+use net::client::Client;
+use proto::api::{Event, JobView, NodeView, SubmitReply};
+use proto::spec::JobSpec;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -41,7 +41,7 @@ const CLI_CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// The cluster token: from `file`, else the MYRIAD_TOKEN variable, else the `fallback` file.
 pub fn token(file: Option<&Path>, fallback: Option<&Path>, who: &str) -> Result<String, String> {
     if let Some(file) = file {
-        return control::auth::read_token(file);
+        return net::auth::read_token(file);
     }
     if let Ok(token) = std::env::var("MYRIAD_TOKEN") {
         if token.trim().len() < 32 {
@@ -51,7 +51,7 @@ pub fn token(file: Option<&Path>, fallback: Option<&Path>, who: &str) -> Result<
     }
     match fallback {
         Some(f) => {
-            control::auth::read_token(f).map_err(|e| format!("{e} (pass --token-file or set MYRIAD_TOKEN)"))
+            net::auth::read_token(f).map_err(|e| format!("{e} (pass --token-file or set MYRIAD_TOKEN)"))
         }
         None => Err(format!("{who} needs the cluster token: pass --token-file or set MYRIAD_TOKEN")),
     }
@@ -168,7 +168,7 @@ pub struct AgentArgs {
 }
 
 pub fn agent(a: AgentArgs) -> Result<(), String> {
-    control::spec::validate_name("--name", &a.name).map_err(|e| e.to_string())?;
+    proto::spec::validate_name("--name", &a.name).map_err(|e| e.to_string())?;
     if a.slots == 0 {
         return Err("--slots must be at least 1".into());
     }
@@ -284,7 +284,7 @@ pub fn up(a: UpArgs) -> Result<(), String> {
         let mut reported = std::collections::BTreeSet::new();
         loop {
             tokio::select! {
-                _ = control::server::shutdown_signal() => return Ok(()),
+                _ = net::http::shutdown_signal() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     for name in cluster.supervise()? {
                         if reported.insert(name.clone()) {
@@ -368,9 +368,8 @@ pub fn submit(a: SubmitArgs) -> Result<(), String> {
         }
     };
     let reply: SubmitReply = block_on(async {
-        let bytes =
-            client.call(control::client::Method::POST, "/v1/jobs", Some((body, content_type))).await?;
-        serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
+        let bytes = client.call(net::client::Method::POST, "/v1/jobs", Some((body, content_type))).await?;
+        serde_json::from_slice(&bytes).map_err(|e| net::client::ClientError::BadBody(e.to_string()))
     })
     .map_err(|e| format!("submit: {e}"))?;
     if a.json {
@@ -469,7 +468,7 @@ pub fn status(a: StatusArgs) -> Result<(), String> {
             let _ = out.flush();
             drop(out);
             tokio::select! {
-                _ = control::server::shutdown_signal() => return Ok(()),
+                _ = net::http::shutdown_signal() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_secs_f64(every_s)) => {}
             }
         }
@@ -719,8 +718,7 @@ async fn fetch_log(
     if let Some(t) = tail {
         path += &format!("&tail_bytes={t}");
     }
-    let bytes =
-        client.call(control::client::Method::GET, &path, None).await.map_err(|e| format!("logs: {e}"))?;
+    let bytes = client.call(net::client::Method::GET, &path, None).await.map_err(|e| format!("logs: {e}"))?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -737,8 +735,8 @@ pub fn cancel(a: CancelArgs) -> Result<(), String> {
     let client = a.conn.client()?;
     let job: JobView = block_on(async {
         let bytes =
-            client.call(control::client::Method::POST, &format!("/v1/jobs/{}/cancel", a.job), None).await?;
-        serde_json::from_slice(&bytes).map_err(|e| control::client::ClientError::BadBody(e.to_string()))
+            client.call(net::client::Method::POST, &format!("/v1/jobs/{}/cancel", a.job), None).await?;
+        serde_json::from_slice(&bytes).map_err(|e| net::client::ClientError::BadBody(e.to_string()))
     })
     .map_err(|e| format!("cancel: {e}"))?;
     if a.json {
@@ -774,7 +772,7 @@ pub struct ChaosArgs {
 }
 
 pub fn chaos(a: ChaosArgs) -> Result<(), String> {
-    use control::api::{ChaosAction, ChaosRequest};
+    use proto::api::{ChaosAction, ChaosRequest};
     if a.action == "kill-controller" {
         let pid_file = a.conn.cluster.join("controller").join(control::server::PID_FILE);
         let pid: i32 = std::fs::read_to_string(&pid_file)
@@ -816,7 +814,7 @@ pub fn chaos(a: ChaosArgs) -> Result<(), String> {
     };
     let client = a.conn.client()?;
     let json = serde_json::to_vec(&req).expect("serialises");
-    block_on(client.call(control::client::Method::POST, "/v1/chaos", Some((json, "application/json"))))
+    block_on(client.call(net::client::Method::POST, "/v1/chaos", Some((json, "application/json"))))
         .map_err(|e| format!("chaos: {e}"))?;
     println!("injected {}", a.action);
     Ok(())

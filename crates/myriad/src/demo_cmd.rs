@@ -5,8 +5,8 @@
 //! where the lost time went.
 
 use clap::Args;
-use control::api::{ChaosAction, ChaosRequest, Event, JobView, SubmitReply};
-use control::client::{Client, Method};
+use net::client::{Client, Method};
+use proto::api::{ChaosAction, ChaosRequest, Event, JobView, SubmitReply};
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -167,7 +167,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
     };
     if a.stay {
         eprintln!("the cluster stays up for its dashboard; Ctrl-C stops it");
-        block_on(control::server::shutdown_signal());
+        block_on(net::http::shutdown_signal());
     }
     cluster.stop();
     if a.keep {

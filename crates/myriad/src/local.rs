@@ -1,8 +1,8 @@
 //! A local embedded cluster: one controller and N agents as child processes of this one, all on
 //! this machine. `myriad up` keeps it in the foreground; `myriad run` starts one for a single job.
 
-use control::api::NodeView;
-use control::client::Client;
+use net::client::Client;
+use proto::api::NodeView;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,7 +72,7 @@ impl LocalCluster {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        cluster.token = control::auth::read_token(&state.join(control::server::TOKEN_FILE))?;
+        cluster.token = net::auth::read_token(&state.join(control::server::TOKEN_FILE))?;
         for i in 0..opts.nodes + opts.spares {
             let spare = i >= opts.nodes;
             let name = if spare { format!("spare-{}", i - opts.nodes) } else { format!("node-{i}") };

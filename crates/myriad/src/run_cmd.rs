@@ -5,9 +5,9 @@
 //! each line prefixed with its rank, and the exit status says whether the job succeeded.
 
 use clap::Args;
-use control::api::{JobView, SubmitReply};
-use control::client::{Client, Method};
-use control::spec::JobSpec;
+use net::client::{Client, Method};
+use proto::api::{JobView, SubmitReply};
+use proto::spec::JobSpec;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -189,7 +189,7 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
         }
         if cancel_wanted && !cancel_sent {
             match client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await {
-                Ok(_) | Err(control::client::ClientError::Status { status: 409, .. }) => cancel_sent = true,
+                Ok(_) | Err(net::client::ClientError::Status { status: 409, .. }) => cancel_sent = true,
                 Err(e) => eprintln!("myriad run: cancel failed ({e}); retrying"),
             }
         }

@@ -149,7 +149,7 @@ fn the_controllers_and_an_agents_metrics_pass_promtool() {
     // Series that appear only once something happened (a fault, a recovery, a checkpoint copy, a
     // hang), from the same code the servers run, fed what those events carry.
     let observed = control::metrics::Metrics::default();
-    let event = |kind: &str, data: Value| control::api::Event {
+    let event = |kind: &str, data: Value| proto::api::Event {
         seq: 1,
         time_ms: 0,
         job_id: Some(1),
@@ -162,7 +162,7 @@ fn the_controllers_and_an_agents_metrics_pass_promtool() {
         event("attempt_failed", serde_json::json!({"cause": "node_lost"})),
         event("recovered", serde_json::json!({"detection_s": 2.9, "restart_s": 1.2, "recompute_s": 0.4})),
     ]);
-    let happened = observed.render(&control::core::Core::new(Default::default()), 0);
+    let happened = observed.render(&myriad_core::Core::new(Default::default()), 0);
     let agent_observed = agent::metrics::AgentMetrics::default();
     agent_observed.checkpoint_copied("buddy", 0.2, 1 << 20);
     agent_observed.hang_killed();

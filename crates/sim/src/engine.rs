@@ -8,12 +8,12 @@
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
-use control::api::{
+use myriad_core::{Core, CoreConfig, JobState};
+use proto::api::{
     CheckpointReport, Command, HangReport, HeartbeatRequest, JobId, PortReport, RankReport, RankState,
     RegisterRequest, StepTime, Tier,
 };
-use control::core::{Core, CoreConfig, JobState};
-use control::spec::JobSpec;
+use proto::spec::JobSpec;
 
 use crate::rng::Rng;
 use crate::{ClassStats, Config, FaultKind, LostGpuHours, Report};

@@ -1,6 +1,6 @@
 //! Reliability simulator: a long training job on a cluster of 10,000–100,000 GPUs, on a simulated
 //! clock, with faults drawn from a seed. The controller's real decisions come from
-//! [`control::core::Core`], the same code the HTTP server runs; the simulator stands in for the
+//! [`myriad_core::Core`], the same code the HTTP server runs; the simulator stands in for the
 //! agents (heartbeats, rank exits, launches) and for the training itself (steps, checkpoint
 //! stalls), and measures what the policy makes of each fault.
 //!
@@ -182,14 +182,10 @@ impl Config {
                 format!("{} GPUs do not fill whole nodes of {}", self.gpus, self.gpus_per_node),
             ));
         }
-        if self.nodes() > control::spec::MAX_NODES as u64 {
+        if self.nodes() > proto::spec::MAX_NODES as u64 {
             return Err(SimError::new(
                 "gpus",
-                format!(
-                    "{} nodes exceed the controller's limit of {}",
-                    self.nodes(),
-                    control::spec::MAX_NODES
-                ),
+                format!("{} nodes exceed the controller's limit of {}", self.nodes(), proto::spec::MAX_NODES),
             ));
         }
         if self.spare_nodes as u64 > self.nodes() {

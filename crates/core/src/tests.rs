@@ -2,7 +2,7 @@
 //! real agent does (idempotently, acknowledging by sequence number).
 
 use super::*;
-use crate::api::{CheckpointReport, HangReport, PortReport, RankReport, Tier};
+use proto::api::{CheckpointReport, HangReport, PortReport, RankReport, Tier};
 
 /// A fake agent: the ranks it runs, the ports it reserved, the last command it carried out.
 #[derive(Default)]

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::time::Duration;
 
-use crate::api::ErrorBody;
+use proto::api::ErrorBody;
 
 pub use hyper::Method;
 

@@ -2,9 +2,9 @@
 //! 10,000-rank job, counted by a global allocator (deterministic, unlike resident memory), and
 //! proof that restarting the job again and again does not grow it.
 
-use control::api::{Command, HeartbeatRequest, PortReport, RankReport, RankState, RegisterRequest};
-use control::core::{Core, CoreConfig};
-use control::spec::JobSpec;
+use myriad_core::{Core, CoreConfig};
+use proto::api::{Command, HeartbeatRequest, PortReport, RankReport, RankState, RegisterRequest};
+use proto::spec::JobSpec;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 

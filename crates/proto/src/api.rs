@@ -15,6 +15,8 @@ pub type JobId = u64;
 pub const AUTH_HEADER: &str = "authorization";
 /// Largest request body any route accepts.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
+/// Default and largest rank-log tail returned in one call (by the controller and by an agent).
+pub const MAX_LOG_TAIL_BYTES: u64 = 8 << 20;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -283,7 +285,7 @@ pub struct JobView {
     pub faults: u32,
 }
 
-/// A job's recent history for charts: at most [`crate::core::SERIES_POINTS`] points covering the
+/// A job's recent history for charts: at most 360 points (the core's `SERIES_POINTS`) covering the
 /// whole run, sampled every `every_ms` (doubled, and every other point dropped, whenever full).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct JobSeries {

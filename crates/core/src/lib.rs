@@ -1,0 +1,233 @@
+//! The controller's decisions, with no IO: nodes, jobs, gang scheduling, the torchrun environment,
+//! failure handling and timeouts. Time comes in as `now_ms` on every call; what changed comes out
+//! through [`Core::take_changes`] for the edge to persist. The same core runs under the HTTP server
+//! (`control`) and under the simulator's clock (`sim`): this crate depends on the contracts and
+//! serde alone, so it cannot do IO even by accident.
+//!
+//! Life of a job: `queued` → (all its nodes free) `starting`: rank 0's node reserves a port for the
+//! store → every node launches its ranks → `running` once every rank has reported → `succeeded`
+//! when every rank exits 0. A rank exiting non-zero, a lost node or a launch that does not finish
+//! in time ends the attempt: its ranks are stopped, their slots return only once every node has
+//! confirmed them gone, then the job restarts (new attempt, new MASTER_PORT) if restarts are left,
+//! else it fails. Cancelling follows the same path.
+
+mod history;
+mod ledger;
+mod model;
+mod nodes;
+mod recovery;
+mod schedule;
+mod stragglers;
+mod views;
+
+pub use history::*;
+pub use ledger::*;
+pub use model::*;
+pub use recovery::FaultKind;
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+
+use proto::api::{
+    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobSeries, JobView, LaunchSpec, NodeView,
+    PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, SeriesPoint,
+    StepTime, Tier, TimeAccount,
+};
+use proto::spec::{validate_name, JobSpec, SpecError};
+
+/// Errors the API turns into 4xx responses.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CoreError {
+    Spec(SpecError),
+    UnknownNode(String),
+    UnknownJob(JobId),
+    Conflict(String),
+}
+
+impl fmt::Display for CoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CoreError::Spec(e) => write!(f, "{e}"),
+            CoreError::UnknownNode(n) => write!(f, "node {n:?} is not registered"),
+            CoreError::UnknownJob(id) => write!(f, "job {id} does not exist"),
+            CoreError::Conflict(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for CoreError {}
+
+/// Everything that changed since the last call, for the edge to persist in one transaction.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub jobs: Vec<Job>,
+    pub nodes: Vec<Node>,
+    pub events: Vec<Event>,
+    pub next_job_id: u64,
+    pub next_event_seq: u64,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && self.nodes.is_empty() && self.events.is_empty()
+    }
+}
+
+pub struct Core {
+    cfg: CoreConfig,
+    nodes: BTreeMap<String, Node>,
+    jobs: BTreeMap<JobId, Job>,
+    next_job_id: u64,
+    next_event_seq: u64,
+    dirty_jobs: BTreeSet<JobId>,
+    dirty_nodes: BTreeSet<String>,
+    events: Vec<Event>,
+    /// Something happened that may let a queued job start (slots freed, a node back, a job
+    /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
+    /// every heartbeat is quadratic per round at 1,250 nodes. `tick` schedules regardless.
+    schedule_due: bool,
+}
+
+impl Core {
+    pub fn new(cfg: CoreConfig) -> Core {
+        Core::restore(cfg, Vec::new(), Vec::new(), 1, 1, 0)
+    }
+
+    /// Rebuilds the core from persisted rows. Every node starts a fresh heartbeat grace period at
+    /// `now_ms`: agents kept running while the controller was down and will report in.
+    pub fn restore(
+        cfg: CoreConfig,
+        nodes: Vec<Node>,
+        jobs: Vec<Job>,
+        next_job_id: u64,
+        next_event_seq: u64,
+        now_ms: u64,
+    ) -> Core {
+        let nodes: BTreeMap<String, Node> = nodes
+            .into_iter()
+            .map(|mut n| {
+                n.last_heartbeat_ms = now_ms;
+                (n.name.clone(), n)
+            })
+            .collect();
+        let jobs = jobs
+            .into_iter()
+            .map(|mut j| {
+                if let Some(a) = j.attempt.as_mut() {
+                    index_attempt(a, j.id, &nodes);
+                }
+                (j.id, j)
+            })
+            .collect();
+        Core {
+            cfg,
+            nodes,
+            jobs,
+            next_job_id,
+            next_event_seq,
+            dirty_jobs: BTreeSet::new(),
+            dirty_nodes: BTreeSet::new(),
+            events: Vec::new(),
+            schedule_due: false,
+        }
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Whether anything changed since the last [`Core::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !(self.dirty_jobs.is_empty() && self.dirty_nodes.is_empty() && self.events.is_empty())
+    }
+
+    pub fn take_changes(&mut self) -> Changes {
+        let jobs =
+            std::mem::take(&mut self.dirty_jobs).into_iter().map(|id| self.jobs[&id].clone()).collect();
+        let nodes =
+            std::mem::take(&mut self.dirty_nodes).into_iter().map(|n| self.nodes[&n].clone()).collect();
+        Changes {
+            jobs,
+            nodes,
+            events: std::mem::take(&mut self.events),
+            next_job_id: self.next_job_id,
+            next_event_seq: self.next_event_seq,
+        }
+    }
+
+    pub(crate) fn event(
+        &mut self,
+        now_ms: u64,
+        job_id: Option<JobId>,
+        node: Option<&str>,
+        kind: &str,
+        message: String,
+    ) {
+        self.events.push(Event {
+            seq: self.next_event_seq,
+            time_ms: now_ms,
+            job_id,
+            node: node.map(str::to_string),
+            kind: kind.to_string(),
+            message,
+            data: None,
+        });
+        self.next_event_seq += 1;
+    }
+
+    /// Records an event decided outside the core (a fault injected on purpose).
+    pub fn record(
+        &mut self,
+        now_ms: u64,
+        job_id: Option<JobId>,
+        node: Option<&str>,
+        kind: &str,
+        message: String,
+    ) {
+        self.event(now_ms, job_id, node, kind, message);
+    }
+
+    /// For a caller that keeps no copy of the state (the simulator): which nodes changed since
+    /// the last call (new commands among them), and the events, without cloning any row.
+    pub fn take_dirty(&mut self) -> (BTreeSet<String>, Vec<Event>) {
+        self.dirty_jobs.clear();
+        (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.events))
+    }
+
+    /// The derived indexes agree with the state they summarise (checked by the tests after
+    /// every step; too slow to check on every call of a large cluster).
+    #[cfg(test)]
+    pub(crate) fn check_indexes(&self) {
+        for job in self.jobs.values() {
+            let Some(a) = job.attempt.as_ref() else { continue };
+            let mut fresh = a.clone();
+            index_attempt(&mut fresh, job.id, &self.nodes);
+            assert_eq!(
+                (&fresh.groups, fresh.reported, fresh.holders),
+                (&a.groups, a.reported, a.holders),
+                "indexes of job {} attempt {}",
+                job.id,
+                a.number
+            );
+        }
+    }
+
+    /// Marks a node's row as changed (without allocating when it already is).
+    pub(crate) fn dirty_node(&mut self, name: &str) {
+        if !self.dirty_nodes.contains(name) {
+            self.dirty_nodes.insert(name.to_string());
+        }
+    }
+
+    pub(crate) fn push_once(&mut self, name: &str, command: Command) {
+        let node = self.nodes.get_mut(name).expect("caller checked the node");
+        if !node.commands.iter().any(|c| c.command == command) {
+            node.push(command);
+            self.dirty_node(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

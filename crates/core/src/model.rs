@@ -1,0 +1,260 @@
+//! The state the core keeps: its configuration, nodes with their allocations and queued commands,
+//! jobs and their attempts, and the derived indexes an attempt carries.
+
+use crate::*;
+
+#[derive(Clone, Debug)]
+pub struct CoreConfig {
+    pub heartbeat_interval_ms: u64,
+    /// A node is lost after this many heartbeat intervals of silence.
+    pub node_timeout_heartbeats: u32,
+    /// An attempt whose ranks have not all started by then fails.
+    pub launch_timeout_ms: u64,
+    /// The period the edge calls [`Core::tick`] at. A node is declared lost two ticks before its
+    /// silence reaches the timeout: checked every tick, with a tick's slack for a late one,
+    /// detection never takes longer than the timeout itself.
+    pub tick_ms: u64,
+    /// A node blamed for this many failures within `quarantine_window_ms` is taken out of
+    /// scheduling until a person restarts its agent.
+    pub quarantine_after: usize,
+    pub quarantine_window_ms: u64,
+    /// A rank whose median compute time per step is this fraction above the job's median is a
+    /// straggler; checked every `straggler_check_ms`.
+    pub straggler_margin: f64,
+    pub straggler_check_ms: u64,
+    /// A straggler still straggling after this many checks in a row has its node swapped for a
+    /// free spare the job may use (a restart from the newest checkpoint); 0 never evicts.
+    pub straggler_evict_checks: u32,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            heartbeat_interval_ms: 1000,
+            node_timeout_heartbeats: 3,
+            launch_timeout_ms: 120_000,
+            tick_ms: 100,
+            quarantine_after: 3,
+            quarantine_window_ms: 3_600_000,
+            // A rank stalled half of the time (or sharing its GPU with another job) is found;
+            // the jitter of ranks sharing a busy host is not.
+            straggler_margin: 0.5,
+            straggler_check_ms: 5_000,
+            // 15 s of a rank 50% slower costs the job more than a restart from an in-memory
+            // checkpoint (seconds), and three checks in a row are not jitter.
+            straggler_evict_checks: 3,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    Healthy,
+    Lost,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Allocation {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub slots: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub name: String,
+    pub slots: u32,
+    pub cores: u32,
+    pub addr: String,
+    pub http_port: u16,
+    pub spare: bool,
+    pub health: Health,
+    pub allocations: Vec<Allocation>,
+    /// Commands not yet acknowledged, oldest first.
+    pub commands: VecDeque<SeqCommand>,
+    pub next_command_seq: u64,
+    /// When failures were last blamed on this node (the newest few).
+    #[serde(default)]
+    pub failures_ms: Vec<u64>,
+    /// Failed too often: no new work until its agent re-registers.
+    #[serde(default)]
+    pub quarantined: bool,
+    /// Steps of each job's checkpoints this node holds in memory (its own and its buddy's).
+    #[serde(default)]
+    pub checkpoints: BTreeMap<JobId, BTreeSet<u64>>,
+    /// Not persisted: a restarted controller gives every node a fresh grace period.
+    #[serde(skip)]
+    pub last_heartbeat_ms: u64,
+    /// Ranks still running per (job, attempt) in the node's last heartbeat.
+    #[serde(skip)]
+    pub reported_running: BTreeMap<(JobId, u32), u32>,
+}
+
+impl Node {
+    pub(crate) fn slots_used(&self) -> u32 {
+        self.allocations.iter().map(|a| a.slots).sum()
+    }
+
+    /// Healthy, not quarantined, with `slots` free.
+    pub(crate) fn has_room(&self, slots: u32) -> bool {
+        self.health == Health::Healthy && !self.quarantined && self.slots - self.slots_used() >= slots
+    }
+
+    pub(crate) fn holds(&self, job_id: JobId, attempt: u32) -> bool {
+        self.allocations.iter().any(|a| a.job_id == job_id && a.attempt == attempt)
+    }
+
+    pub(crate) fn push(&mut self, command: Command) {
+        self.next_command_seq += 1;
+        self.commands.push_back(SeqCommand { seq: self.next_command_seq, command });
+    }
+
+    pub(crate) fn has_unacked_launch(&self, job_id: JobId, attempt: u32) -> bool {
+        self.commands
+            .iter()
+            .any(|c| matches!(&c.command, Command::Launch(l) if l.job_id == job_id && l.attempt == attempt))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Starting,
+    Running,
+    /// The attempt ended; its ranks are being stopped before the job restarts or ends.
+    Stopping,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Starting => "starting",
+            JobState::Running => "running",
+            JobState::Stopping => "stopping",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What happens once an ending attempt's ranks are all gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Succeed,
+    Restart,
+    Fail,
+    Cancel,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub number: u32,
+    /// Nodes in group-rank order: `nodes[0]` hosts global rank 0.
+    pub nodes: Vec<String>,
+    pub master_port: Option<u16>,
+    pub started_ms: u64,
+    /// Last reported state of every global rank; None until its node reports it.
+    pub ranks: Vec<Option<RankState>>,
+    /// Set when the attempt ends; the job moves on once every node released its slots.
+    pub outcome: Option<Outcome>,
+    /// Derived indexes (rebuilt on restore) that keep a heartbeat's work independent of the
+    /// job's size: each node's group rank, how many ranks have reported, how many of `nodes`
+    /// still hold slots for this attempt.
+    #[serde(skip)]
+    pub groups: HashMap<String, u32>,
+    #[serde(skip)]
+    pub reported: u32,
+    #[serde(skip)]
+    pub holders: u32,
+    /// Each rank's median compute time per step as last reported (not persisted: agents report
+    /// it again), and the ranks already found to straggle in this attempt.
+    #[serde(skip)]
+    pub compute_ms: Vec<Option<f64>>,
+    #[serde(default)]
+    pub stragglers: BTreeSet<u32>,
+    #[serde(skip)]
+    pub straggler_checked_ms: u64,
+    /// Checks in a row each rank has been found straggling (not persisted: it starts again).
+    #[serde(skip)]
+    pub straggling_checks: BTreeMap<u32, u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub state: JobState,
+    pub submitted_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub restarts: u32,
+    pub reason: Option<String>,
+    pub attempt: Option<Attempt>,
+    /// Nodes of the latest attempts (at most [`PLACEMENTS_KEPT`]), oldest first: logs of earlier
+    /// attempts live there. A job restarted a thousand times on 1,250 nodes would otherwise carry
+    /// every list in its row.
+    pub placements: Vec<Vec<String>>,
+    /// Attempt number of `placements[0]`.
+    #[serde(default)]
+    pub placements_from: u32,
+    /// Rank 0's last reported step and loss.
+    pub step: Option<u64>,
+    pub loss: Option<f64>,
+    /// Steps in the persisted tier, as the leader's agent last reported them.
+    #[serde(default)]
+    pub persisted: BTreeSet<u64>,
+    /// Steps that failed verification somewhere: never restored from again.
+    #[serde(default)]
+    pub bad_steps: BTreeSet<u64>,
+    #[serde(default)]
+    pub tokens_per_s: Option<f64>,
+    #[serde(default)]
+    pub mfu: Option<f64>,
+    /// Committed step time and lost time, for effective training time.
+    #[serde(default)]
+    pub account: Account,
+    /// Rank 0's figures over time, for the dashboard's charts. Persisted with the row, which a
+    /// new step rewrites anyway, so a restarted controller keeps the charts whole.
+    #[serde(default)]
+    pub history: History,
+    /// Nodes evicted from this job for straggling: its later attempts avoid them.
+    #[serde(default)]
+    pub evicted: BTreeSet<String>,
+}
+
+/// Placements kept per job (the newest attempts').
+pub const PLACEMENTS_KEPT: usize = 16;
+
+/// Rebuilds an attempt's derived indexes from its node list, rank table and the nodes' slots.
+pub(crate) fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>) {
+    a.groups = group_index(&a.nodes);
+    a.reported = a.ranks.iter().filter(|r| r.is_some()).count() as u32;
+    a.holders =
+        a.nodes.iter().filter(|n| nodes.get(*n).is_some_and(|node| node.holds(job_id, a.number))).count()
+            as u32;
+}
+
+/// Names for an event: all of a small job's nodes; the first few of a large one and a count (its
+/// full placement is in the job's view), so one event is not 15 KB at 1,250 nodes.
+pub(crate) fn node_list(nodes: &[String]) -> String {
+    const SHOWN: usize = 8;
+    if nodes.len() <= SHOWN {
+        return nodes.join(", ");
+    }
+    format!("{}, … and {} more ({} nodes)", nodes[..SHOWN].join(", "), nodes.len() - SHOWN, nodes.len())
+}
+
+/// Each node's group rank: its position in the attempt's node list.
+pub(crate) fn group_index(nodes: &[String]) -> HashMap<String, u32> {
+    nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect()
+}

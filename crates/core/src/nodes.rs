@@ -1,0 +1,244 @@
+//! Nodes: registration, heartbeats (full state, commands acknowledged by sequence number), the
+//! time-driven decisions (lost nodes, launch timeouts) and quarantine of nodes that keep failing.
+
+use crate::*;
+
+impl Core {
+    /// A failure is this node's fault; too many in the window and it is quarantined.
+    pub(crate) fn blame(&mut self, name: &str, now_ms: u64) {
+        let (after, window_ms) = (self.cfg.quarantine_after, self.cfg.quarantine_window_ms);
+        let Some(node) = self.nodes.get_mut(name) else { return };
+        node.failures_ms.retain(|&t| now_ms.saturating_sub(t) < window_ms);
+        node.failures_ms.push(now_ms);
+        self.dirty_nodes.insert(name.to_string());
+        if node.failures_ms.len() >= after && !node.quarantined {
+            node.quarantined = true;
+            let message = format!(
+                "node {name} quarantined after {} failures within {} s: it needs a person (restart its agent to release it)",
+                node.failures_ms.len(),
+                window_ms / 1000
+            );
+            self.event(now_ms, None, Some(name), "node_quarantined", message);
+        }
+    }
+
+    /// A node's agent (re)starts. An agent that restarts has lost its ranks: any attempt still
+    /// counting on them fails.
+    pub fn register(&mut self, req: RegisterRequest, now_ms: u64) -> Result<RegisterReply, CoreError> {
+        validate_name("name", &req.name).map_err(CoreError::Spec)?;
+        if req.slots == 0 {
+            return Err(CoreError::Spec(SpecError {
+                field: "slots".into(),
+                message: "must be at least 1".into(),
+            }));
+        }
+        let name = req.name.clone();
+        match self.nodes.get_mut(&name) {
+            Some(node) => {
+                node.slots = req.slots;
+                node.cores = req.cores.max(1);
+                node.addr = req.addr;
+                node.http_port = req.http_port;
+                node.spare = req.spare;
+                node.health = Health::Healthy;
+                node.last_heartbeat_ms = now_ms;
+                node.commands.clear();
+                // A person restarted the agent: the node gets another chance.
+                node.quarantined = false;
+                node.failures_ms.clear();
+                let held: Vec<(JobId, u32)> =
+                    node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
+                node.allocations.clear();
+                self.dirty_nodes.insert(name.clone());
+                self.event(
+                    now_ms,
+                    None,
+                    Some(&name),
+                    "node_registered",
+                    format!("node {name} re-registered"),
+                );
+                for (job_id, attempt) in held {
+                    self.released(&name, job_id, attempt);
+                    let reason = format!("the agent on node {name} restarted and lost its ranks");
+                    let kind = FaultKind::AgentRestart;
+                    self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms, now_ms);
+                    self.maybe_finish_attempt(job_id, now_ms);
+                }
+            }
+            None => {
+                let node = Node {
+                    name: name.clone(),
+                    slots: req.slots,
+                    cores: req.cores.max(1),
+                    addr: req.addr,
+                    http_port: req.http_port,
+                    spare: req.spare,
+                    health: Health::Healthy,
+                    allocations: Vec::new(),
+                    commands: VecDeque::new(),
+                    next_command_seq: 0,
+                    failures_ms: Vec::new(),
+                    quarantined: false,
+                    checkpoints: BTreeMap::new(),
+                    last_heartbeat_ms: now_ms,
+                    reported_running: BTreeMap::new(),
+                };
+                let what = if node.spare { "spare node" } else { "node" };
+                let message = format!("{what} {name} joined with {} slots", node.slots);
+                self.nodes.insert(name.clone(), node);
+                self.dirty_nodes.insert(name.clone());
+                self.event(now_ms, None, Some(&name), "node_registered", message);
+            }
+        }
+        self.schedule(now_ms);
+        Ok(RegisterReply { heartbeat_interval_ms: self.cfg.heartbeat_interval_ms })
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        name: &str,
+        req: HeartbeatRequest,
+        now_ms: u64,
+    ) -> Result<HeartbeatReply, CoreError> {
+        self.report(name, req, now_ms)?;
+        Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+    }
+
+    /// A heartbeat without the reply: the caller reads the node's queued commands itself
+    /// ([`Core::node`]), as the simulator does for thousands of nodes.
+    pub fn report(&mut self, name: &str, req: HeartbeatRequest, now_ms: u64) -> Result<(), CoreError> {
+        let node = self.nodes.get_mut(name).ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
+        node.last_heartbeat_ms = now_ms;
+        let before = node.commands.len();
+        node.commands.retain(|c| c.seq > req.acked_command_seq);
+        if node.commands.is_empty() {
+            // An emptied queue keeps room for the launch specs it held: 1 KB per idle node.
+            node.commands.shrink_to_fit();
+        }
+        let mut dirty = node.commands.len() != before;
+        let returned = node.health == Health::Lost;
+        if returned {
+            node.health = Health::Healthy;
+            dirty = true;
+            self.schedule_due = true;
+        }
+        if dirty {
+            self.dirty_node(name);
+        }
+        if returned {
+            self.event(
+                now_ms,
+                None,
+                Some(name),
+                "node_returned",
+                format!("node {name} is heartbeating again"),
+            );
+        }
+
+        self.checkpoint_reports(name, &req, now_ms);
+        for port in &req.ports {
+            self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
+        }
+
+        // Ranks still running per attempt, as this node sees them.
+        let mut reported: BTreeMap<(JobId, u32), u32> = BTreeMap::new();
+        for r in &req.ranks {
+            *reported.entry((r.job_id, r.attempt)).or_default() += r.state.is_running() as u32;
+            self.rank_report(name, r, now_ms);
+        }
+        for (&(job_id, attempt), &running) in &reported {
+            if self.nodes[name].holds(job_id, attempt) {
+                continue;
+            }
+            // Ranks of an attempt this node holds no slots for: a leftover of an attempt that
+            // ended while the node was cut off, or of a job this controller never saw. Running
+            // ones keep their slots occupied until they are gone.
+            let node = self.nodes.get_mut(name).expect("checked above");
+            if running > 0 {
+                node.allocations.push(Allocation { job_id, attempt, slots: running });
+                node.push(Command::Stop { job_id, attempt });
+                self.dirty_node(name);
+                self.acquired(name, job_id, attempt);
+                let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
+                self.event(now_ms, Some(job_id), Some(name), "leftover_ranks", message);
+            } else {
+                self.push_once(name, Command::Forget { job_id, attempt });
+            }
+        }
+        self.nodes.get_mut(name).expect("checked above").reported_running = reported.clone();
+        let mut touched: BTreeSet<JobId> = self.nodes[name].allocations.iter().map(|a| a.job_id).collect();
+        touched.extend(reported.keys().map(|&(job_id, _)| job_id));
+        for job_id in touched {
+            self.try_release(name, job_id, now_ms);
+            self.maybe_finish_attempt(job_id, now_ms);
+        }
+        if self.schedule_due {
+            self.schedule(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Every healthy node not in `silent` heartbeats at `now_ms` with nothing new to say. For
+    /// the simulator, which stands in for thousands of agents whose reports have not changed.
+    pub fn alive_all(&mut self, now_ms: u64, silent: &HashSet<String>) {
+        for node in self.nodes.values_mut() {
+            if node.health == Health::Healthy && !silent.contains(&node.name) {
+                node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
+            }
+        }
+    }
+
+    /// Time-driven decisions: lost nodes, launches that take too long, then scheduling.
+    pub fn tick(&mut self, now_ms: u64) {
+        let timeout_ms = (self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64)
+            .saturating_sub(2 * self.cfg.tick_ms);
+        let silent: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.health == Health::Healthy && now_ms.saturating_sub(n.last_heartbeat_ms) > timeout_ms
+            })
+            .map(|n| n.name.clone())
+            .collect();
+        for name in silent {
+            let node = self.nodes.get_mut(&name).expect("listed above");
+            node.health = Health::Lost;
+            let age_ms = now_ms - node.last_heartbeat_ms;
+            let held: Vec<(JobId, u32)> = node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
+            self.dirty_nodes.insert(name.clone());
+            self.event(
+                now_ms,
+                None,
+                Some(&name),
+                "node_lost",
+                format!("node {name}: no heartbeat for {age_ms} ms"),
+            );
+            self.blame(&name, now_ms);
+            for (job_id, attempt) in held {
+                let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
+                let kind = FaultKind::NodeLost;
+                self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms - age_ms, now_ms);
+                self.try_release(&name, job_id, now_ms);
+                self.maybe_finish_attempt(job_id, now_ms);
+            }
+        }
+        let late: Vec<(JobId, u32)> = self
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Starting)
+            .filter_map(|j| j.attempt.as_ref().map(|a| (j.id, a)))
+            .filter(|(_, a)| {
+                a.outcome.is_none() && now_ms.saturating_sub(a.started_ms) > self.cfg.launch_timeout_ms
+            })
+            .map(|(id, a)| (id, a.number))
+            .collect();
+        for (job_id, attempt) in late {
+            let reason = format!("ranks did not all start within {} ms", self.cfg.launch_timeout_ms);
+            let kind = FaultKind::LaunchTimeout;
+            self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms, now_ms);
+            self.maybe_finish_attempt(job_id, now_ms);
+        }
+        self.find_stragglers(now_ms);
+        self.schedule(now_ms);
+    }
+}

@@ -1,0 +1,433 @@
+//! Failures and recovery: what each rank's exit means, ending an attempt, releasing its slots,
+//! choosing the restore point (newest step held in memory or persisted, never a corrupt one), and
+//! starting the next attempt or ending the job.
+
+use crate::*;
+
+/// What ended an attempt, as a metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A rank exited non-zero or was killed.
+    RankExit,
+    /// The agent found a rank making no progress and killed it.
+    Hang,
+    /// A node stopped heartbeating.
+    NodeLost,
+    /// An agent re-registered: it restarted and lost its ranks.
+    AgentRestart,
+    /// The ranks did not all start in time.
+    LaunchTimeout,
+    /// A node kept straggling and was swapped for a spare.
+    Straggler,
+    /// Not a fault: success or cancellation.
+    None,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultKind::RankExit => "rank_exit",
+            FaultKind::Hang => "hang",
+            FaultKind::NodeLost => "node_lost",
+            FaultKind::AgentRestart => "agent_restart",
+            FaultKind::LaunchTimeout => "launch_timeout",
+            FaultKind::Straggler => "straggler",
+            FaultKind::None => "none",
+        }
+    }
+}
+
+impl Core {
+    /// Records which checkpoints the node holds, which failed to verify, and purges the
+    /// in-memory checkpoints of jobs that have ended.
+    pub(crate) fn checkpoint_reports(&mut self, name: &str, req: &HeartbeatRequest, now_ms: u64) {
+        let mut memory: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
+        let mut persisted: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
+        for c in &req.checkpoints {
+            let into = if c.tier == Tier::Memory { &mut memory } else { &mut persisted };
+            into.entry(c.job_id).or_default().insert(c.step);
+        }
+        let ended: Vec<JobId> = memory
+            .keys()
+            .copied()
+            .filter(|id| self.jobs.get(id).is_none_or(|j| j.state.is_final()))
+            .collect();
+        for job_id in ended {
+            self.push_once(name, Command::Purge { job_id });
+        }
+        let node = self.nodes.get_mut(name).expect("caller checked the node");
+        if node.checkpoints != memory {
+            node.checkpoints = memory;
+            self.dirty_node(name);
+        }
+        for (job_id, steps) in persisted {
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                if job.persisted != steps {
+                    job.persisted = steps;
+                    self.dirty_jobs.insert(job_id);
+                }
+            }
+        }
+        for bad in &req.bad_checkpoints {
+            let Some(job) = self.jobs.get_mut(&bad.job_id) else { continue };
+            if job.bad_steps.insert(bad.step) {
+                self.dirty_jobs.insert(bad.job_id);
+                let message = format!(
+                    "checkpoint of step {} failed verification; falling back to an older one",
+                    bad.step
+                );
+                self.event(now_ms, Some(bad.job_id), Some(name), "checkpoint_corrupt", message);
+            }
+        }
+    }
+
+    /// The newest checkpoint every rank can start from: held in memory by a healthy node or
+    /// persisted, and never seen corrupt.
+    pub(crate) fn restore_point(&self, job: &Job) -> Option<RestoreSpec> {
+        let in_memory = self
+            .nodes
+            .values()
+            .filter(|n| n.health == Health::Healthy)
+            .filter_map(|n| n.checkpoints.get(&job.id))
+            .flat_map(|steps| steps.iter().copied());
+        let step =
+            in_memory.chain(job.persisted.iter().copied()).filter(|s| !job.bad_steps.contains(s)).max()?;
+        let sources = self
+            .nodes
+            .values()
+            .filter(|n| n.health == Health::Healthy)
+            .filter(|n| n.checkpoints.get(&job.id).is_some_and(|s| s.contains(&step)))
+            .map(|n| format!("http://{}:{}", n.addr, n.http_port))
+            .collect();
+        Some(RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
+    }
+
+    pub(crate) fn rank_report(&mut self, node: &str, r: &RankReport, now_ms: u64) {
+        let (job_id, attempt, local_rank, state) = (r.job_id, r.attempt, r.local_rank, r.state);
+        let (step, loss) = (r.step, r.loss);
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let nproc = job.spec.ranks_per_node;
+        let Some(a) = job.attempt.as_mut() else { return };
+        if a.number != attempt || local_rank >= nproc {
+            return;
+        }
+        let Some(&group) = a.groups.get(node) else { return };
+        let rank = group * nproc + local_rank;
+        if rank == 0 && (step.is_some() && step != job.step || loss.is_some() && loss != job.loss) {
+            job.step = step.or(job.step);
+            job.loss = loss.or(job.loss);
+            self.dirty_jobs.insert(job_id);
+        }
+        if rank == 0 {
+            job.tokens_per_s = r.tokens_per_s.or(job.tokens_per_s);
+            job.mfu = r.mfu.or(job.mfu);
+            let submitted_ms = job.submitted_ms;
+            // Agents repeat a rank's recent steps on every heartbeat: only new ones change the
+            // ledger (and cost a write).
+            if r.steps.iter().any(|s| !job.account.recent.contains_key(&s.step)) {
+                self.dirty_jobs.insert(job_id);
+                if let Some((message, data)) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
+                    self.event(now_ms, Some(job_id), None, "recovered", message);
+                    self.events.last_mut().expect("just pushed").data = Some(data);
+                }
+            }
+            let job = self.jobs.get_mut(&job_id).expect("looked up above");
+            if let Some(step) = job.step {
+                let ettr = ettr(job, now_ms);
+                if job.history.record(now_ms, step, [job.loss, job.tokens_per_s, job.mfu, ettr]) {
+                    self.dirty_jobs.insert(job_id);
+                }
+            }
+        }
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(a) = job.attempt.as_mut() else { return };
+        if let Some(ms) = r.compute_ms.filter(|ms| ms.is_finite() && *ms >= 0.0 && state.is_running()) {
+            if a.compute_ms.len() != a.ranks.len() {
+                a.compute_ms = vec![None; a.ranks.len()];
+            }
+            a.compute_ms[rank as usize] = Some(ms);
+        }
+        let slot = &mut a.ranks[rank as usize];
+        if *slot == Some(state) {
+            return;
+        }
+        let newly_exited =
+            matches!(state, RankState::Exited { .. }) && !matches!(slot, Some(RankState::Exited { .. }));
+        a.reported += slot.is_none() as u32;
+        *slot = Some(state);
+        self.dirty_jobs.insert(job_id);
+        let all_reported = a.reported as usize == a.ranks.len();
+        let ending = a.outcome.is_some();
+        // Every rank has been seen (a fast one may be seen only once it has already exited).
+        if all_reported && job.state == JobState::Starting && !ending {
+            job.state = JobState::Running;
+            self.event(
+                now_ms,
+                Some(job_id),
+                None,
+                "running",
+                format!("attempt {attempt}: all ranks started"),
+            );
+        }
+        if !newly_exited {
+            return;
+        }
+        let RankState::Exited { code, signal } = state else { unreachable!() };
+        let how = match (code, signal) {
+            (_, Some(sig)) => format!("was killed by signal {sig}"),
+            (Some(c), None) => format!("exited with code {c}"),
+            (None, None) => "exited".to_string(),
+        };
+        if let Some(h) = &r.hang {
+            let message = format!(
+                "rank {rank} hung: no progress for {:.1} s (threshold {:.1} s); stack captured, killed",
+                h.stalled_ms as f64 / 1e3,
+                h.threshold_ms as f64 / 1e3
+            );
+            self.event(now_ms, Some(job_id), Some(node), "rank_hung", message);
+            let data = serde_json::json!({"stalled_ms": h.stalled_ms, "phase": h.phase, "stack": h.stack});
+            self.events.last_mut().expect("just pushed").data = Some(data);
+        }
+        if ending {
+            // A rank exiting while its attempt is being stopped is expected (the stop itself, or a
+            // peer failing a moment after the fault): no event per rank, which at 10,000 ranks
+            // would be 10,000 rows per restart.
+            // Peers of a dead rank fail a moment after it; whichever exit happened first (on the
+            // agents' clocks) is the fault, whichever report arrived first.
+            let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
+            let job = self.jobs.get_mut(&job_id).expect("checked above");
+            if let Some(p) = job.account.pending.as_mut().filter(|p| p.attempt == attempt) {
+                if exited_ms < p.fault_ms && !state.succeeded() {
+                    p.cause = format!("rank {rank} on node {node} {how}");
+                    p.kind = FaultKind::RankExit.as_str().to_string();
+                    p.fault_ms = exited_ms;
+                    job.reason = Some(p.cause.clone());
+                }
+            }
+            return;
+        }
+        self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
+        if !state.succeeded() {
+            let reason = match &r.hang {
+                Some(h) => format!(
+                    "rank {rank} on node {node} hung: no progress for {:.1} s{}",
+                    h.stalled_ms as f64 / 1e3,
+                    h.phase.as_deref().map(|p| format!(" (in {p})")).unwrap_or_default()
+                ),
+                None => format!("rank {rank} on node {node} {how}"),
+            };
+            let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
+            let fault_ms = r.hang.as_ref().map_or(exited_ms, |h| exited_ms.saturating_sub(h.stalled_ms));
+            // Hangs are unambiguous (the stopped or spinning rank is found first) and count
+            // towards quarantine; a crash is not blamed, as its peers fail a moment later too.
+            if r.hang.is_some() {
+                self.blame(node, now_ms);
+            }
+            let kind = if r.hang.is_some() { FaultKind::Hang } else { FaultKind::RankExit };
+            self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), fault_ms, now_ms);
+            return;
+        }
+        let job = &self.jobs[&job_id];
+        let a = job.attempt.as_ref().expect("checked above");
+        if a.ranks.iter().all(|r| r.is_some_and(|s| s.succeeded())) {
+            let reason = "every rank exited 0".to_string();
+            self.end_attempt(job_id, attempt, Outcome::Succeed, (FaultKind::None, reason), now_ms, now_ms);
+        }
+    }
+
+    /// Ends an attempt: records why, tells every node still running its ranks to stop. The job
+    /// moves on in [`Core::maybe_finish_attempt`] once all its slots are released.
+    /// `fault_ms` is when the fault happened as far as anyone can tell (a rank's exit, a node's
+    /// last heartbeat, a hung rank's last progress); the gap to `now_ms` is detection time.
+    pub(crate) fn end_attempt(
+        &mut self,
+        job_id: JobId,
+        attempt: u32,
+        outcome: Outcome,
+        (kind, reason): (FaultKind, String),
+        fault_ms: u64,
+        now_ms: u64,
+    ) {
+        let Some(job) = self.jobs.get_mut(&job_id) else { return };
+        let Some(a) = job.attempt.as_mut() else { return };
+        if a.number != attempt {
+            return;
+        }
+        // A fault found while the attempt is already ending (a lost node whose ranks' peers
+        // failed first) is the cause if it happened earlier.
+        if a.outcome.is_some() && matches!(outcome, Outcome::Restart | Outcome::Fail) {
+            if let Some(p) =
+                job.account.pending.as_mut().filter(|p| p.attempt == attempt && fault_ms < p.fault_ms)
+            {
+                p.cause = reason.clone();
+                p.kind = kind.as_str().to_string();
+                p.fault_ms = fault_ms;
+                job.reason = Some(reason.clone());
+                self.dirty_jobs.insert(job_id);
+            }
+        }
+        let outcome = match (a.outcome, outcome) {
+            (Some(_), Outcome::Cancel) => Outcome::Cancel,
+            (Some(_), _) => return,
+            (None, Outcome::Restart) if job.restarts >= job.spec.max_restarts => Outcome::Fail,
+            (None, o) => o,
+        };
+        a.outcome = Some(outcome);
+        // A failure while recovering from an earlier one (a restore that fails, a second fault)
+        // extends that recovery: the original fault and its detection stand.
+        if matches!(outcome, Outcome::Restart | Outcome::Fail) && job.account.pending.is_none() {
+            job.account.faults += 1;
+            job.account.pending = Some(PendingFault {
+                attempt,
+                cause: reason.clone(),
+                kind: kind.as_str().to_string(),
+                fault_ms: fault_ms.min(now_ms),
+                detected_ms: now_ms,
+                recompute_ms: 0.0,
+                lost_steps: 0,
+                restore_step: 0,
+            });
+        }
+        if job.state != JobState::Queued {
+            job.state = JobState::Stopping;
+        }
+        job.reason = Some(reason.clone());
+        self.dirty_jobs.insert(job_id);
+        let nodes = a.nodes.clone();
+        let event_kind = match outcome {
+            Outcome::Succeed => "attempt_succeeded",
+            Outcome::Cancel => "cancelling",
+            Outcome::Restart | Outcome::Fail => "attempt_failed",
+        };
+        self.event(now_ms, Some(job_id), None, event_kind, format!("attempt {attempt}: {reason}"));
+        if matches!(outcome, Outcome::Restart | Outcome::Fail) {
+            self.events.last_mut().expect("just pushed").data =
+                Some(serde_json::json!({"cause": kind.as_str()}));
+        }
+        for n in nodes {
+            let Some(node) = self.nodes.get_mut(&n) else { continue };
+            if !node.holds(job_id, attempt) {
+                continue;
+            }
+            // A launch already sent may be carried out before its acknowledgement arrives: it stays
+            // queued, the Stop follows it, and the slots wait for the ranks to be reported gone.
+            if outcome != Outcome::Succeed && node.health == Health::Healthy {
+                self.push_once(&n, Command::Stop { job_id, attempt });
+            }
+            self.dirty_node(&n);
+            self.try_release(&n, job_id, now_ms);
+        }
+        self.maybe_finish_attempt(job_id, now_ms);
+    }
+
+    /// Returns a node's slots for an ended attempt once none of its ranks can still be running:
+    /// the node is lost, or its last report shows none running, its rank table shows none running,
+    /// and no launch for the attempt waits undelivered.
+    pub(crate) fn try_release(&mut self, name: &str, job_id: JobId, _now_ms: u64) {
+        let job = self.jobs.get(&job_id);
+        let current = job.and_then(|j| j.attempt.as_ref());
+        let node = &self.nodes[name];
+        let releasable: Vec<u32> = node
+            .allocations
+            .iter()
+            .filter(|al| al.job_id == job_id)
+            .map(|al| al.attempt)
+            .filter(|&attempt| {
+                let active = current.is_some_and(|a| a.number == attempt && a.outcome.is_none());
+                if active {
+                    return false;
+                }
+                if node.health == Health::Lost {
+                    return true;
+                }
+                let table_running = match (job, current) {
+                    (Some(job), Some(a)) if a.number == attempt => {
+                        let nproc = job.spec.ranks_per_node as usize;
+                        a.groups.get(name).is_some_and(|&g| {
+                            let g = g as usize;
+                            a.ranks[g * nproc..(g + 1) * nproc]
+                                .iter()
+                                .any(|r| r.is_some_and(|s| s.is_running()))
+                        })
+                    }
+                    _ => false,
+                };
+                let reported = node.reported_running.get(&(job_id, attempt)).copied().unwrap_or(0);
+                !table_running && reported == 0 && !node.has_unacked_launch(job_id, attempt)
+            })
+            .collect();
+        for attempt in releasable {
+            let node = self.nodes.get_mut(name).expect("exists");
+            node.allocations.retain(|al| !(al.job_id == job_id && al.attempt == attempt));
+            if node.health == Health::Healthy {
+                node.push(Command::Forget { job_id, attempt });
+            }
+            self.dirty_node(name);
+            self.released(name, job_id, attempt);
+            self.schedule_due = true;
+        }
+    }
+
+    /// Counts a node of `job_id`'s current attempt giving up its slots.
+    pub(crate) fn released(&mut self, name: &str, job_id: JobId, attempt: u32) {
+        let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
+        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+            a.holders -= 1;
+        }
+    }
+
+    /// Counts a node of `job_id`'s current attempt taking slots again (leftover ranks).
+    pub(crate) fn acquired(&mut self, name: &str, job_id: JobId, attempt: u32) {
+        let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
+        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+            a.holders += 1;
+        }
+    }
+
+    /// Once an ended attempt holds no slots anywhere, the job restarts, succeeds, fails or is
+    /// cancelled.
+    pub(crate) fn maybe_finish_attempt(&mut self, job_id: JobId, now_ms: u64) {
+        let Some(job) = self.jobs.get(&job_id) else { return };
+        let Some(a) = job.attempt.as_ref() else { return };
+        let Some(outcome) = a.outcome else { return };
+        if job.state.is_final() || job.state == JobState::Queued {
+            return;
+        }
+        if a.holders > 0 {
+            return;
+        }
+        let job = self.jobs.get_mut(&job_id).expect("exists");
+        let (state, kind) = match outcome {
+            Outcome::Succeed => (JobState::Succeeded, "job_succeeded"),
+            Outcome::Fail => (JobState::Failed, "job_failed"),
+            Outcome::Cancel => (JobState::Cancelled, "job_cancelled"),
+            Outcome::Restart => (JobState::Queued, "job_restarting"),
+        };
+        self.schedule_due = true;
+        job.state = state;
+        let message = match outcome {
+            Outcome::Restart => {
+                job.restarts += 1;
+                format!(
+                    "restart {} of {}: {}",
+                    job.restarts,
+                    job.spec.max_restarts,
+                    job.reason.clone().unwrap_or_default()
+                )
+            }
+            Outcome::Fail if job.spec.max_restarts > 0 => {
+                format!(
+                    "no restarts left ({} used): {}",
+                    job.restarts,
+                    job.reason.clone().unwrap_or_default()
+                )
+            }
+            _ => job.reason.clone().unwrap_or_default(),
+        };
+        if state.is_final() {
+            job.ended_ms = Some(now_ms);
+        }
+        self.dirty_jobs.insert(job_id);
+        self.event(now_ms, Some(job_id), None, kind, message);
+    }
+}
