@@ -8,13 +8,10 @@
 
 use net::client::{Client, Method};
 use proto::api::{CheckpointReport, JobId, RestoreSpec, Tier};
-use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use std::io::Read;
+use proto::checkpoint::{complete_steps, files_in_order, hidden_dir_name, step_dir_name, verify, MANIFEST};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-pub const MANIFEST: &str = "manifest.json";
 /// In-memory checkpoints kept per job and node (the newest and the one before, in case the newest
 /// turns out corrupt).
 pub const KEEP_IN_MEMORY: usize = 2;
@@ -22,28 +19,6 @@ pub const KEEP_IN_MEMORY: usize = 2;
 const MAX_FILE_BYTES: usize = 16 << 30;
 /// Deadline for copying one checkpoint file between agents.
 const COPY_TIMEOUT: Duration = Duration::from_secs(120);
-
-pub fn step_dir_name(step: u64) -> String {
-    format!("step_{step:08}")
-}
-
-fn parse_step(name: &str) -> Option<u64> {
-    name.strip_prefix("step_")?.parse().ok()
-}
-
-/// Complete checkpoint steps under `root` (a directory counts once its manifest is in place).
-pub fn steps_in(root: &Path) -> Vec<u64> {
-    let Ok(entries) = std::fs::read_dir(root) else { return Vec::new() };
-    let mut steps: Vec<u64> = entries
-        .flatten()
-        .filter_map(|e| {
-            let step = parse_step(e.file_name().to_str()?)?;
-            e.path().join(MANIFEST).is_file().then_some(step)
-        })
-        .collect();
-    steps.sort_unstable();
-    steps
-}
 
 /// What this node reports: its in-memory steps per job, and persisted steps of jobs it leads.
 pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<CheckpointReport> {
@@ -54,15 +29,17 @@ pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<Checkpo
             else {
                 continue;
             };
-            out.extend(steps_in(&e.path()).into_iter().map(|step| CheckpointReport {
-                job_id,
-                step,
-                tier: Tier::Memory,
-            }));
+            out.extend(
+                complete_steps(&e.path()).unwrap_or_default().into_iter().map(|step| CheckpointReport {
+                    job_id,
+                    step,
+                    tier: Tier::Memory,
+                }),
+            );
         }
     }
     for (job_id, dir) in persisted {
-        out.extend(steps_in(dir).into_iter().map(|step| CheckpointReport {
+        out.extend(complete_steps(dir).unwrap_or_default().into_iter().map(|step| CheckpointReport {
             job_id: *job_id,
             step,
             tier: Tier::Persisted,
@@ -71,90 +48,9 @@ pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<Checkpo
     out
 }
 
-/// Removes all but the newest `keep` complete checkpoints under `root`, and stale temporaries.
-pub fn prune(root: &Path, keep: usize) {
-    let steps = steps_in(root);
-    for &step in steps.iter().rev().skip(keep) {
-        let _ = std::fs::remove_dir_all(root.join(step_dir_name(step)));
-    }
-}
-
-#[derive(Deserialize)]
-struct ManifestFile {
-    manifest: ManifestFiles,
-}
-
-#[derive(Deserialize)]
-struct ManifestFiles {
-    step: u64,
-    files: Vec<FileEntry>,
-}
-
-#[derive(Deserialize)]
-struct FileEntry {
-    name: String,
-    bytes: u64,
-    sha256: String,
-}
-
-fn read_manifest(dir: &Path) -> Result<ManifestFiles, String> {
-    let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let m: ManifestFile =
-        serde_json::from_slice(&bytes).map_err(|e| format!("{}: not a manifest: {e}", path.display()))?;
-    for f in &m.manifest.files {
-        if !valid_file_name(&f.name) {
-            return Err(format!("{}: lists an invalid file name {:?}", path.display(), f.name));
-        }
-    }
-    Ok(m.manifest)
-}
-
-/// File names inside a checkpoint directory: no separators, no leading dot.
-pub fn valid_file_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && !name.starts_with('.')
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-}
-
-/// Checks every file the manifest lists: size and SHA-256.
-pub fn verify(dir: &Path, step: u64) -> Result<(), String> {
-    let m = read_manifest(dir)?;
-    if m.step != step {
-        return Err(format!("{}: manifest is for step {}, expected {step}", dir.display(), m.step));
-    }
-    for f in &m.files {
-        let path = dir.join(&f.name);
-        let mut file = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = file.read(&mut buf).map_err(|e| format!("{}: {e}", path.display()))?;
-            if n == 0 {
-                break;
-            }
-            total += n as u64;
-            hasher.update(&buf[..n]);
-        }
-        let hex: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        if total != f.bytes || hex != f.sha256 {
-            return Err(format!("{}: size or SHA-256 differs from the manifest", path.display()));
-        }
-    }
-    Ok(())
-}
-
-/// The files of a checkpoint, manifest last (a receiver commits the directory on the manifest).
-pub fn files_in_order(dir: &Path) -> Result<Vec<String>, String> {
-    let m = read_manifest(dir)?;
-    Ok(m.files.into_iter().map(|f| f.name).chain(std::iter::once(MANIFEST.to_string())).collect())
-}
-
 /// Copies a complete checkpoint directory to `dest_root/step_N` (temporary name, then rename).
 pub fn copy_dir(src: &Path, dest_root: &Path, step: u64) -> Result<PathBuf, String> {
-    let tmp = dest_root.join(format!(".{}.tmp", step_dir_name(step)));
+    let tmp = dest_root.join(hidden_dir_name(step, "tmp"));
     let fin = dest_root.join(step_dir_name(step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
@@ -193,7 +89,7 @@ async fn fetch(
     job_root: &Path,
 ) -> Result<PathBuf, String> {
     let client = Client::new(source, token, COPY_TIMEOUT)?.with_response_limit(MAX_FILE_BYTES);
-    let tmp = job_root.join(format!(".{}.fetch", step_dir_name(step)));
+    let tmp = job_root.join(hidden_dir_name(step, "fetch"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let get = |name: String| {

@@ -29,6 +29,9 @@ use proto::api::{
     CheckpointReport, Command, HangReport, HeartbeatReply, HeartbeatRequest, JobId, LaunchSpec, PortReport,
     RankReport, RankState, RegisterReply, RegisterRequest, StepTime,
 };
+use proto::checkpoint as layout;
+use proto::env::AgentEnv;
+use proto::progress::{Progress, ProgressEvent, MAX_LINE_BYTES};
 use proto::spec::validate_relative_path;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -174,8 +177,6 @@ struct Agent {
     metrics: metrics::AgentMetrics,
 }
 
-/// Longest progress message accepted from a rank.
-const MAX_PROGRESS_LINE_BYTES: usize = 64 * 1024;
 /// Largest checkpoint file one PUT may carry.
 const MAX_CHECKPOINT_FILE_BYTES: usize = 16 << 30;
 /// Deadline of every call to the controller.
@@ -496,19 +497,15 @@ impl Agent {
                 return;
             }
         };
-        let extra_env = {
-            let mut env = vec![
-                ("MYRIAD_MEMORY_CHECKPOINT_DIR".to_string(), memory_dir.display().to_string()),
-                ("MYRIAD_CHECKPOINT_EVERY".to_string(), spec.checkpoint_every.max(1).to_string()),
-            ];
-            if let Some(d) = &restore_dir {
-                env.push(("MYRIAD_RESTORE_DIR".to_string(), d.display().to_string()));
-            }
-            if let Some(r) = &spec.restore {
-                env.push(("MYRIAD_RESTORE_STEP".to_string(), r.step.to_string()));
-            }
-            env
-        };
+        let extra_env = AgentEnv {
+            agent_socket: self.socket_path.display().to_string(),
+            checkpoint_dir: checkpoint_dir.display().to_string(),
+            memory_checkpoint_dir: memory_dir.display().to_string(),
+            checkpoint_every: spec.checkpoint_every.max(1),
+            restore_dir: restore_dir.as_ref().map(|d| d.display().to_string()),
+            restore_step: spec.restore.as_ref().map(|r| r.step),
+        }
+        .vars();
         for &local_rank in &fresh {
             let key = (spec.job_id, spec.attempt, local_rank);
             let mut env = spec.rank_env(local_rank);
@@ -516,7 +513,7 @@ impl Agent {
             let outcome = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
                 .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))
-                .and_then(|_| self.spawn_rank(&spec, &env, &dir, &checkpoint_dir, local_rank));
+                .and_then(|_| self.spawn_rank(&spec, &env, &dir, local_rank));
             let rank = match outcome {
                 Ok(child) => {
                     let pid = child.id();
@@ -542,7 +539,6 @@ impl Agent {
         spec: &LaunchSpec,
         env: &[(String, String)],
         dir: &FsPath,
-        checkpoint_dir: &FsPath,
         local_rank: u32,
     ) -> Result<tokio::process::Child, String> {
         let open = |stream: &str| {
@@ -552,8 +548,6 @@ impl Agent {
         let mut cmd = std::process::Command::new(&spec.argv[0]);
         cmd.args(&spec.argv[1..])
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("MYRIAD_AGENT_SOCKET", &self.socket_path)
-            .env("MYRIAD_CHECKPOINT_DIR", checkpoint_dir)
             .stdin(std::process::Stdio::null())
             .stdout(open("stdout")?)
             .stderr(open("stderr")?)
@@ -732,7 +726,7 @@ impl Agent {
             let nth = step / l.checkpoint_every;
             (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every))
         };
-        let dir = self.job_memory(job_id).join(checkpoints::step_dir_name(step));
+        let dir = self.job_memory(job_id).join(layout::step_dir_name(step));
         let bytes = metrics::dir_bytes(&dir);
         if let Some(buddy) = buddy {
             let started = Instant::now();
@@ -747,7 +741,7 @@ impl Agent {
             let started = Instant::now();
             let copy = tokio::task::spawn_blocking(move || {
                 let result = checkpoints::copy_dir(&dir, &persist_dir, step);
-                checkpoints::prune(&persist_dir, PERSISTED_KEEP);
+                layout::prune(&persist_dir, PERSISTED_KEEP);
                 result
             });
             match copy.await {
@@ -765,30 +759,6 @@ impl Agent {
 
 /// Persisted checkpoints kept per job.
 const PERSISTED_KEEP: usize = 3;
-
-/// One progress message from a rank (newline-delimited JSON on the agent's Unix socket).
-#[derive(Deserialize)]
-struct Progress {
-    job_id: JobId,
-    attempt: u32,
-    local_rank: u32,
-    #[serde(default)]
-    event: Option<String>,
-    #[serde(default)]
-    step: Option<u64>,
-    #[serde(default)]
-    loss: Option<f64>,
-    #[serde(default)]
-    step_ms: Option<f64>,
-    #[serde(default)]
-    compute_ms: Option<f64>,
-    #[serde(default)]
-    tokens: Option<u64>,
-    #[serde(default)]
-    mfu: Option<f64>,
-    #[serde(default)]
-    phase: Option<String>,
-}
 
 async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) {
     loop {
@@ -808,16 +778,15 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
             loop {
                 buf.clear();
                 // A line longer than the limit ends the connection instead of growing the buffer.
-                let limit = MAX_PROGRESS_LINE_BYTES as u64 + 1;
+                let limit = MAX_LINE_BYTES as u64 + 1;
                 match (&mut reader).take(limit).read_until(b'\n', &mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) if n as u64 >= limit => return,
                     Ok(_) => {}
                 }
-                let Ok(line) = std::str::from_utf8(&buf) else { continue };
                 // Unknown or malformed messages are ignored: the protocol is optional for ranks.
-                let Ok(p) = serde_json::from_str::<Progress>(line) else { continue };
-                if p.event.as_deref() == Some("checkpoint") {
+                let Some(p) = Progress::parse(&buf) else { continue };
+                if p.event == Some(ProgressEvent::Checkpoint) {
                     if let Some(step) = p.step {
                         agent.checkpoint_taken(p.job_id, step);
                     }
@@ -830,7 +799,7 @@ async fn accept_progress(agent: Arc<Agent>, listener: tokio::net::UnixListener) 
                 if p.phase.is_some() {
                     r.phase = p.phase.clone();
                 }
-                if p.event.as_deref() == Some("step_end") {
+                if p.event == Some(ProgressEvent::StepEnd) {
                     r.phase = None;
                     r.step = p.step.or(r.step);
                     r.loss = p.loss.or(r.loss);
@@ -904,13 +873,13 @@ async fn serve_log(
 }
 
 fn checkpoint_path(agent: &Agent, job: JobId, step: u64, file: &str) -> Result<PathBuf, ApiError> {
-    if !checkpoints::valid_file_name(file) {
+    if !layout::valid_file_name(file) {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("{file:?} is not a checkpoint file name"),
         ));
     }
-    Ok(agent.job_memory(job).join(checkpoints::step_dir_name(step)).join(file))
+    Ok(agent.job_memory(job).join(layout::step_dir_name(step)).join(file))
 }
 
 /// A file of an in-memory checkpoint this node holds (a restarting node fetches it).
@@ -941,17 +910,17 @@ async fn receive_checkpoint_file(
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     checkpoint_path(&agent, job, step, &file)?;
     let root = agent.job_memory(job);
-    let incoming = root.join(format!(".{}.incoming", checkpoints::step_dir_name(step)));
+    let incoming = root.join(layout::hidden_dir_name(step, "incoming"));
     let io = |e: std::io::Error| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", incoming.display()))
     };
     std::fs::create_dir_all(&incoming).map_err(io)?;
     std::fs::write(incoming.join(&file), &body).map_err(io)?;
-    if file == checkpoints::MANIFEST {
-        let fin = root.join(checkpoints::step_dir_name(step));
+    if file == layout::MANIFEST {
+        let fin = root.join(layout::step_dir_name(step));
         let _ = std::fs::remove_dir_all(&fin);
         std::fs::rename(&incoming, &fin).map_err(io)?;
-        checkpoints::prune(&root, checkpoints::KEEP_IN_MEMORY);
+        layout::prune(&root, checkpoints::KEEP_IN_MEMORY);
     }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -1140,11 +1109,11 @@ async fn chaos(
             let dir = dir.ok_or_else(|| {
                 ApiError::new(StatusCode::CONFLICT, format!("this node does not lead job {job}"))
             })?;
-            let step = checkpoints::steps_in(&dir).into_iter().max();
+            let step = layout::complete_steps(&dir).unwrap_or_default().into_iter().max();
             let step = step.ok_or_else(|| {
                 ApiError::new(StatusCode::CONFLICT, format!("job {job} has no persisted checkpoint yet"))
             })?;
-            let file = dir.join(checkpoints::step_dir_name(step)).join("model.safetensors");
+            let file = dir.join(layout::step_dir_name(step)).join("model.safetensors");
             flip_middle_byte(&file).map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", file.display()))
             })?;

@@ -7,6 +7,7 @@
 
 use crate::error::{CommError, Result};
 use crate::store::{StoreClient, StoreServer};
+use proto::env;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,36 +39,40 @@ impl GroupConfig {
     /// WORLD_SIZE is unset (a plain single-process run).
     pub fn from_env() -> Result<Option<Self>> {
         let var = |name: &str| std::env::var(name).ok();
-        let Some(world) = var("WORLD_SIZE") else {
+        let Some(world) = var(env::WORLD_SIZE) else {
             return Ok(None);
         };
         let parse = |name: &str, v: Option<String>| -> Result<usize> {
-            let v = v.ok_or_else(|| CommError::Config(format!("{name} is not set (WORLD_SIZE is)")))?;
+            let v =
+                v.ok_or_else(|| CommError::Config(format!("{name} is not set ({} is)", env::WORLD_SIZE)))?;
             v.trim()
                 .parse()
                 .map_err(|_| CommError::Config(format!("{name}={v:?} is not a non-negative integer")))
         };
-        let world_size = parse("WORLD_SIZE", Some(world))?;
+        let world_size = parse(env::WORLD_SIZE, Some(world))?;
         let rank = if world_size == 1 {
-            parse("RANK", var("RANK")).unwrap_or(0)
+            parse(env::RANK, var(env::RANK)).unwrap_or(0)
         } else {
-            parse("RANK", var("RANK"))?
+            parse(env::RANK, var(env::RANK))?
         };
-        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port = var("MASTER_PORT").unwrap_or_else(|| "29500".into());
+        let master_addr = var(env::MASTER_ADDR).unwrap_or_else(|| "127.0.0.1".into());
+        let port = var(env::MASTER_PORT).unwrap_or_else(|| "29500".into());
         let master_port = port
             .trim()
             .parse()
-            .map_err(|_| CommError::Config(format!("MASTER_PORT={port:?} is not a port number")))?;
-        let timeout = match var("MYRIAD_COMM_TIMEOUT_S") {
+            .map_err(|_| CommError::Config(format!("{}={port:?} is not a port number", env::MASTER_PORT)))?;
+        let timeout = match var(env::MYRIAD_COMM_TIMEOUT_S) {
             Some(s) => Duration::from_secs_f64(
                 s.parse::<f64>().ok().filter(|v| *v > 0.0 && v.is_finite()).ok_or_else(|| {
-                    CommError::Config(format!("MYRIAD_COMM_TIMEOUT_S={s:?} is not a positive number"))
+                    CommError::Config(format!(
+                        "{}={s:?} is not a positive number",
+                        env::MYRIAD_COMM_TIMEOUT_S
+                    ))
                 })?,
             ),
             None => DEFAULT_TIMEOUT,
         };
-        let shm = var("MYRIAD_COMM_SHM").is_none_or(|v| v != "0");
+        let shm = var(env::MYRIAD_COMM_SHM).is_none_or(|v| v != "0");
         let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout, shm };
         cfg.validate()?;
         Ok(Some(cfg))

@@ -17,6 +17,7 @@ use std::sync::atomic::AtomicU64;
 
 use myriad_core::Core;
 use proto::api::Event;
+use proto::events::EventKind;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -100,12 +101,12 @@ impl Metrics {
     pub fn observe_events(&self, events: &[Event]) {
         for e in events {
             let (Some(job), Some(data)) = (e.job_id, e.data.as_ref()) else { continue };
-            match e.kind.as_str() {
-                "attempt_failed" => {
+            match EventKind::parse(&e.kind) {
+                Some(EventKind::AttemptFailed) => {
                     let cause = data["cause"].as_str().unwrap_or("unknown").to_string();
                     self.faults.get_or_create(&FaultLabels { job: job.to_string(), cause }).inc();
                 }
-                "recovered" => {
+                Some(EventKind::Recovered) => {
                     let phases = [
                         ("detection", "detection_s"),
                         ("restart", "restart_s"),

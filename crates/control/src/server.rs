@@ -565,7 +565,7 @@ async fn chaos(
             now,
             req.job_id,
             Some(&node_name),
-            "chaos",
+            proto::events::EventKind::Chaos,
             format!("injected {what} on node {node_name}"),
         );
         Ok(())

@@ -34,6 +34,7 @@ use proto::api::{
     PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, SeriesPoint,
     StepTime, Tier, TimeAccount,
 };
+use proto::events::EventKind;
 use proto::spec::{validate_name, JobSpec, SpecError};
 
 /// Errors the API turns into 4xx responses.
@@ -161,7 +162,7 @@ impl Core {
         now_ms: u64,
         job_id: Option<JobId>,
         node: Option<&str>,
-        kind: &str,
+        kind: EventKind,
         message: String,
     ) {
         self.events.push(Event {
@@ -169,7 +170,7 @@ impl Core {
             time_ms: now_ms,
             job_id,
             node: node.map(str::to_string),
-            kind: kind.to_string(),
+            kind: kind.as_str().to_string(),
             message,
             data: None,
         });
@@ -182,7 +183,7 @@ impl Core {
         now_ms: u64,
         job_id: Option<JobId>,
         node: Option<&str>,
-        kind: &str,
+        kind: EventKind,
         message: String,
     ) {
         self.event(now_ms, job_id, node, kind, message);

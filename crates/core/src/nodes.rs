@@ -18,7 +18,7 @@ impl Core {
                 node.failures_ms.len(),
                 window_ms / 1000
             );
-            self.event(now_ms, None, Some(name), "node_quarantined", message);
+            self.event(now_ms, None, Some(name), EventKind::NodeQuarantined, message);
         }
     }
 
@@ -54,7 +54,7 @@ impl Core {
                     now_ms,
                     None,
                     Some(&name),
-                    "node_registered",
+                    EventKind::NodeRegistered,
                     format!("node {name} re-registered"),
                 );
                 for (job_id, attempt) in held {
@@ -87,7 +87,7 @@ impl Core {
                 let message = format!("{what} {name} joined with {} slots", node.slots);
                 self.nodes.insert(name.clone(), node);
                 self.dirty_nodes.insert(name.clone());
-                self.event(now_ms, None, Some(&name), "node_registered", message);
+                self.event(now_ms, None, Some(&name), EventKind::NodeRegistered, message);
             }
         }
         self.schedule(now_ms);
@@ -130,7 +130,7 @@ impl Core {
                 now_ms,
                 None,
                 Some(name),
-                "node_returned",
+                EventKind::NodeReturned,
                 format!("node {name} is heartbeating again"),
             );
         }
@@ -160,7 +160,7 @@ impl Core {
                 self.dirty_node(name);
                 self.acquired(name, job_id, attempt);
                 let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
-                self.event(now_ms, Some(job_id), Some(name), "leftover_ranks", message);
+                self.event(now_ms, Some(job_id), Some(name), EventKind::LeftoverRanks, message);
             } else {
                 self.push_once(name, Command::Forget { job_id, attempt });
             }
@@ -210,7 +210,7 @@ impl Core {
                 now_ms,
                 None,
                 Some(&name),
-                "node_lost",
+                EventKind::NodeLost,
                 format!("node {name}: no heartbeat for {age_ms} ms"),
             );
             self.blame(&name, now_ms);

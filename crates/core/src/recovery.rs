@@ -76,7 +76,7 @@ impl Core {
                     "checkpoint of step {} failed verification; falling back to an older one",
                     bad.step
                 );
-                self.event(now_ms, Some(bad.job_id), Some(name), "checkpoint_corrupt", message);
+                self.event(now_ms, Some(bad.job_id), Some(name), EventKind::CheckpointCorrupt, message);
             }
         }
     }
@@ -127,7 +127,7 @@ impl Core {
             if r.steps.iter().any(|s| !job.account.recent.contains_key(&s.step)) {
                 self.dirty_jobs.insert(job_id);
                 if let Some((message, data)) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
-                    self.event(now_ms, Some(job_id), None, "recovered", message);
+                    self.event(now_ms, Some(job_id), None, EventKind::Recovered, message);
                     self.events.last_mut().expect("just pushed").data = Some(data);
                 }
             }
@@ -165,7 +165,7 @@ impl Core {
                 now_ms,
                 Some(job_id),
                 None,
-                "running",
+                EventKind::Running,
                 format!("attempt {attempt}: all ranks started"),
             );
         }
@@ -184,7 +184,7 @@ impl Core {
                 h.stalled_ms as f64 / 1e3,
                 h.threshold_ms as f64 / 1e3
             );
-            self.event(now_ms, Some(job_id), Some(node), "rank_hung", message);
+            self.event(now_ms, Some(job_id), Some(node), EventKind::RankHung, message);
             let data = serde_json::json!({"stalled_ms": h.stalled_ms, "phase": h.phase, "stack": h.stack});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }
@@ -206,7 +206,7 @@ impl Core {
             }
             return;
         }
-        self.event(now_ms, Some(job_id), Some(node), "rank_exited", format!("rank {rank} {how}"));
+        self.event(now_ms, Some(job_id), Some(node), EventKind::RankExited, format!("rank {rank} {how}"));
         if !state.succeeded() {
             let reason = match &r.hang {
                 Some(h) => format!(
@@ -295,9 +295,9 @@ impl Core {
         self.dirty_jobs.insert(job_id);
         let nodes = a.nodes.clone();
         let event_kind = match outcome {
-            Outcome::Succeed => "attempt_succeeded",
-            Outcome::Cancel => "cancelling",
-            Outcome::Restart | Outcome::Fail => "attempt_failed",
+            Outcome::Succeed => EventKind::AttemptSucceeded,
+            Outcome::Cancel => EventKind::Cancelling,
+            Outcome::Restart | Outcome::Fail => EventKind::AttemptFailed,
         };
         self.event(now_ms, Some(job_id), None, event_kind, format!("attempt {attempt}: {reason}"));
         if matches!(outcome, Outcome::Restart | Outcome::Fail) {
@@ -398,10 +398,10 @@ impl Core {
         }
         let job = self.jobs.get_mut(&job_id).expect("exists");
         let (state, kind) = match outcome {
-            Outcome::Succeed => (JobState::Succeeded, "job_succeeded"),
-            Outcome::Fail => (JobState::Failed, "job_failed"),
-            Outcome::Cancel => (JobState::Cancelled, "job_cancelled"),
-            Outcome::Restart => (JobState::Queued, "job_restarting"),
+            Outcome::Succeed => (JobState::Succeeded, EventKind::JobSucceeded),
+            Outcome::Fail => (JobState::Failed, EventKind::JobFailed),
+            Outcome::Cancel => (JobState::Cancelled, EventKind::JobCancelled),
+            Outcome::Restart => (JobState::Queued, EventKind::JobRestarting),
         };
         self.schedule_due = true;
         job.state = state;

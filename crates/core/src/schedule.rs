@@ -3,6 +3,7 @@
 //! environment, and the attempt's rendezvous table.
 
 use crate::*;
+use proto::env::{self, NodeEnv};
 
 impl Core {
     pub(crate) fn port_reserved(&mut self, node: &str, job_id: JobId, attempt: u32, port: u16, now_ms: u64) {
@@ -38,7 +39,7 @@ impl Core {
             now_ms,
             Some(job_id),
             Some(node),
-            "launching",
+            EventKind::Launching,
             format!("attempt {attempt}: MASTER_PORT {port}, launching ranks"),
         );
     }
@@ -56,37 +57,38 @@ impl Core {
         let world = spec.world_size();
         let master = &self.nodes[&a.nodes[0]];
         let here = &self.nodes[&a.nodes[group as usize]];
-        let omp = match spec.env.get("OMP_NUM_THREADS") {
+        let omp = match spec.env.get(env::OMP_NUM_THREADS) {
             Some(v) => v.clone(),
             // torchrun's rule: one thread per rank when a node runs several; else the node's cores.
             None if nproc > 1 => "1".into(),
             None => here.cores.to_string(),
         };
-        let run_id = spec.run_id.clone().unwrap_or_else(|| format!("myriad-{}", job.id));
+        // The job's own variables first, then Myriad's (a spec cannot name a reserved one).
         // RANK, LOCAL_RANK and ROLE_RANK, the only per-rank ones, come from LaunchSpec::rank_env.
         let mut env: Vec<(String, String)> = spec
             .env
             .iter()
-            .filter(|(k, _)| *k != "OMP_NUM_THREADS")
+            .filter(|(k, _)| *k != env::OMP_NUM_THREADS)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut set = |k: &str, v: String| env.push((k.to_string(), v));
-        set("WORLD_SIZE", world.to_string());
-        set("LOCAL_WORLD_SIZE", nproc.to_string());
-        set("GROUP_RANK", group.to_string());
-        set("GROUP_WORLD_SIZE", spec.nodes.to_string());
-        set("ROLE_NAME", "default".into());
-        set("ROLE_WORLD_SIZE", world.to_string());
-        set("MASTER_ADDR", master.addr.clone());
-        set("MASTER_PORT", a.master_port.expect("launch follows the port").to_string());
-        set("TORCHELASTIC_RESTART_COUNT", job.restarts.to_string());
-        set("TORCHELASTIC_MAX_RESTARTS", spec.max_restarts.to_string());
-        set("TORCHELASTIC_RUN_ID", run_id);
-        // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
-        set("TORCHELASTIC_USE_AGENT_STORE", "False".into());
-        set("OMP_NUM_THREADS", omp);
-        set("MYRIAD_JOB_ID", job.id.to_string());
-        set("MYRIAD_ATTEMPT", a.number.to_string());
+        let node_env = NodeEnv {
+            world_size: world,
+            local_world_size: nproc,
+            group_rank: group,
+            group_world_size: spec.nodes,
+            role_name: "default".into(),
+            master_addr: master.addr.clone(),
+            master_port: a.master_port.expect("launch follows the port"),
+            restart_count: job.restarts,
+            max_restarts: spec.max_restarts,
+            run_id: spec.run_id.clone().unwrap_or_else(|| format!("myriad-{}", job.id)),
+            // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
+            use_agent_store: false,
+            omp_num_threads: omp,
+            job_id: job.id,
+            attempt: a.number,
+        };
+        env.extend(node_env.vars());
         // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next
         // node of the job, or for a one-node job any other healthy node.
         let buddy = if group == 0 {
@@ -166,7 +168,7 @@ impl Core {
             },
         );
         self.dirty_jobs.insert(id);
-        self.event(now_ms, Some(id), None, "submitted", message);
+        self.event(now_ms, Some(id), None, EventKind::Submitted, message);
         self.schedule(now_ms);
         Ok(id)
     }
@@ -181,7 +183,7 @@ impl Core {
             job.ended_ms = Some(now_ms);
             job.reason = Some("cancelled while queued".into());
             self.dirty_jobs.insert(id);
-            self.event(now_ms, Some(id), None, "job_cancelled", "cancelled while queued".into());
+            self.event(now_ms, Some(id), None, EventKind::JobCancelled, "cancelled while queued".into());
             self.schedule(now_ms);
             return Ok(());
         }
@@ -291,7 +293,7 @@ impl Core {
             now_ms,
             Some(job_id),
             None,
-            "scheduled",
+            EventKind::Scheduled,
             format!("attempt {number} on {}", node_list(&nodes)),
         );
     }

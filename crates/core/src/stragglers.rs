@@ -55,7 +55,7 @@ impl Core {
                 "rank {rank} on node {node} straggles: {ms:.0} ms of compute per step against the job's median {median:.0} ms (+{:.0}%)",
                 (ms / median - 1.0) * 100.0
             );
-            self.event(now_ms, Some(job_id), Some(&node), "straggler", message);
+            self.event(now_ms, Some(job_id), Some(&node), EventKind::Straggler, message);
             let data = serde_json::json!({"rank": rank, "compute_ms": ms, "median_ms": median});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }

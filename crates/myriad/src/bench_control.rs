@@ -14,6 +14,7 @@ use proto::api::{
     Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, PortReport, RankReport, RankState,
     RegisterReply, RegisterRequest, StepTime, SubmitReply,
 };
+use proto::events::EventKind;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::process::CommandExt;
@@ -821,7 +822,7 @@ async fn silence_one_node(
     let events: Vec<proto::api::Event> = client.get_json("/v1/events").await.map_err(|e| e.to_string())?;
     let lost = events
         .iter()
-        .find(|e| e.kind == "node_lost" && e.node.as_deref() == Some(victim_name.as_str()))
+        .find(|e| e.is(EventKind::NodeLost) && e.node.as_deref() == Some(victim_name.as_str()))
         .ok_or_else(|| format!("no node_lost event for {victim_name}"))?;
     let view: JobView = client.get_json(&format!("/v1/jobs/{job}")).await.map_err(|e| e.to_string())?;
     let spare_used = view

@@ -26,10 +26,10 @@ fn now_ms() -> u64 {
 #[derive(Args, Clone)]
 pub struct Conn {
     /// Controller URL, http://HOST:PORT (default: the one `myriad up` wrote into --cluster).
-    #[arg(long, env = "MYRIAD_CONTROLLER")]
+    #[arg(long, env = proto::env::MYRIAD_CONTROLLER)]
     controller: Option<String>,
     /// Directory of a cluster started by `myriad up`.
-    #[arg(long, env = "MYRIAD_CLUSTER", default_value = ".myriad")]
+    #[arg(long, env = proto::env::MYRIAD_CLUSTER, default_value = ".myriad")]
     cluster: PathBuf,
     /// File holding the cluster token (default: the cluster's; MYRIAD_TOKEN may hold the token).
     #[arg(long)]
@@ -43,9 +43,9 @@ pub fn token(file: Option<&Path>, fallback: Option<&Path>, who: &str) -> Result<
     if let Some(file) = file {
         return net::auth::read_token(file);
     }
-    if let Ok(token) = std::env::var("MYRIAD_TOKEN") {
+    if let Ok(token) = std::env::var(proto::env::MYRIAD_TOKEN) {
         if token.trim().len() < 32 {
-            return Err("MYRIAD_TOKEN is shorter than 32 characters".into());
+            return Err(format!("{} is shorter than 32 characters", proto::env::MYRIAD_TOKEN));
         }
         return Ok(token.trim().to_string());
     }
@@ -234,7 +234,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 0)]
     spares: u32,
     /// Cluster directory: controller state, agents' work dirs, logs, checkpoints.
-    #[arg(long, env = "MYRIAD_CLUSTER", default_value = ".myriad")]
+    #[arg(long, env = proto::env::MYRIAD_CLUSTER, default_value = ".myriad")]
     cluster: PathBuf,
     /// Controller address (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:0")]

@@ -7,6 +7,7 @@
 use clap::Args;
 use net::client::{Client, Method};
 use proto::api::{ChaosAction, ChaosRequest, Event, JobView, SubmitReply};
+use proto::events::EventKind;
 use serde_json::json;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -298,12 +299,17 @@ async fn inject(
 
 /// One line per event worth showing live.
 fn describe(e: &Event) -> Option<String> {
-    let label = match e.kind.as_str() {
-        "chaos" => "inject",
-        "rank_hung" | "node_lost" | "attempt_failed" | "checkpoint_corrupt" | "leftover_ranks"
-        | "straggler" => "DETECT",
-        "recovered" => "RECOVER",
-        "scheduled" | "job_succeeded" | "job_failed" | "node_returned" | "node_registered" => "",
+    use EventKind as K;
+    let label = match EventKind::parse(&e.kind)? {
+        K::Chaos => "inject",
+        K::RankHung
+        | K::NodeLost
+        | K::AttemptFailed
+        | K::CheckpointCorrupt
+        | K::LeftoverRanks
+        | K::Straggler => "DETECT",
+        K::Recovered => "RECOVER",
+        K::Scheduled | K::JobSucceeded | K::JobFailed | K::NodeReturned | K::NodeRegistered => "",
         _ => return None,
     };
     let node = e.node.as_deref().map(|n| format!(" [{n}]")).unwrap_or_default();
@@ -327,7 +333,7 @@ fn summarize(
         .and_then(|rest| rest.split(|c: char| c != '.' && !c.is_ascii_digit()).next())
         .and_then(|n| n.parse().ok());
     let recoveries: Vec<&serde_json::Value> =
-        events.iter().filter(|e| e.kind == "recovered").filter_map(|e| e.data.as_ref()).collect();
+        events.iter().filter(|e| e.is(EventKind::Recovered)).filter_map(|e| e.data.as_ref()).collect();
     let lost_steps: u64 = recoveries.iter().filter_map(|d| d["lost_steps"].as_u64()).sum();
     let t = &job.time;
     if a.json {

@@ -90,7 +90,7 @@ impl LocalCluster {
             .arg(dir.join("agents").join(&name))
             .arg("--checkpoint-root")
             .arg(dir.join("checkpoints"))
-            .env("MYRIAD_TOKEN", &cluster.token)
+            .env(proto::env::MYRIAD_TOKEN, &cluster.token)
             .stdin(Stdio::null())
             .stdout(log(&format!("{name}.log"))?)
             .stderr(log(&format!("{name}.log"))?);

@@ -1,7 +1,6 @@
 //! The `myriad` command. Wiring only: parse arguments, call the library crates, print results,
 //! turn errors into one line on stderr and a non-zero exit code.
 
-mod agent_progress;
 mod bench;
 mod bench_control;
 mod cluster_cmd;
@@ -90,13 +89,13 @@ fn main() -> ExitCode {
 /// Sizes rayon's global pool: `--threads`, else OMP_NUM_THREADS (torchrun sets it per rank),
 /// else every core.
 pub fn init_threads(requested: Option<usize>) -> Result<usize, String> {
-    let from_env = std::env::var("OMP_NUM_THREADS").ok();
+    let from_env = std::env::var(proto::env::OMP_NUM_THREADS).ok();
     let threads = match (requested, from_env) {
         (Some(0), _) => return Err("--threads must be at least 1".into()),
         (Some(n), _) => n,
         (None, Some(v)) => match v.trim().parse::<usize>() {
             Ok(n) if n > 0 => n,
-            _ => return Err(format!("OMP_NUM_THREADS={v:?} is not a positive integer")),
+            _ => return Err(format!("{}={v:?} is not a positive integer", proto::env::OMP_NUM_THREADS)),
         },
         (None, None) => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };

@@ -53,7 +53,7 @@ pub struct RunArgs {
     #[arg(long = "monitor-interval", alias = "monitor_interval", hide = true)]
     monitor_interval: Option<String>,
     /// Submit to this controller instead of starting a local cluster.
-    #[arg(long, env = "MYRIAD_CONTROLLER")]
+    #[arg(long, env = proto::env::MYRIAD_CONTROLLER)]
     controller: Option<String>,
     /// Token file for --controller (or set MYRIAD_TOKEN).
     #[arg(long)]

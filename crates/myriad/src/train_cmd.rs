@@ -1,15 +1,14 @@
 //! `myriad train`: one training run of the reference trainer, with progress, JSON per step,
-//! periodic checkpoints and resume.
+//! periodic checkpoints and resume. Under an agent the rank runtime (`train::rank`) does the rest.
 
 use crate::progress::Progress;
 use clap::Args;
+use proto::env::RankEnv;
 use serde_json::json;
 use std::path::PathBuf;
 use train::data::DataSpec;
-use train::{ModelConfig, TrainConfig, Trainer};
-
-/// Under the agent's memory directory: this rank's live state slots (train::live).
-const LIVE_DIR: &str = "live";
+use train::rank::{self, AgentLink, MemoryTier};
+use train::{ModelConfig, TrainConfig};
 
 #[derive(Args)]
 pub struct TrainArgs {
@@ -90,10 +89,16 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         }
         _ => None,
     };
-    // Launched by an agent after a failure: start from the checkpoint it verified for us.
-    let restore_dir = std::env::var_os("MYRIAD_RESTORE_DIR").filter(|_| a.resume.is_none());
-    let resume = a.resume.clone().or_else(|| restore_dir.map(|d| d.to_string_lossy().into_owned()));
-    let mut memory = MemoryTier::from_env()?;
+    let env = RankEnv::from_process()?;
+    let resume = match a.resume.as_deref() {
+        Some("latest") => {
+            let root = a.checkpoint_dir.as_ref().ok_or("--resume latest needs --checkpoint-dir")?;
+            let dir = train::checkpoint::latest(root).map_err(|e| e.to_string())?;
+            Some(dir.ok_or_else(|| format!("no checkpoint under {}", root.display()))?)
+        }
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => None,
+    };
     let fresh_config = || -> Result<(ModelConfig, TrainConfig), String> {
         let mut model = ModelConfig::preset(&a.preset).map_err(|e| e.to_string())?;
         if let Some(h) = a.heads {
@@ -114,53 +119,9 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         };
         Ok((model, cfg))
     };
-    let mut trainer = match (&memory, &resume) {
-        // Under an agent (and not ZeRO-1): the state lives in the agent's memory every step, and
-        // a restart takes the newest step any rank holds (see train::live). MYRIAD_LIVE_STATE=0
-        // turns that off (restarts then use the checkpoint directories alone).
-        (Some(tier), _) if !a.zero1 && a.resume.is_none() && live_state_enabled() => {
-            let (model, cfg) = fresh_config()?;
-            // One rank per node keeps the slots: in data parallelism every rank's state is the same.
-            let keeper = std::env::var("LOCAL_RANK").ok().is_none_or(|l| l.trim() == "0");
-            let slots_dir = keeper.then(|| tier.root.join(LIVE_DIR));
-            let expected = match std::env::var("MYRIAD_RESTORE_STEP") {
-                Ok(v) => {
-                    Some(v.parse::<u64>().map_err(|_| format!("MYRIAD_RESTORE_STEP={v:?} is not a step"))?)
-                }
-                Err(_) => None,
-            };
-            let restore_dir = resume.as_ref().map(PathBuf::from);
-            Trainer::start_live(
-                model,
-                cfg,
-                &data,
-                group,
-                slots_dir.as_deref(),
-                restore_dir.as_deref(),
-                expected,
-            )
-            .map_err(|e| e.to_string())?
-        }
-        (_, Some(which)) => {
-            let dir = if which == "latest" {
-                let root = a.checkpoint_dir.as_ref().ok_or("--resume latest needs --checkpoint-dir")?;
-                train::checkpoint::latest(root)
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("no checkpoint under {}", root.display()))?
-            } else {
-                PathBuf::from(which)
-            };
-            Trainer::resume_in(&dir, &data, Some(a.steps), group, a.zero1).map_err(|e| e.to_string())?
-        }
-        (_, None) => {
-            let (model, cfg) = fresh_config()?;
-            let mut trainer = Trainer::new(model, cfg, &data).map_err(|e| e.to_string())?;
-            if let Some(group) = group {
-                trainer.attach_group(group, a.zero1).map_err(|e| e.to_string())?;
-            }
-            trainer
-        }
-    };
+    let start = rank::Start { data: &data, group, resume, steps: a.steps, zero1: a.zero1 };
+    let mut trainer = rank::start(&env, start, fresh_config)?;
+    let mut memory = MemoryTier::from_env(&env);
     // Rank 0 speaks for the group; the others report only errors.
     let leader = trainer.rank() == 0;
     let peak = match a.peak_gflops {
@@ -200,7 +161,7 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
     }
 
     let mut progress = Progress::new(last_step);
-    let mut agent = crate::agent_progress::AgentProgress::from_env();
+    let mut agent = AgentLink::connect(&env);
     let start_step = trainer.step;
     let run_start = std::time::Instant::now();
     let mut last_loss = f32::NAN;
@@ -261,97 +222,4 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// The in-memory checkpoint tier a Myriad agent offers (MYRIAD_MEMORY_CHECKPOINT_DIR): every
-/// MYRIAD_CHECKPOINT_EVERY steps rank 0 writes a checkpoint there and tells its agent, which
-/// copies it to another node and persists some. Ranks of a plain data-parallel group all hold the
-/// same state, so rank 0's copy is the whole checkpoint.
-///
-/// Only the memory copy of the state holds up training; a writer thread turns it into the
-/// checkpoint directory (files, SHA-256s, manifest, rename) while the next steps run, and the
-/// agent hears of it once it is complete. At most one write is in flight, into one reused buffer.
-struct MemoryTier {
-    root: PathBuf,
-    every: u64,
-    /// The buffers of the last copy, back from its writer.
-    spare: Option<train::StateCopy>,
-    writing: Option<std::thread::JoinHandle<(train::StateCopy, Result<u64, String>)>>,
-}
-
-/// In-memory checkpoints kept by the rank (the agent's buddy keeps its own two).
-const MEMORY_KEEP: usize = 2;
-
-type Agent<'a> = Option<&'a mut crate::agent_progress::AgentProgress>;
-
-impl MemoryTier {
-    fn from_env() -> Result<Option<MemoryTier>, String> {
-        let Some(root) = std::env::var_os("MYRIAD_MEMORY_CHECKPOINT_DIR") else { return Ok(None) };
-        let every = match std::env::var("MYRIAD_CHECKPOINT_EVERY") {
-            Ok(v) => v
-                .parse::<u64>()
-                .ok()
-                .filter(|&n| n > 0)
-                .ok_or(format!("MYRIAD_CHECKPOINT_EVERY={v:?} is not a positive integer"))?,
-            Err(_) => 1,
-        };
-        Ok(Some(MemoryTier { root: PathBuf::from(root), every, spare: None, writing: None }))
-    }
-
-    fn maybe_save(&mut self, trainer: &Trainer, mut agent: Agent) -> Result<(), String> {
-        self.collect(agent.as_deref_mut(), false)?;
-        // A ZeRO-1 checkpoint needs every rank's shard in one directory; node-local memory is not
-        // one (persisted --checkpoint-dir checkpoints still work).
-        if !trainer.step.is_multiple_of(self.every) || trainer.is_zero1() || trainer.rank() != 0 {
-            return Ok(());
-        }
-        // The previous write must be done before its buffer is reused (it is, unless writing
-        // takes longer than `every` steps).
-        self.collect(agent, true)?;
-        let Some(state) = trainer.copy_state(self.spare.take()) else { return Ok(()) };
-        let root = self.root.clone();
-        self.writing = Some(std::thread::spawn(move || {
-            let written = state.save(&root).map(|_| state.step).map_err(|e| e.to_string());
-            if written.is_ok() {
-                prune_checkpoints(&root, MEMORY_KEEP);
-            }
-            (state, written)
-        }));
-        Ok(())
-    }
-
-    /// Reports a finished write to the agent; with `wait`, waits for one in flight.
-    fn collect(&mut self, agent: Agent, wait: bool) -> Result<(), String> {
-        if self.writing.as_ref().is_none_or(|w| !wait && !w.is_finished()) {
-            return Ok(());
-        }
-        let writer = self.writing.take().expect("checked above");
-        let (state, written) = writer.join().map_err(|_| "in-memory checkpoint: the writer panicked")?;
-        self.spare = Some(state);
-        let step = written.map_err(|e| format!("in-memory checkpoint: {e}"))?;
-        if let Some(agent) = agent {
-            agent.checkpoint(step);
-        }
-        Ok(())
-    }
-}
-
-fn live_state_enabled() -> bool {
-    std::env::var("MYRIAD_LIVE_STATE").map_or(true, |v| v.trim() != "0")
-}
-
-/// Keeps the newest `keep` complete `step_N` directories under `root`.
-fn prune_checkpoints(root: &std::path::Path, keep: usize) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
-    let mut steps: Vec<(u64, PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| {
-            let step = e.file_name().to_str()?.strip_prefix("step_")?.parse().ok()?;
-            Some((step, e.path()))
-        })
-        .collect();
-    steps.sort_unstable_by_key(|(s, _)| std::cmp::Reverse(*s));
-    for (_, dir) in steps.into_iter().skip(keep) {
-        let _ = std::fs::remove_dir_all(dir);
-    }
 }

@@ -227,11 +227,8 @@ impl LaunchSpec {
     /// and ROLE_RANK. The agent adds MYRIAD_AGENT_SOCKET and MYRIAD_CHECKPOINT_DIR, which only
     /// it knows.
     pub fn rank_env(&self, local_rank: u32) -> Vec<(String, String)> {
-        let rank = (self.group_rank * self.ranks_per_node + local_rank).to_string();
         let mut env = self.env.clone();
-        env.push(("RANK".into(), rank.clone()));
-        env.push(("LOCAL_RANK".into(), local_rank.to_string()));
-        env.push(("ROLE_RANK".into(), rank));
+        env.extend(crate::env::rank_vars(self.group_rank, self.ranks_per_node, local_rank));
         env
     }
 }

@@ -3,8 +3,13 @@
 //! agent ([`progress`]), the checkpoint directory layout and its verification ([`checkpoint`]),
 //! the kinds of events ([`events`]) and the agent's side of the heartbeat protocol ([`node`]).
 //!
-//! Serde-level dependencies only: the controller's core, the simulator, the agent, the trainer and
-//! the binary all link this crate, and none of them may pull a runtime or a database through it.
+//! Serde-level dependencies only (and SHA-256 for manifests): the controller's core, the
+//! simulator, the agent, the trainer and the binary all link this crate, and none of them may pull
+//! a runtime, a server or a database through it.
 
 pub mod api;
+pub mod checkpoint;
+pub mod env;
+pub mod events;
+pub mod progress;
 pub mod spec;

@@ -5,32 +5,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
-/// Variables Myriad sets for every rank; a job may not set them itself.
-pub const RESERVED_ENV: &[&str] = &[
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "MYRIAD_JOB_ID",
-    "MYRIAD_ATTEMPT",
-    "MYRIAD_AGENT_SOCKET",
-    "MYRIAD_CHECKPOINT_DIR",
-    "MYRIAD_MEMORY_CHECKPOINT_DIR",
-    "MYRIAD_RESTORE_DIR",
-    "MYRIAD_CHECKPOINT_EVERY",
-];
-
 const MAX_NAME_LEN: usize = 64;
 const MAX_ARGV: usize = 4096;
 /// Per argument or variable value, in characters (as the API document's maxLength counts).
@@ -172,7 +146,7 @@ impl JobSpec {
             if !valid {
                 return Err(err(field, "is not a valid variable name ([A-Za-z_][A-Za-z0-9_]*)"));
             }
-            if RESERVED_ENV.contains(&key.as_str()) {
+            if crate::env::RESERVED.contains(&key.as_str()) {
                 return Err(err(field, "is set by Myriad for every rank and cannot be overridden"));
             }
             if value.chars().count() > MAX_ARG_CHARS || value.contains('\0') {

@@ -13,6 +13,7 @@ use proto::api::{
     CheckpointReport, Command, HangReport, HeartbeatRequest, JobId, PortReport, RankReport, RankState,
     RegisterRequest, StepTime, Tier,
 };
+use proto::events::EventKind;
 use proto::spec::JobSpec;
 
 use crate::rng::Rng;
@@ -524,8 +525,8 @@ impl<'a> Engine<'a> {
         let (dirty, events) = self.core.take_dirty();
         self.controller_events += events.len() as u64;
         for e in events {
-            match e.kind.as_str() {
-                "recovered" => {
+            match EventKind::parse(&e.kind) {
+                Some(EventKind::Recovered) => {
                     let lost_s = e.data.as_ref().map_or(0.0, |d| {
                         ["detection_s", "restart_s", "recompute_s"]
                             .iter()
@@ -536,11 +537,11 @@ impl<'a> Engine<'a> {
                         self.class_stats[c].lost_gpu_hours += lost_s * self.cfg.gpus as f64 / 3600.0;
                     }
                 }
-                "job_failed" => {
+                Some(EventKind::JobFailed) => {
                     self.intervention(now, format!("job failed for good: {}", e.message));
                     self.at(now + ms(self.cfg.person_h * 3600.0), Ev::Resubmit);
                 }
-                "node_quarantined" => {
+                Some(EventKind::NodeQuarantined) => {
                     self.quarantined += 1;
                     if let Some(&i) = e.node.as_ref().and_then(|n| self.index.get(n)) {
                         self.agents[i].quarantined = true;

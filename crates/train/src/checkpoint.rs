@@ -12,23 +12,16 @@ use crate::data::DataCursor;
 use crate::error::{Error, Result};
 use crate::params::{param_specs, TensorSpec};
 use crate::safetensors;
+use proto::checkpoint::{self as layout, sha256_hex};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "myriad-checkpoint/1";
-pub const MANIFEST: &str = "manifest.json";
+pub use proto::checkpoint::{step_dir_name, FileEntry, MANIFEST};
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub name: String,
-    pub bytes: u64,
-    pub sha256: String,
-}
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
@@ -56,11 +49,6 @@ pub struct Manifest {
 struct ManifestFile {
     manifest: Manifest,
     manifest_sha256: String,
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// What a checkpoint holds, borrowed from the live trainer.
@@ -100,10 +88,6 @@ pub fn shard_file_name(rank: usize) -> String {
     format!("optimizer.rank{rank}.safetensors")
 }
 
-pub fn step_dir_name(step: u64) -> String {
-    format!("step_{step:08}")
-}
-
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
     f.write_all(bytes).map_err(|e| Error::io(path, e))?;
@@ -121,7 +105,7 @@ pub fn save(root: &Path, snap: &Snapshot) -> Result<PathBuf> {
 /// The temporary directory a checkpoint of `step` is assembled in; shared by the ranks of a
 /// sharded save (one rank prepares it, then all write into it).
 pub fn temp_dir(root: &Path, step: u64) -> PathBuf {
-    root.join(format!(".{}.tmp", step_dir_name(step)))
+    root.join(layout::hidden_dir_name(step, "tmp"))
 }
 
 /// Creates an empty temporary directory for `step`, removing a stale one from a failed attempt.
@@ -145,7 +129,7 @@ pub fn write_parts(tmp_dir: &Path, snap: &Snapshot, with_model: bool) -> Result<
     let mut write = |name: &str, tensors: &[(&str, &[usize], &[f32])], meta: &BTreeMap<String, String>| {
         let bytes = safetensors::serialize(tensors, meta);
         write_synced(&tmp_dir.join(name), &bytes)?;
-        files.push(FileEntry { name: name.into(), bytes: bytes.len() as u64, sha256: sha256_hex(&bytes) });
+        files.push(FileEntry::of(name, &bytes));
         Ok::<(), Error>(())
     };
     if with_model {
@@ -201,7 +185,7 @@ pub fn commit(root: &Path, tmp_dir: &Path, snap: &Snapshot, files: Vec<FileEntry
 
     let final_dir = root.join(step_dir_name(snap.step));
     if final_dir.exists() {
-        let old = root.join(format!(".{}.old", step_dir_name(snap.step)));
+        let old = root.join(layout::hidden_dir_name(snap.step, "old"));
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
         }
@@ -330,23 +314,5 @@ pub fn load_for_rank(dir: &Path, rank: usize, world: usize) -> Result<Loaded> {
 
 /// The newest `step_N` directory under `root` that has a manifest (unverified), if any.
 pub fn latest(root: &Path) -> Result<Option<PathBuf>> {
-    let entries = match std::fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(root, e)),
-    };
-    let mut best: Option<(u64, PathBuf)> = None;
-    for entry in entries {
-        let entry = entry.map_err(|e| Error::io(root, e))?;
-        let name = entry.file_name();
-        let Some(step) =
-            name.to_str().and_then(|n| n.strip_prefix("step_")).and_then(|s| s.parse::<u64>().ok())
-        else {
-            continue;
-        };
-        if entry.path().join(MANIFEST).is_file() && best.as_ref().is_none_or(|(s, _)| step > *s) {
-            best = Some((step, entry.path()));
-        }
-    }
-    Ok(best.map(|(_, p)| p))
+    layout::latest(root).map_err(|e| Error::io(root, e))
 }

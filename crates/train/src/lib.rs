@@ -3,7 +3,9 @@
 //!
 //! Layers, bottom up: `params` (the tensor table) → `kernels` (fast kernels and their naive
 //! references) → `model` (forward/backward over flat buffers) → `optim`, `data`, `checkpoint` →
-//! `trainer` (one run). This crate knows nothing of clusters: a launcher runs it as a process.
+//! `trainer` (one run) → `rank` (a rank under an agent: start, progress, in-memory checkpoints).
+//! This crate knows nothing of clusters: a launcher runs it as a process, and the contracts it
+//! follows with its agent (environment, progress message, checkpoint layout) live in `proto`.
 
 pub mod checkpoint;
 pub mod config;
@@ -16,6 +18,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod peak;
+pub mod rank;
 pub mod rng;
 pub mod safetensors;
 pub mod trainer;
