@@ -8,9 +8,14 @@
 
 use net::client::{Client, Method};
 use proto::api::{CheckpointReport, JobId, RestoreSpec, Tier};
-use proto::checkpoint::{complete_steps, files_in_order, hidden_dir_name, step_dir_name, verify, MANIFEST};
+use proto::checkpoint::{
+    complete_steps, files_in_order, hidden_dir_name, prune, step_dir_name, verify, MANIFEST,
+};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::{metrics, Agent};
 
 /// In-memory checkpoints kept per job and node (the newest and the one before, in case the newest
 /// turns out corrupt).
@@ -146,3 +151,76 @@ pub async fn resolve_restore(
     }
     Err(format!("step {}: {}", restore.step, why.join("; ")))
 }
+
+impl Agent {
+    /// Rank 0 finished an in-memory checkpoint: copy it to the buddy and maybe persist it, one
+    /// copy at a time per job (a newer checkpoint that arrives meanwhile is copied next; older
+    /// ones in between are skipped).
+    pub(crate) fn checkpoint_taken(self: &Arc<Self>, job_id: JobId, step: u64) {
+        {
+            let mut node = self.node.lock().expect("agent state");
+            let Some(leader) = node.leading.get_mut(&job_id) else { return };
+            if leader.busy {
+                leader.pending = Some(step);
+                return;
+            }
+            leader.busy = true;
+        }
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut step = step;
+            loop {
+                agent.replicate(job_id, step).await;
+                let mut node = agent.node.lock().expect("agent state");
+                let Some(leader) = node.leading.get_mut(&job_id) else { return };
+                match leader.pending.take() {
+                    Some(next) => step = next,
+                    None => {
+                        leader.busy = false;
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn replicate(&self, job_id: JobId, step: u64) {
+        let (buddy, persist_dir, persist) = {
+            let node = self.node.lock().expect("agent state");
+            let Some(l) = node.leading.get(&job_id) else { return };
+            let nth = step / l.checkpoint_every;
+            (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every))
+        };
+        let dir = self.job_memory(job_id).join(step_dir_name(step));
+        let bytes = metrics::dir_bytes(&dir);
+        if let Some(buddy) = buddy {
+            let started = Instant::now();
+            match push(&self.cfg.token, &buddy, job_id, step, &dir).await {
+                Ok(()) => self.metrics.checkpoint_copied("buddy", started.elapsed().as_secs_f64(), bytes),
+                Err(e) => {
+                    eprintln!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name)
+                }
+            }
+        }
+        if persist {
+            let started = Instant::now();
+            let copy = tokio::task::spawn_blocking(move || {
+                let result = copy_dir(&dir, &persist_dir, step);
+                prune(&persist_dir, PERSISTED_KEEP);
+                result
+            });
+            match copy.await {
+                Ok(Ok(_)) => {
+                    self.metrics.checkpoint_copied("persisted", started.elapsed().as_secs_f64(), bytes)
+                }
+                Ok(Err(e)) => {
+                    eprintln!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name)
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// Persisted checkpoints kept per job.
+const PERSISTED_KEEP: usize = 3;

@@ -196,10 +196,10 @@ impl Core {
         (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.events))
     }
 
-    /// The derived indexes agree with the state they summarise (checked by the tests after
-    /// every step; too slow to check on every call of a large cluster).
-    #[cfg(test)]
-    pub(crate) fn check_indexes(&self) {
+    /// Panics unless the derived indexes agree with the state they summarise. The tests and the
+    /// simulator's checked mode call it after every step; it is too slow for every call of a
+    /// large cluster's controller.
+    pub fn check_invariants(&self) {
         for job in self.jobs.values() {
             let Some(a) = job.attempt.as_ref() else { continue };
             let mut fresh = a.clone();

@@ -2,14 +2,14 @@
 //! real agent does (idempotently, acknowledging by sequence number).
 
 use super::*;
-use proto::api::{CheckpointReport, HangReport, PortReport, RankReport, Tier};
+use proto::api::{CheckpointReport, HangReport, Tier};
+use proto::node::{NodeState, Todo};
 
-/// A fake agent: the ranks it runs, the ports it reserved, the last command it carried out.
+/// A fake agent: the ranks it runs and the ports it reserved (the protocol's own node state),
+/// what it was asked to launch, and what its ranks report.
 #[derive(Default)]
 struct FakeAgent {
-    acked: u64,
-    ranks: BTreeMap<(JobId, u32, u32), RankState>,
-    ports: Vec<PortReport>,
+    node: NodeState<RankState>,
     launched_env: BTreeMap<(JobId, u32, u32), Vec<(String, String)>>,
     launched: Vec<LaunchSpec>,
     hangs: BTreeMap<(JobId, u32, u32), HangReport>,
@@ -58,45 +58,40 @@ impl World {
     /// One heartbeat from `name`, then it carries out the reply's commands.
     fn beat(&mut self, name: &str) {
         let agent = self.agents.get_mut(name).unwrap();
-        let req = HeartbeatRequest {
-            acked_command_seq: agent.acked,
-            ranks: agent
-                .ranks
-                .iter()
-                .map(|(&(job_id, attempt, local_rank), &state)| RankReport {
-                    job_id,
-                    attempt,
-                    local_rank,
-                    state,
-                    step: Some(agent.progress.map_or(7, |p| p.0)),
-                    loss: Some(agent.progress.map_or(2.5, |p| p.1)),
-                    exited_at_ms: None,
-                    hang: agent.hangs.get(&(job_id, attempt, local_rank)).cloned(),
-                    steps: agent
-                        .progress
-                        .map(|(step, _)| vec![StepTime { step, ms: 900.0, end_ms: self.now_ms }])
-                        .unwrap_or_default(),
-                    tokens_per_s: agent.progress.map(|(step, _)| 1000.0 * step as f64),
-                    mfu: agent.progress.map(|_| 0.1),
-                    compute_ms: agent.compute_ms.get(&(job_id, attempt, local_rank)).copied(),
-                })
-                .collect(),
-            ports: agent.ports.clone(),
-            checkpoints: agent.checkpoints.clone(),
-            bad_checkpoints: agent.bad.clone(),
-        };
+        let mut req = agent.node.report();
+        for r in &mut req.ranks {
+            let key = (r.job_id, r.attempt, r.local_rank);
+            r.step = Some(agent.progress.map_or(7, |p| p.0));
+            r.loss = Some(agent.progress.map_or(2.5, |p| p.1));
+            r.hang = agent.hangs.get(&key).cloned();
+            r.steps = agent
+                .progress
+                .map(|(step, _)| vec![StepTime { step, ms: 900.0, end_ms: self.now_ms }])
+                .unwrap_or_default();
+            r.tokens_per_s = agent.progress.map(|(step, _)| 1000.0 * step as f64);
+            r.mfu = agent.progress.map(|_| 0.1);
+            r.compute_ms = agent.compute_ms.get(&key).copied();
+        }
+        req.checkpoints = agent.checkpoints.clone();
+        req.bad_checkpoints = agent.bad.clone();
         let reply = self.core.heartbeat(name, req, self.now_ms).unwrap();
-        self.core.check_indexes();
+        self.core.check_invariants();
         let agent = self.agents.get_mut(name).unwrap();
+        assert_eq!(
+            agent.node.pending(&reply.commands).count(),
+            reply.commands.len(),
+            "acknowledged commands are not resent"
+        );
         for c in reply.commands {
-            assert!(c.seq > agent.acked, "acknowledged commands are not resent");
-            agent.acked = c.seq;
-            match c.command {
-                Command::ReservePort { job_id, attempt } => {
-                    agent.ports.push(PortReport { job_id, attempt, port: 29_000 + attempt as u16 })
+            agent.node.ack(c.seq);
+            match agent.node.apply(&c.command) {
+                Todo::Nothing => {}
+                Todo::ReservePort { job_id, attempt } => {
+                    agent.node.reserve(job_id, attempt, 29_000 + attempt as u16)
                 }
-                Command::Launch(l) => {
+                Todo::Launch { spec: l, fresh } => {
                     let overlap = agent
+                        .node
                         .ranks
                         .iter()
                         .any(|(k, st)| k.0 == l.job_id && k.1 != l.attempt && st.is_running());
@@ -106,26 +101,17 @@ impl World {
                         l.attempt, l.job_id
                     );
                     agent.launched.push(l.clone());
-                    for local in l.local_ranks() {
-                        agent
-                            .ranks
-                            .entry((l.job_id, l.attempt, local))
-                            .or_insert(RankState::Running { pid: 1 });
+                    for local in fresh {
+                        agent.node.insert((l.job_id, l.attempt, local), RankState::Running { pid: 1 });
                         agent.launched_env.insert((l.job_id, l.attempt, local), l.rank_env(local));
                     }
                 }
-                Command::Stop { job_id, attempt } => {
-                    for (k, s) in agent.ranks.iter_mut() {
-                        if k.0 == job_id && k.1 == attempt && s.is_running() {
-                            *s = RankState::Exited { code: None, signal: Some(15) };
-                        }
+                Todo::Stop { ranks } => {
+                    for k in ranks {
+                        agent.node.ranks.insert(k, RankState::Exited { code: None, signal: Some(15) });
                     }
                 }
-                Command::Purge { job_id } => agent.checkpoints.retain(|c| c.job_id != job_id),
-                Command::Forget { job_id, attempt } => {
-                    agent.ranks.retain(|k, _| !(k.0 == job_id && k.1 == attempt));
-                    agent.ports.retain(|p| !(p.job_id == job_id && p.attempt == attempt));
-                }
+                Todo::Purge { job_id } => agent.checkpoints.retain(|c| c.job_id != job_id),
             }
         }
     }
@@ -137,17 +123,18 @@ impl World {
         }
         self.now_ms += 1000;
         self.core.tick(self.now_ms);
-        self.core.check_indexes();
+        self.core.check_invariants();
     }
 
     fn exit(&mut self, node: &str, job_id: JobId, attempt: u32, local_rank: u32, code: i32) {
-        let s = self.agents.get_mut(node).unwrap().ranks.get_mut(&(job_id, attempt, local_rank)).unwrap();
+        let s =
+            self.agents.get_mut(node).unwrap().node.ranks.get_mut(&(job_id, attempt, local_rank)).unwrap();
         *s = RankState::Exited { code: Some(code), signal: None };
     }
 
     fn exit_all(&mut self, job_id: JobId, attempt: u32, code: i32) {
         for a in self.agents.values_mut() {
-            for (k, s) in a.ranks.iter_mut() {
+            for (k, s) in a.node.ranks.iter_mut() {
                 if k.0 == job_id && k.1 == attempt {
                     *s = RankState::Exited { code: Some(code), signal: None };
                 }
@@ -175,13 +162,13 @@ fn a_job_runs_on_all_its_nodes_at_once_and_succeeds() {
     assert_eq!(w.state(id), JobState::Running);
     let view = w.core.job_view(id, w.now_ms).unwrap();
     assert_eq!((view.ranks_running, view.step, view.loss), (4, Some(7), Some(2.5)));
-    assert!(w.agents["c"].ranks.is_empty(), "gang of two nodes uses exactly two");
+    assert!(w.agents["c"].node.ranks.is_empty(), "gang of two nodes uses exactly two");
     w.exit_all(id, 0, 0);
     w.round();
     assert_eq!(w.state(id), JobState::Succeeded);
     assert!(w.core.node_views(w.now_ms).iter().all(|n| n.slots_used == 0));
     w.round(); // Forget is carried out
-    assert!(w.agents.values().all(|a| a.ranks.is_empty()));
+    assert!(w.agents.values().all(|a| a.node.ranks.is_empty()));
     let kinds = w.kinds();
     for k in ["submitted", "scheduled", "launching", "running", "attempt_succeeded", "job_succeeded"] {
         assert!(kinds.contains(&k.to_string()), "{k} missing from {kinds:?}");
@@ -288,7 +275,7 @@ fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
     // b comes back still reporting its old rank as running: it is told to stop it.
     w.agents.insert("b".into(), dead);
     w.beat("b");
-    assert!(w.agents["b"].ranks.values().all(|s| !s.is_running()));
+    assert!(w.agents["b"].node.ranks.values().all(|s| !s.is_running()));
 }
 
 #[test]
@@ -457,14 +444,14 @@ fn a_node_cut_off_during_a_job_has_its_leftover_ranks_stopped_when_it_returns() 
     assert_eq!(w.state(id), JobState::Failed);
     w.agents.insert("b".into(), cut_off);
     w.beat("b");
-    assert!(w.agents["b"].ranks.values().all(|s| !s.is_running()), "the leftover rank is stopped");
+    assert!(w.agents["b"].node.ranks.values().all(|s| !s.is_running()), "the leftover rank is stopped");
     let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
     assert_eq!(b.slots_used, 1, "its slot stays taken until the rank is reported gone");
     w.round();
     w.round();
     let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
     assert_eq!(b.slots_used, 0);
-    assert!(w.agents["b"].ranks.is_empty(), "and then forgotten");
+    assert!(w.agents["b"].node.ranks.is_empty(), "and then forgotten");
 }
 
 #[test]

@@ -91,20 +91,7 @@ fn heartbeat_all(
 }
 
 fn rank(job_id: u64, attempt: u32, local_rank: u32, state: RankState) -> RankReport {
-    RankReport {
-        job_id,
-        attempt,
-        local_rank,
-        state,
-        step: None,
-        loss: None,
-        exited_at_ms: None,
-        hang: None,
-        steps: Vec::new(),
-        tokens_per_s: None,
-        mfu: None,
-        compute_ms: None,
-    }
+    RankReport::new((job_id, attempt, local_rank), state)
 }
 
 #[test]

@@ -11,12 +11,13 @@
 use clap::Args;
 use net::client::{Client, Method};
 use proto::api::{
-    Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, PortReport, RankReport, RankState,
+    Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, RankReport, RankState,
     RegisterReply, RegisterRequest, StepTime, SubmitReply,
 };
 use proto::events::EventKind;
+use proto::node::{NodeState, RankEntry, RankKey, Todo};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -332,13 +333,8 @@ fn rss_bytes(pid: u32) -> Option<f64> {
     Some(kb * 1024.0)
 }
 
-/// What one simulated node holds.
-#[derive(Default)]
-struct SimState {
-    acked: u64,
-    ranks: BTreeMap<(JobId, u32, u32), SimRank>,
-    ports: BTreeMap<(JobId, u32), u16>,
-}
+/// What one simulated node holds: the protocol's own node state.
+type SimState = NodeState<SimRank>;
 
 #[derive(Clone, Copy)]
 struct SimRank {
@@ -382,90 +378,73 @@ struct Hub {
     progress: Notify,
 }
 
+impl RankEntry for SimRank {
+    fn state(&self) -> RankState {
+        self.state
+    }
+    fn report(&self, key: RankKey) -> RankReport {
+        RankReport { exited_at_ms: self.exited_ms, ..RankReport::new(key, self.state) }
+    }
+}
+
 impl SimAgent {
+    /// The node's full state; a running rank has made a step every [`STEP_MS`] since its launch,
+    /// and rank 0 reports its recent step times (the controller's time ledger).
     fn report(&self, now_ms: u64) -> HeartbeatRequest {
         let state = self.state.lock().expect("sim state");
-        let ranks = state
-            .ranks
-            .iter()
-            .map(|(&(job_id, attempt, local_rank), r)| {
-                let step = r.state.is_running().then(|| now_ms.saturating_sub(r.launched_ms) / STEP_MS);
-                let steps = match step {
-                    Some(step) if r.leader => (step.saturating_sub(RECENT_STEPS - 1).max(1)..=step)
-                        .map(|s| StepTime {
-                            step: s,
-                            ms: STEP_MS as f64,
-                            end_ms: r.launched_ms + s * STEP_MS,
-                        })
-                        .collect(),
-                    _ => Vec::new(),
-                };
-                RankReport {
-                    job_id,
-                    attempt,
-                    local_rank,
-                    state: r.state,
-                    step,
-                    loss: step.map(|s| 10.0 / (1.0 + s as f64)),
-                    exited_at_ms: r.exited_ms,
-                    hang: None,
-                    steps,
-                    tokens_per_s: None,
-                    mfu: None,
-                    compute_ms: step.map(|_| 0.9 * STEP_MS as f64),
-                }
-            })
-            .collect();
-        let ports = state
-            .ports
-            .iter()
-            .map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port })
-            .collect();
-        HeartbeatRequest { acked_command_seq: state.acked, ranks, ports, ..HeartbeatRequest::default() }
+        let mut req = state.report();
+        for report in &mut req.ranks {
+            let r = &state.ranks[&(report.job_id, report.attempt, report.local_rank)];
+            let step = r.state.is_running().then(|| now_ms.saturating_sub(r.launched_ms) / STEP_MS);
+            if let (Some(step), true) = (step, r.leader) {
+                report.steps = (step.saturating_sub(RECENT_STEPS - 1).max(1)..=step)
+                    .map(|s| StepTime { step: s, ms: STEP_MS as f64, end_ms: r.launched_ms + s * STEP_MS })
+                    .collect();
+            }
+            report.step = step;
+            report.loss = step.map(|s| 10.0 / (1.0 + s as f64));
+            report.compute_ms = step.map(|_| 0.9 * STEP_MS as f64);
+        }
+        req
     }
 
     /// Carries out one command; true when the controller should hear about it at once. A new
     /// launch also returns the attempt whose rendezvous table to fetch.
-    fn execute(&self, command: Command, now_ms: u64) -> (bool, Option<(JobId, u32, u32)>) {
+    fn execute(&self, command: &Command, now_ms: u64) -> (bool, Option<(JobId, u32, u32)>) {
         let mut state = self.state.lock().expect("sim state");
-        match command {
-            Command::ReservePort { job_id, attempt } => {
+        match state.apply(command) {
+            Todo::ReservePort { job_id, attempt } => {
                 // Nothing binds it: the ranks are imaginary.
-                state.ports.entry((job_id, attempt)).or_insert(20_000 + (attempt % 10_000) as u16);
+                state.reserve(job_id, attempt, 20_000 + (attempt % 10_000) as u16);
                 (true, None)
             }
-            Command::Launch(spec) => {
-                let key = (spec.job_id, spec.attempt);
-                let mut new = false;
-                for local in spec.local_ranks() {
+            Todo::Launch { spec, fresh } => {
+                for local in fresh {
                     let rank0 = spec.group_rank == 0 && local == 0;
-                    state.ranks.entry((spec.job_id, spec.attempt, local)).or_insert_with(|| {
-                        new = true;
-                        SimRank {
-                            state: RankState::Running { pid: 1 },
-                            launched_ms: now_ms,
-                            exited_ms: None,
-                            leader: rank0,
-                        }
-                    });
+                    let rank = SimRank {
+                        state: RankState::Running { pid: 1 },
+                        launched_ms: now_ms,
+                        exited_ms: None,
+                        leader: rank0,
+                    };
+                    state.insert((spec.job_id, spec.attempt, local), rank);
                 }
-                (true, new.then_some((key.0, key.1, spec.ranks_per_node)))
+                (true, Some((spec.job_id, spec.attempt, spec.ranks_per_node)))
             }
-            Command::Stop { job_id, attempt } => {
-                for (_, r) in state.ranks.range_mut((job_id, attempt, 0)..=(job_id, attempt, u32::MAX)) {
-                    if r.state.is_running() {
-                        r.state = RankState::Exited { code: None, signal: Some(libc::SIGTERM) };
-                        r.exited_ms = Some(now_ms);
-                    }
+            Todo::Stop { ranks } => {
+                for key in ranks {
+                    let r = state.ranks.get_mut(&key).expect("listed by apply");
+                    r.state = RankState::Exited { code: None, signal: Some(libc::SIGTERM) };
+                    r.exited_ms = Some(now_ms);
                 }
                 (true, None)
             }
-            Command::Forget { job_id, attempt } => {
-                state.ranks.retain(|k, r| !(k.0 == job_id && k.1 == attempt && !r.state.is_running()));
-                state.ports.remove(&(job_id, attempt));
-                (false, None)
-            }
-            Command::Purge { .. } => (false, None),
+            // A repeated command: the controller still hears what it already did.
+            Todo::Nothing => (
+                matches!(command, Command::ReservePort { .. } | Command::Launch(_) | Command::Stop { .. }),
+                None,
+            ),
+            Todo::Purge { .. } => (false, None),
         }
     }
 }
@@ -553,12 +532,12 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
                 }
                 let now_ms = agent::unix_ms();
                 for c in reply.commands {
-                    let (tell, launched) = agent.execute(c.command, now_ms);
+                    let (tell, launched) = agent.execute(&c.command, now_ms);
                     news |= tell;
                     if let Some((job_id, attempt, ranks_per_node)) = launched {
                         fetch_table(&hub, &client, (job_id, attempt), ranks_per_node).await;
                     }
-                    agent.state.lock().expect("sim state").acked = c.seq;
+                    agent.state.lock().expect("sim state").ack(c.seq);
                 }
             }
             Err(_) => {

@@ -192,9 +192,11 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
         checkpoint_root,
         memory_root,
         stop_grace: Duration::from_secs(a.stop_grace_s),
-        hang_floor: secs("--hang-floor-s", a.hang_floor_s)?,
-        hang_factor: a.hang_factor,
-        hang_startup: secs("--hang-startup-s", a.hang_startup_s)?,
+        hang: agent::HangRule {
+            floor: secs("--hang-floor-s", a.hang_floor_s)?,
+            factor: a.hang_factor,
+            startup: secs("--hang-startup-s", a.hang_startup_s)?,
+        },
     })
 }
 

@@ -11,5 +11,6 @@ pub mod api;
 pub mod checkpoint;
 pub mod env;
 pub mod events;
+pub mod node;
 pub mod progress;
 pub mod spec;

@@ -10,10 +10,10 @@ use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 
 use myriad_core::{Core, CoreConfig, JobState};
 use proto::api::{
-    CheckpointReport, Command, HangReport, HeartbeatRequest, JobId, PortReport, RankReport, RankState,
-    RegisterRequest, StepTime, Tier,
+    CheckpointReport, Command, HangReport, JobId, RankReport, RankState, RegisterRequest, StepTime, Tier,
 };
 use proto::events::EventKind;
+use proto::node::{NodeState, RankEntry, RankKey};
 use proto::spec::JobSpec;
 
 use crate::rng::Rng;
@@ -71,12 +71,24 @@ impl PartialEq for Item {
 }
 impl Eq for Item {}
 
+/// Each node runs one rank (local rank 0) standing for its GPUs.
 struct SimRank {
-    job_id: JobId,
-    attempt: u32,
     state: RankState,
     exited_at_ms: Option<u64>,
     hang: Option<HangReport>,
+}
+
+impl RankEntry for SimRank {
+    fn state(&self) -> RankState {
+        self.state
+    }
+    fn report(&self, key: RankKey) -> RankReport {
+        RankReport {
+            exited_at_ms: self.exited_at_ms,
+            hang: self.hang.clone(),
+            ..RankReport::new(key, self.state)
+        }
+    }
 }
 
 struct Agent {
@@ -86,10 +98,8 @@ struct Agent {
     up: bool,
     /// Quarantined by the controller: a person releases it after `repair_h`.
     quarantined: bool,
-    /// Newest command carried out (acknowledged on the next heartbeat).
-    seen: u64,
-    ranks: Vec<SimRank>,
-    ports: Vec<PortReport>,
+    /// Its ranks, ports and the newest command carried out (acknowledged on the next heartbeat).
+    node: NodeState<SimRank>,
     /// In-memory checkpoints held: (job, step), newest last.
     memory: Vec<(JobId, u64)>,
 }
@@ -155,9 +165,7 @@ impl<'a> Engine<'a> {
                 spare: i >= regular,
                 up: true,
                 quarantined: false,
-                seen: 0,
-                ranks: Vec::new(),
-                ports: Vec::new(),
+                node: NodeState::default(),
                 memory: Vec::new(),
             })
             .collect();
@@ -298,10 +306,7 @@ impl<'a> Engine<'a> {
     /// Whether node `i` runs a rank of the attempt that is making steps.
     fn runs_live_rank(&self, i: usize) -> bool {
         let Some(t) = self.training.as_ref().filter(|t| t.live) else { return false };
-        self.agents[i]
-            .ranks
-            .iter()
-            .any(|r| r.job_id == t.job_id && r.attempt == t.attempt && r.state.is_running())
+        self.agents[i].node.ranks_of(t.job_id, t.attempt).any(|(_, r)| r.state.is_running())
     }
 
     fn fault(&mut self, now: u64) {
@@ -330,8 +335,8 @@ impl<'a> Engine<'a> {
                 self.core.alive_all(last_ms, &self.silent);
                 let a = &mut self.agents[i];
                 a.up = false;
-                a.ranks.clear();
-                a.ports.clear();
+                a.node.ranks.clear();
+                a.node.ports.clear();
                 a.memory.clear();
                 self.silent.insert(a.name.clone());
                 // The controller checks every tick; the first after the silence passes its limit.
@@ -371,9 +376,7 @@ impl<'a> Engine<'a> {
         let a = &mut self.agents[i];
         a.up = true;
         a.quarantined = false;
-        a.seen = 0;
-        a.ranks.clear();
-        a.ports.clear();
+        a.node = NodeState::default();
         a.memory.clear();
         self.silent.remove(&a.name);
         self.register(i, now);
@@ -451,20 +454,13 @@ impl<'a> Engine<'a> {
         let a = &mut self.agents[i];
         match change {
             Change::None => {}
-            Change::Port { job_id, attempt } => a.ports.push(PortReport { job_id, attempt, port: 29_500 }),
+            Change::Port { job_id, attempt } => a.node.reserve(job_id, attempt, 29_500),
             Change::Run { job_id, attempt } => {
-                if !a.ranks.iter().any(|r| r.job_id == job_id && r.attempt == attempt) {
-                    a.ranks.push(SimRank {
-                        job_id,
-                        attempt,
-                        state: RankState::Running { pid: 1 },
-                        exited_at_ms: None,
-                        hang: None,
-                    });
-                }
+                let rank = SimRank { state: RankState::Running { pid: 1 }, exited_at_ms: None, hang: None };
+                a.node.insert((job_id, attempt, 0), rank);
             }
             Change::Exit { job_id, attempt, code, signal, stalled_ms } => {
-                let rank = a.ranks.iter_mut().find(|r| r.job_id == job_id && r.attempt == attempt);
+                let rank = a.node.ranks.get_mut(&(job_id, attempt, 0));
                 if let Some(r) = rank.filter(|r| r.state.is_running()) {
                     r.state = RankState::Exited { code, signal };
                     r.exited_at_ms = Some(now);
@@ -479,30 +475,14 @@ impl<'a> Engine<'a> {
         }
         let leads = self.training.as_ref().filter(|t| t.leader == i).map(|t| (t.job_id, t.attempt));
         let a = &self.agents[i];
-        let mut req = HeartbeatRequest { acked_command_seq: a.seen, ..HeartbeatRequest::default() };
-        for r in &a.ranks {
-            let mut report = RankReport {
-                job_id: r.job_id,
-                attempt: r.attempt,
-                local_rank: 0,
-                state: r.state,
-                step: None,
-                loss: None,
-                exited_at_ms: r.exited_at_ms,
-                hang: r.hang.clone(),
-                steps: Vec::new(),
-                tokens_per_s: None,
-                mfu: None,
-                compute_ms: None,
-            };
-            if leads == Some((r.job_id, r.attempt)) {
-                let t = self.training.as_mut().expect("leads");
+        let mut req = a.node.report();
+        if let Some(key) = leads {
+            let t = self.training.as_mut().expect("leads");
+            if let Some(report) = req.ranks.iter_mut().find(|r| (r.job_id, r.attempt) == key) {
                 report.steps = std::mem::take(&mut t.unreported);
                 report.step = (t.last_step > 0).then_some(t.last_step);
             }
-            req.ranks.push(report);
         }
-        req.ports = a.ports.clone();
         req.checkpoints = a
             .memory
             .iter()
@@ -522,6 +502,9 @@ impl<'a> Engine<'a> {
 
     /// Carries out what the controller decided: events, and the commands it queued for nodes.
     fn after(&mut self, now: u64) {
+        if self.cfg.checked {
+            self.core.check_invariants();
+        }
         let (dirty, events) = self.core.take_dirty();
         self.controller_events += events.len() as u64;
         for e in events {
@@ -580,13 +563,11 @@ impl<'a> Engine<'a> {
             Forget(JobId, u32),
             Purge(JobId),
         }
-        let seen = self.agents[i].seen;
         let node = self.core.node(&self.agents[i].name).expect("registered");
-        let mut newest = seen;
-        let acts: Vec<Act> = node
-            .commands
-            .iter()
-            .filter(|c| c.seq > seen)
+        let mut newest = self.agents[i].node.acked_command_seq;
+        let acts: Vec<Act> = self.agents[i]
+            .node
+            .pending(&node.commands)
             .map(|c| {
                 newest = newest.max(c.seq);
                 match &c.command {
@@ -603,7 +584,7 @@ impl<'a> Engine<'a> {
                 }
             })
             .collect();
-        self.agents[i].seen = newest;
+        self.agents[i].node.ack(newest);
         for act in acts {
             match act {
                 Act::Port(job_id, attempt) => self.at(now, Ev::Beat(i, Change::Port { job_id, attempt })),
@@ -628,9 +609,7 @@ impl<'a> Engine<'a> {
                     self.at(now + ms(self.cfg.stop_s), Ev::Beat(i, change));
                 }
                 Act::Forget(job_id, attempt) => {
-                    let a = &mut self.agents[i];
-                    a.ranks.retain(|r| !(r.job_id == job_id && r.attempt == attempt));
-                    a.ports.retain(|p| !(p.job_id == job_id && p.attempt == attempt));
+                    self.agents[i].node.forget(job_id, attempt);
                 }
                 Act::Purge(job_id) => self.agents[i].memory.retain(|&(j, _)| j != job_id),
             }

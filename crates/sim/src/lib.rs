@@ -82,6 +82,10 @@ pub struct Config {
     /// A person resubmits a job that failed for good.
     pub person_h: f64,
     pub max_restarts: u32,
+    /// Runs the core's invariant checks after every decision it makes (slow; for tests). The
+    /// report is the same either way: the checks only read.
+    #[serde(skip)]
+    pub checked: bool,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             repair_h: 72.0,
             person_h: 4.0,
             max_restarts: 10_000,
+            checked: false,
         }
     }
 }

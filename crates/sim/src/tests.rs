@@ -78,6 +78,16 @@ fn without_faults_effective_training_time_is_one_minus_the_checkpoint_overhead()
 }
 
 #[test]
+fn the_cores_invariants_hold_through_every_decision_of_a_faulty_run() {
+    // Ten times Llama 3's rates on 1,024 GPUs: hundreds of restarts, lost nodes and spares.
+    let cfg = Config { gpus: 1024, days: 14.0, rate_scale: 10.0, ..Config::default() };
+    let checked = run(&Config { checked: true, ..cfg.clone() }).unwrap();
+    assert!(checked.interruptions > 50, "{} interruptions", checked.interruptions);
+    let json = |r: &Report| serde_json::to_string(r).unwrap();
+    assert_eq!(json(&checked), json(&run(&cfg).unwrap()), "the checks only read");
+}
+
+#[test]
 fn the_same_seed_gives_the_same_result_and_another_seed_does_not() {
     let cfg = Config { gpus: 2048, days: 14.0, rate_scale: 5.0, ..Config::default() };
     let json = |seed| serde_json::to_string(&run(&Config { seed, ..cfg.clone() }).unwrap()).unwrap();
