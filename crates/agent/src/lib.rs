@@ -16,6 +16,7 @@ mod chaos;
 pub mod checkpoints;
 mod hang;
 mod heartbeat;
+pub mod loadgen;
 pub mod metrics;
 mod progress;
 mod routes;
