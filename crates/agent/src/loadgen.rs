@@ -125,7 +125,7 @@ pub struct Memory {
     /// Further growth per node of the running job, divided by the job's ranks. Almost all of it
     /// is per node, not per rank (larger heartbeats and answers grow each connection's buffers):
     /// compare runs with different `--slots`; the core's own state per rank is counted in
-    /// `crates/control/tests/memory.rs`.
+    /// `crates/core/tests/memory.rs`.
     pub job_bytes_per_node: f64,
     pub job_bytes_per_rank: f64,
     /// Open files (mostly agents' keep-alive connections) at the same three moments: resident

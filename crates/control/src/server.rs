@@ -561,7 +561,7 @@ async fn chaos(
     })?;
     let what = format!("{:?}", req.action);
     ctl.apply(|core, now| {
-        core.record(
+        core.event(
             now,
             req.job_id,
             Some(&node_name),

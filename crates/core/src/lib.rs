@@ -157,7 +157,8 @@ impl Core {
         }
     }
 
-    pub(crate) fn event(
+    /// Records an event: the core's own decisions, and faults injected on purpose from outside.
+    pub fn event(
         &mut self,
         now_ms: u64,
         job_id: Option<JobId>,
@@ -175,18 +176,6 @@ impl Core {
             data: None,
         });
         self.next_event_seq += 1;
-    }
-
-    /// Records an event decided outside the core (a fault injected on purpose).
-    pub fn record(
-        &mut self,
-        now_ms: u64,
-        job_id: Option<JobId>,
-        node: Option<&str>,
-        kind: EventKind,
-        message: String,
-    ) {
-        self.event(now_ms, job_id, node, kind, message);
     }
 
     /// For a caller that keeps no copy of the state (the simulator): which nodes changed since
