@@ -21,25 +21,32 @@ impl Agent {
         let mut req = node.state.report();
         req.checkpoints = checkpoints::report(&self.cfg.memory_root, &persisted);
         req.bad_checkpoints = node.bad.clone();
+        req.gpu_findings = self.gpus.lock().expect("gpu state").health.findings();
         req
     }
 }
 
 async fn register(agent: &Agent, client: &Client, http_port: u16) -> RegisterReply {
     let cfg = &agent.cfg;
+    let (gpus, driver) = {
+        let monitor = agent.gpus.lock().expect("gpu state");
+        (monitor.gpus.clone(), monitor.driver.clone())
+    };
     let req = RegisterRequest {
         name: cfg.name.clone(),
-        slots: cfg.slots,
+        slots: agent.slots,
         cores: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
         addr: cfg.addr.clone(),
         http_port,
         spare: cfg.spare,
+        gpus,
+        driver,
     };
     let mut complained = false;
     loop {
         match client.post_json::<_, RegisterReply>("/v1/agents/register", &req).await {
             Ok(reply) => {
-                eprintln!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), cfg.slots);
+                eprintln!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), agent.slots);
                 // A fresh registration means the controller forgot whatever this agent held.
                 agent.forget_all_exited();
                 return reply;

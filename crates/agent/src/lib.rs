@@ -14,6 +14,7 @@
 
 mod chaos;
 pub mod checkpoints;
+pub mod gpu;
 mod hang;
 mod heartbeat;
 pub mod loadgen;
@@ -38,8 +39,13 @@ pub struct AgentConfig {
     pub controller: String,
     pub token: String,
     pub name: String,
-    pub slots: u32,
+    /// Rank slots; None: one per GPU found (one where there are none).
+    pub slots: Option<u32>,
     pub spare: bool,
+    /// GPUs described by a file instead of NVML (tests, demos).
+    pub fake_gpus: Option<PathBuf>,
+    /// How often the GPUs are checked while the agent runs (and before every launch).
+    pub gpu_check_every: Duration,
     /// Address other nodes use to reach this one (MASTER_ADDR when it hosts rank 0).
     pub addr: String,
     /// Where the agent's own HTTP endpoint listens (`HOST:PORT`, port 0 for any).
@@ -70,6 +76,9 @@ pub(crate) struct Agent {
     pub(crate) silent_until: Mutex<Option<Instant>>,
     pub(crate) socket_path: PathBuf,
     pub(crate) metrics: metrics::AgentMetrics,
+    /// Rank slots this node offers (discovered or given).
+    pub(crate) slots: u32,
+    pub(crate) gpus: Mutex<gpu::Monitor>,
 }
 
 impl Agent {
@@ -108,6 +117,40 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let http_port = http.local_addr().map_err(|e| e.to_string())?.port();
+    let gpus = match gpu::open(cfg.fake_gpus.as_deref()) {
+        Ok(backend) => gpu::Monitor::new(Some(backend)),
+        // A fake file that cannot be read is a mistake in the command line, not a GPU-less node.
+        Err(e) if cfg.fake_gpus.is_some() => return Err(e),
+        Err(e) => {
+            eprintln!(
+                "agent {}: no GPUs managed ({e}); running {} slots as --slots gives",
+                cfg.name,
+                cfg.slots.unwrap_or(1)
+            );
+            gpu::Monitor::new(None)
+        }
+    };
+    let mut gpus = gpus;
+    // The first check: the node's first report already says how its GPUs are.
+    if let Err(e) = gpus.check() {
+        eprintln!("agent {}: GPU check: {e}", cfg.name);
+    }
+    let slots = match (cfg.slots, gpus.gpus.len()) {
+        (Some(0), _) => return Err("--slots must be at least 1".into()),
+        (Some(n), _) => n,
+        (None, 0) => 1,
+        (None, n) => n as u32,
+    };
+    if let Some(g) = gpus.gpus.first() {
+        eprintln!(
+            "agent {}: {} GPUs ({}, {} MiB, driver {}): {slots} slots",
+            cfg.name,
+            gpus.gpus.len(),
+            g.model,
+            g.memory_mib,
+            gpus.driver.as_deref().unwrap_or("?")
+        );
+    }
     std::fs::create_dir_all(&cfg.memory_root)
         .map_err(|e| format!("memory root {}: {e}", cfg.memory_root.display()))?;
     let agent = Arc::new(Agent {
@@ -117,6 +160,8 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         silent_until: Mutex::new(None),
         socket_path,
         metrics: metrics::AgentMetrics::default(),
+        slots,
+        gpus: Mutex::new(gpus),
     });
 
     let app = routes::router(agent.clone());
@@ -127,6 +172,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     });
     tokio::spawn(progress::accept(agent.clone(), progress));
     tokio::spawn(hang::detect(agent.clone()));
+    tokio::spawn(supervisor::watch_gpus(agent.clone()));
 
     let result = tokio::select! {
         r = heartbeat::heartbeat_loop(agent.clone(), client, http_port) => r,

@@ -335,6 +335,8 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
         addr: "127.0.0.1".into(),
         http_port,
         spare: agent.spare,
+        gpus: Vec::new(),
+        driver: None,
     };
     let reply: RegisterReply = client
         .post_json("/v1/agents/register", &register)

@@ -9,6 +9,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabels {
@@ -19,6 +20,13 @@ struct TierLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct GpuLabels {
+    gpu: String,
+    uuid: String,
+    model: String,
 }
 
 pub struct AgentMetrics {
@@ -65,8 +73,8 @@ impl AgentMetrics {
         self.hangs.inc();
     }
 
-    /// The exposition, with the ranks this agent holds (`running`, `exited`).
-    pub fn render(&self, running: usize, exited: usize) -> String {
+    /// The exposition, with the ranks this agent holds (`running`, `exited`) and its GPUs.
+    pub fn render(&self, running: usize, exited: usize, gpus: &crate::gpu::Monitor) -> String {
         let mut registry = Registry::with_prefix("myriad_agent");
         let ranks = Family::<StateLabels, Gauge>::default();
         ranks.get_or_create(&StateLabels { state: "running".into() }).set(running as i64);
@@ -93,10 +101,50 @@ impl AgentMetrics {
             self.copy_bytes.clone(),
         );
         registry.register("hung_ranks_killed", "Ranks found without progress and killed", self.hangs.clone());
+        register_gpus(&mut registry, gpus);
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");
         net::http::to_classic_text(&text)
     }
+}
+
+/// Per GPU: its latest sample and its health (1 while no check finds it failed; warnings counted).
+fn register_gpus(registry: &mut Registry, gpus: &crate::gpu::Monitor) {
+    type Ratio = Gauge<f64, AtomicU64>;
+    let util = Family::<GpuLabels, Ratio>::default();
+    let memory = Family::<GpuLabels, Gauge>::default();
+    let power = Family::<GpuLabels, Ratio>::default();
+    let temperature = Family::<GpuLabels, Ratio>::default();
+    let healthy = Family::<GpuLabels, Gauge>::default();
+    let warnings = Family::<GpuLabels, Gauge>::default();
+    let findings = gpus.health.findings();
+    for (i, g) in gpus.gpus.iter().enumerate() {
+        let labels = GpuLabels { gpu: g.index.to_string(), uuid: g.uuid.clone(), model: g.model.clone() };
+        if let Some(s) = gpus.samples.get(i) {
+            if let Some(v) = s.utilization_pct {
+                util.get_or_create(&labels).set(v / 100.0);
+            }
+            if let Some(v) = s.memory_used_mib {
+                memory.get_or_create(&labels).set((v << 20) as i64);
+            }
+            if let Some(v) = s.power_w {
+                power.get_or_create(&labels).set(v);
+            }
+            if let Some(v) = s.temperature_c {
+                temperature.get_or_create(&labels).set(v);
+            }
+        }
+        let mine = findings.iter().filter(|f| f.index == g.index);
+        let (fatal, warn) = mine.fold((0, 0), |(f, w), x| if x.fatal { (f + 1, w) } else { (f, w + 1) });
+        healthy.get_or_create(&labels).set((fatal == 0) as i64);
+        warnings.get_or_create(&labels).set(warn);
+    }
+    registry.register("gpu_utilization_ratio", "Share of the last sample period a kernel ran, per GPU", util);
+    registry.register("gpu_memory_used_bytes", "GPU memory in use", memory);
+    registry.register("gpu_power_watts", "GPU power draw", power);
+    registry.register("gpu_temperature_celsius", "GPU die temperature", temperature);
+    registry.register("gpu_healthy", "1 while no health check finds the GPU failed", healthy);
+    registry.register("gpu_warnings", "Warnings the GPU's latest checks found (throttling, XIDs)", warnings);
 }
 
 /// Bytes of the files directly in `dir` (a checkpoint step directory is flat).

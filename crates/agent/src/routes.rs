@@ -146,7 +146,8 @@ async fn serve_metrics(State(agent): State<Arc<Agent>>) -> Response {
         let running = node.state.ranks.values().filter(|r| r.state.is_running()).count();
         (running, node.state.ranks.len() - running)
     };
-    ([("content-type", METRICS_CONTENT_TYPE)], agent.metrics.render(running, exited)).into_response()
+    let text = agent.metrics.render(running, exited, &agent.gpus.lock().expect("gpu state"));
+    ([("content-type", METRICS_CONTENT_TYPE)], text).into_response()
 }
 
 /// The controller has commands for this node: heartbeat now.

@@ -32,6 +32,8 @@ pub(crate) struct Rank {
     pub hang: Option<HangReport>,
     /// Compute time of the recent steps (newest last).
     pub compute_ms: VecDeque<f64>,
+    /// The GPU the rank is bound to (its NVML index), on a GPU node.
+    pub gpu: Option<u32>,
 }
 
 impl Rank {
@@ -51,6 +53,7 @@ impl Rank {
             mfu: None,
             hang: None,
             compute_ms: VecDeque::new(),
+            gpu: None,
         }
     }
 

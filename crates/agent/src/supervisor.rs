@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::state::{Leader, Rank};
-use crate::{checkpoints, unix_ms, Agent};
+use crate::{checkpoints, gpu, unix_ms, Agent};
 
 /// Under a job's memory directory: its ranks' live state slots (the trainer's `train::live`).
 const LIVE_DIR: &str = "live";
@@ -20,6 +20,8 @@ const LIVE_DIR: &str = "live";
 const RETIRE_DEADLINE: Duration = Duration::from_secs(5);
 /// Exit code reported for ranks that could not start because their checkpoint failed to verify.
 pub const RESTORE_FAILED_EXIT: i32 = 75;
+/// Exit code reported for ranks that could not start: a GPU failed its check, or too few are free.
+pub const GPU_UNAVAILABLE_EXIT: i32 = 76;
 
 impl Agent {
     /// A fresh registration: the controller forgot whatever this agent held.
@@ -138,10 +140,32 @@ impl Agent {
             restore_step: spec.restore.as_ref().map(|r| r.step),
         }
         .vars();
+        // GPUs are checked before every launch, then bound one per local rank.
+        let bound = match self.bind_gpus(spec) {
+            Ok(bound) => bound,
+            Err(message) => {
+                eprintln!("agent {}: job {}: {message}", self.cfg.name, spec.job_id);
+                let _ = std::fs::create_dir_all(&dir);
+                let mut node = self.node.lock().expect("agent state");
+                for &l in &fresh {
+                    let _ = std::fs::write(
+                        dir.join(format!("rank-{l}.stderr")),
+                        format!("myriad agent: {message}\n"),
+                    );
+                    let failed = RankState::Exited { code: Some(GPU_UNAVAILABLE_EXIT), signal: None };
+                    node.state
+                        .insert((spec.job_id, spec.attempt, l), Rank::new(failed, None, Instant::now()));
+                }
+                return;
+            }
+        };
         for &local_rank in &fresh {
             let key = (spec.job_id, spec.attempt, local_rank);
             let mut env = spec.rank_env(local_rank);
             env.extend(extra_env.iter().cloned());
+            if let Some(bound) = &bound {
+                env.extend(gpu::rank_env(bound, local_rank, &spec.env));
+            }
             let outcome = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
                 .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))
@@ -150,7 +174,10 @@ impl Agent {
                 Ok(child) => {
                     let pid = child.id();
                     tokio::spawn(watch(self.clone(), key, child));
-                    Rank::new(RankState::Running { pid: pid.unwrap_or(0) }, pid, Instant::now())
+                    let mut rank =
+                        Rank::new(RankState::Running { pid: pid.unwrap_or(0) }, pid, Instant::now());
+                    rank.gpu = bound.as_ref().map(|b| b[local_rank as usize].index);
+                    rank
                 }
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
@@ -166,6 +193,38 @@ impl Agent {
         }
     }
 
+    /// Checks the GPUs and picks the launch's: None on a node without GPUs; Err naming the GPU
+    /// and its finding when one failed, or how many are free when too few are.
+    fn bind_gpus(&self, spec: &LaunchSpec) -> Result<Option<Vec<proto::api::GpuInfo>>, String> {
+        let mut monitor = self.gpus.lock().expect("gpu state");
+        if monitor.gpus.is_empty() {
+            return Ok(None);
+        }
+        if let Err(e) = monitor.check() {
+            eprintln!("agent {}: GPU check before launch: {e}", self.cfg.name);
+        }
+        if let Some(f) = monitor.health.findings().into_iter().find(|f| f.fatal) {
+            return Err(format!("GPU {} ({}) failed its health check: {}", f.index, f.uuid, f.reason));
+        }
+        let busy: std::collections::BTreeSet<u32> = {
+            let node = self.node.lock().expect("agent state");
+            node.state
+                .ranks
+                .iter()
+                .filter(|(k, r)| (k.0, k.1) != (spec.job_id, spec.attempt) && r.state.is_running())
+                .filter_map(|(_, r)| r.gpu)
+                .collect()
+        };
+        gpu::bind(&monitor.gpus, &busy, spec.ranks_per_node).map(Some).ok_or_else(|| {
+            format!(
+                "{} local ranks need a GPU each, and {} of the node's {} GPUs are free",
+                spec.ranks_per_node,
+                monitor.gpus.len() - busy.len(),
+                monitor.gpus.len()
+            )
+        })
+    }
+
     fn spawn_rank(
         &self,
         spec: &LaunchSpec,
@@ -179,6 +238,8 @@ impl Agent {
         };
         let mut cmd = std::process::Command::new(&spec.argv[0]);
         cmd.args(&spec.argv[1..])
+            // The agent's own credential is the cluster's admin token: never a rank's.
+            .env_remove(proto::env::MYRIAD_TOKEN)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(std::process::Stdio::null())
             .stdout(open("stdout")?)
@@ -296,4 +357,43 @@ pub(crate) async fn watch(agent: Arc<Agent>, key: RankKey, mut child: tokio::pro
         r.exited_at_ms = Some(unix_ms());
     }
     agent.wake.notify_one();
+}
+
+/// Checks the GPUs every `gpu_check_every`. A fatal finding fails every rank on the node at once
+/// (SIGKILL), naming the GPU and the reason, and wakes the heartbeat: the controller hears of it
+/// now, fails the attempt and restarts it elsewhere.
+pub(crate) async fn watch_gpus(agent: Arc<Agent>) {
+    if agent.gpus.lock().expect("gpu state").gpus.is_empty() {
+        return;
+    }
+    let mut complained = false;
+    loop {
+        tokio::time::sleep(agent.cfg.gpu_check_every).await;
+        let checked = agent.gpus.lock().expect("gpu state").check();
+        let new_fatal = match checked {
+            Ok(found) => {
+                complained = false;
+                found
+            }
+            Err(e) => {
+                if !complained {
+                    eprintln!("agent {}: GPU check: {e}", agent.cfg.name);
+                    complained = true;
+                }
+                continue;
+            }
+        };
+        let Some(f) = new_fatal.first() else { continue };
+        let pids = agent.node.lock().expect("agent state").running_pids(|_| true);
+        eprintln!(
+            "agent {}: GPU {} ({}) failed its health check: {}; failing {} ranks",
+            agent.cfg.name,
+            f.index,
+            f.uuid,
+            f.reason,
+            pids.len()
+        );
+        signal_groups(&pids, libc::SIGKILL);
+        agent.wake.notify_one();
+    }
 }

@@ -308,6 +308,7 @@ async function renderJob(job, now) {
 function nodeClass(n) {
   if (n.health === "lost") return "lost";
   if (n.health === "quarantined") return "quarantined";
+  if (n.health === "gpu_failed") return "gpu-failed";
   if (n.heartbeat_age_ms != null && n.heartbeat_age_ms > LATE_HEARTBEAT_MS) return "late";
   if (n.slots_used > 0) return "busy";
   return n.spare ? "spare" : "idle";
@@ -315,7 +316,7 @@ function nodeClass(n) {
 
 const NODE_CLASSES = [
   ["busy", "running ranks"], ["idle", "idle"], ["spare", "hot spare"], ["late", "heartbeat late"],
-  ["quarantined", "quarantined"], ["lost", "lost"],
+  ["quarantined", "quarantined"], ["gpu-failed", "GPU failed"], ["lost", "lost"],
 ];
 
 function renderNodes(nodes) {
@@ -334,7 +335,9 @@ function renderNodes(nodes) {
     const cls = "node " + c;
     if (cell.className !== cls) cell.className = cls;
     cell.dataset.index = i;
-    if (c === "lost" || c === "quarantined" || c === "late") problems.push(n.name + " (" + c + ")");
+    if (c === "lost" || c === "quarantined" || c === "late" || c === "gpu-failed") problems.push(n.name + " (" + c + ")");
+    const warned = (n.gpu_findings || []).some((f) => !f.fatal);
+    if (cell.classList.contains("gpu-warning") !== warned) cell.classList.toggle("gpu-warning", warned);
   });
   grid.nodes = nodes;
   const legend = document.getElementById("node-legend");
@@ -362,6 +365,13 @@ function nodeTooltip(ev) {
     "jobs: " + (n.jobs.length ? n.jobs.join(", ") : "none"),
     "agent: " + n.addr + ":" + n.http_port,
   ];
+  const gpus = n.gpus || [];
+  if (gpus.length) {
+    lines.push("GPUs: " + gpus.length + " × " + gpus[0].model + " (" + Math.round(gpus[0].memory_mib / 1024) + " GiB)");
+  }
+  for (const f of n.gpu_findings || []) {
+    lines.push("GPU " + f.index + (f.fatal ? " FAILED: " : " warning: ") + f.reason);
+  }
   tip.textContent = lines.join("\n");
   tip.hidden = false;
   tip.style.left = Math.min(ev.clientX + 14, window.innerWidth - 260) + "px";

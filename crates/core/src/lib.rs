@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 
 use proto::api::{
-    Command, Event, HeartbeatReply, HeartbeatRequest, JobId, JobSeries, JobView, LaunchSpec, NodeView,
-    PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec, SeqCommand, SeriesPoint,
-    StepTime, Tier, TimeAccount,
+    Command, Event, GpuFinding, GpuInfo, HeartbeatReply, HeartbeatRequest, JobId, JobSeries, JobView,
+    LaunchSpec, NodeView, PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec,
+    SeqCommand, SeriesPoint, StepTime, Tier, TimeAccount,
 };
 use proto::events::EventKind;
 use proto::spec::{validate_name, JobSpec, SpecError};

@@ -83,6 +83,15 @@ pub struct Node {
     /// Steps of each job's checkpoints this node holds in memory (its own and its buddy's).
     #[serde(default)]
     pub checkpoints: BTreeMap<JobId, BTreeSet<u64>>,
+    /// The node's GPUs and driver, as its agent registered them.
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+    #[serde(default)]
+    pub driver: Option<String>,
+    /// What the GPU health checks found in the node's last report. A fatal finding keeps the
+    /// node out of scheduling (persisted: a restarted controller keeps it out too).
+    #[serde(default)]
+    pub gpu_findings: Vec<GpuFinding>,
     /// Not persisted: a restarted controller gives every node a fresh grace period.
     #[serde(skip)]
     pub last_heartbeat_ms: u64,
@@ -96,9 +105,17 @@ impl Node {
         self.allocations.iter().map(|a| a.slots).sum()
     }
 
-    /// Healthy, not quarantined, with `slots` free.
+    /// Healthy, not quarantined, every GPU passing its checks, with `slots` free.
     pub(crate) fn has_room(&self, slots: u32) -> bool {
-        self.health == Health::Healthy && !self.quarantined && self.slots - self.slots_used() >= slots
+        self.health == Health::Healthy
+            && !self.quarantined
+            && !self.gpu_failed()
+            && self.slots - self.slots_used() >= slots
+    }
+
+    /// A GPU of the node failed a health check.
+    pub fn gpu_failed(&self) -> bool {
+        self.gpu_findings.iter().any(|f| f.fatal)
     }
 
     pub(crate) fn holds(&self, job_id: JobId, attempt: u32) -> bool {

@@ -40,6 +40,8 @@ impl Core {
                 node.addr = req.addr;
                 node.http_port = req.http_port;
                 node.spare = req.spare;
+                node.gpus = req.gpus;
+                node.driver = req.driver;
                 node.health = Health::Healthy;
                 node.last_heartbeat_ms = now_ms;
                 node.commands.clear();
@@ -80,11 +82,20 @@ impl Core {
                     failures_ms: Vec::new(),
                     quarantined: false,
                     checkpoints: BTreeMap::new(),
+                    gpus: req.gpus,
+                    driver: req.driver,
+                    gpu_findings: Vec::new(),
                     last_heartbeat_ms: now_ms,
                     reported_running: BTreeMap::new(),
                 };
                 let what = if node.spare { "spare node" } else { "node" };
-                let message = format!("{what} {name} joined with {} slots", node.slots);
+                let gpus = match (node.gpus.first(), node.gpus.len()) {
+                    (Some(g), n) => {
+                        format!(" ({n} × {}, driver {})", g.model, node.driver.as_deref().unwrap_or("?"))
+                    }
+                    (None, _) => String::new(),
+                };
+                let message = format!("{what} {name} joined with {} slots{gpus}", node.slots);
                 self.nodes.insert(name.clone(), node);
                 self.dirty_nodes.insert(name.clone());
                 self.event(now_ms, None, Some(&name), EventKind::NodeRegistered, message);
@@ -135,6 +146,8 @@ impl Core {
             );
         }
 
+        // A failed GPU takes the node out before anything it reports can restart a job onto it.
+        self.gpu_reports(name, &req.gpu_findings, now_ms);
         self.checkpoint_reports(name, &req, now_ms);
         for port in &req.ports {
             self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
@@ -185,6 +198,51 @@ impl Core {
             if node.health == Health::Healthy && !silent.contains(&node.name) {
                 node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
             }
+        }
+    }
+
+    /// The node's GPU health as its agent now finds it. A new fatal finding fails every attempt
+    /// the node holds (a restart finds a spare: the node has no room while a GPU fails) and is
+    /// blamed on the node; a new warning is an event; all checks passing again returns the node.
+    pub(crate) fn gpu_reports(&mut self, name: &str, findings: &[GpuFinding], now_ms: u64) {
+        let node = &self.nodes[name];
+        if node.gpu_findings == findings {
+            return;
+        }
+        let was_failed = node.gpu_failed();
+        let new: Vec<GpuFinding> =
+            findings.iter().filter(|f| !node.gpu_findings.contains(f)).cloned().collect();
+        let held: Vec<(JobId, u32)> = node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
+        let node = self.nodes.get_mut(name).expect("looked up above");
+        node.gpu_findings = findings.to_vec();
+        let failed = node.gpu_failed();
+        self.dirty_node(name);
+        for f in new.iter().filter(|f| !f.fatal) {
+            let message = format!("GPU {} ({}) on node {name}: {}", f.index, f.uuid, f.reason);
+            self.event(now_ms, None, Some(name), EventKind::GpuWarning, message);
+        }
+        let fatal: Vec<&GpuFinding> = new.iter().filter(|f| f.fatal).collect();
+        if let Some(first) = fatal.first() {
+            let what = format!("GPU {} ({}) on node {name}: {}", first.index, first.uuid, first.reason);
+            let more = if fatal.len() > 1 {
+                format!(" (and {} more findings)", fatal.len() - 1)
+            } else {
+                String::new()
+            };
+            let message =
+                format!("{what}{more}; the node is out of scheduling until its GPUs pass their checks");
+            self.event(now_ms, None, Some(name), EventKind::GpuFailed, message);
+            self.blame(name, now_ms);
+            for (job_id, attempt) in held {
+                let reason = format!("{what}{more}");
+                self.end_attempt(job_id, attempt, Outcome::Restart, (FaultKind::Gpu, reason), now_ms, now_ms);
+                self.maybe_finish_attempt(job_id, now_ms);
+            }
+        }
+        if was_failed && !failed {
+            self.schedule_due = true;
+            let message = format!("every GPU of node {name} passes its checks again: it is scheduled again");
+            self.event(now_ms, None, Some(name), EventKind::GpuRecovered, message);
         }
     }
 

@@ -19,6 +19,8 @@ pub enum FaultKind {
     LaunchTimeout,
     /// A node kept straggling and was swapped for a spare.
     Straggler,
+    /// A GPU of a node failed a health check (an XID, uncorrectable ECC errors, off the bus).
+    Gpu,
     /// Not a fault: success or cancellation.
     None,
 }
@@ -32,6 +34,7 @@ impl FaultKind {
             FaultKind::AgentRestart => "agent_restart",
             FaultKind::LaunchTimeout => "launch_timeout",
             FaultKind::Straggler => "straggler",
+            FaultKind::Gpu => "gpu",
             FaultKind::None => "none",
         }
     }

@@ -2,7 +2,7 @@
 //! real agent does (idempotently, acknowledging by sequence number).
 
 use super::*;
-use proto::api::{CheckpointReport, HangReport, Tier};
+use proto::api::{CheckpointReport, GpuFinding, HangReport, Tier};
 use proto::node::{NodeState, Todo};
 
 /// A fake agent: the ranks it runs and the ports it reserved (the protocol's own node state),
@@ -16,6 +16,7 @@ struct FakeAgent {
     compute_ms: BTreeMap<(JobId, u32, u32), f64>,
     checkpoints: Vec<CheckpointReport>,
     bad: Vec<CheckpointReport>,
+    gpu_findings: Vec<GpuFinding>,
     /// Step and loss its ranks report (default: step 7, loss 2.5), with one step time ending now.
     progress: Option<(u64, f64)>,
 }
@@ -38,6 +39,8 @@ impl World {
                 addr: format!("10.0.0.{}", w.agents.len() + 1),
                 http_port: 7000,
                 spare,
+                gpus: Vec::new(),
+                driver: None,
             };
             w.core.register(req, w.now_ms).unwrap();
             w.agents.insert(name.into(), FakeAgent::default());
@@ -74,6 +77,7 @@ impl World {
         }
         req.checkpoints = agent.checkpoints.clone();
         req.bad_checkpoints = agent.bad.clone();
+        req.gpu_findings = agent.gpu_findings.clone();
         let reply = self.core.heartbeat(name, req, self.now_ms).unwrap();
         self.core.check_invariants();
         let agent = self.agents.get_mut(name).unwrap();
@@ -276,6 +280,56 @@ fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
     w.agents.insert("b".into(), dead);
     w.beat("b");
     assert!(w.agents["b"].node.ranks.values().all(|s| !s.is_running()));
+}
+
+#[test]
+fn a_failed_gpu_fails_the_nodes_attempt_and_keeps_it_out_until_its_checks_pass() {
+    let mut w = World::new(&[("a", 2, false), ("b", 2, false), ("s", 2, true)]);
+    let mut spec = World::spec(2, 2, 3);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().state, JobState::Running);
+    let finding = |fatal: bool, reason: &str| GpuFinding {
+        index: 1,
+        uuid: "GPU-b1".into(),
+        fatal,
+        reason: reason.into(),
+    };
+    // A warning is an event and nothing more.
+    w.agents.get_mut("b").unwrap().gpu_findings = vec![finding(false, "throttled (thermal)")];
+    w.round();
+    assert!(w.kinds().contains(&"gpu_warning".to_string()));
+    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().number, 0);
+    // XID 79 on b: the attempt fails at once, naming the GPU, and the spare takes b's place.
+    w.agents.get_mut("b").unwrap().gpu_findings = vec![finding(true, "XID 79 (GPU has fallen off the bus)")];
+    w.beat("b");
+    let job = w.core.job(id).unwrap();
+    assert!(job.reason.as_deref().unwrap().contains("GPU 1 (GPU-b1) on node b: XID 79"), "{:?}", job.reason);
+    assert_eq!(job.account.pending.as_ref().map(|p| p.kind.as_str()), Some("gpu"));
+    for _ in 0..4 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!(
+        (job.state, job.attempt.as_ref().unwrap().nodes.clone()),
+        (JobState::Running, vec!["a".into(), "s".into()])
+    );
+    let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
+    assert_eq!((b.health.as_str(), b.gpu_findings.len()), ("gpu_failed", 1));
+    let kinds = w.kinds();
+    assert!(kinds.contains(&"gpu_failed".to_string()), "{kinds:?}");
+    // b's checks pass again: it is scheduled again (here: a second job lands on it).
+    w.agents.get_mut("b").unwrap().gpu_findings.clear();
+    w.round();
+    assert!(w.kinds().contains(&"gpu_recovered".to_string()));
+    let other = w.core.submit(World::spec(1, 2, 0), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(other).unwrap().attempt.as_ref().unwrap().nodes, ["b"]);
 }
 
 #[test]
@@ -585,6 +639,8 @@ fn a_node_that_keeps_failing_is_quarantined_and_the_job_moves_on_without_it() {
         addr: "10.0.0.2".into(),
         http_port: 7000,
         spare: false,
+        gpus: Vec::new(),
+        driver: None,
     };
     w.core.register(req, w.now_ms).unwrap();
     let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();

@@ -65,6 +65,7 @@ impl Core {
                 name: n.name.clone(),
                 health: match n.health {
                     Health::Healthy if n.quarantined => "quarantined".into(),
+                    Health::Healthy if n.gpu_failed() => "gpu_failed".into(),
                     Health::Healthy => "healthy".into(),
                     Health::Lost => "lost".into(),
                 },
@@ -75,6 +76,8 @@ impl Core {
                 http_port: n.http_port,
                 heartbeat_age_ms: Some(now_ms.saturating_sub(n.last_heartbeat_ms)),
                 jobs: n.allocations.iter().map(|a| a.job_id).collect(),
+                gpus: n.gpus.clone(),
+                gpu_findings: n.gpu_findings.clone(),
             })
             .collect()
     }

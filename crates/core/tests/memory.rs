@@ -107,6 +107,8 @@ fn the_cores_state_per_node_and_per_rank_is_small_and_restarts_do_not_grow_it() 
             addr: format!("10.0.{}.{}", i / 250, i % 250),
             http_port: 8080,
             spare: false,
+            gpus: Vec::new(),
+            driver: None,
         };
         core.register(req, now_ms).unwrap();
     }

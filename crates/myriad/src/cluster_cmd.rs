@@ -130,9 +130,16 @@ pub struct AgentArgs {
     /// Node name, unique in the cluster.
     #[arg(long)]
     name: String,
-    /// Accelerator slots on this node (ranks it can hold).
+    /// Rank slots on this node (default: one per GPU found, else 1).
     #[arg(long)]
-    slots: u32,
+    slots: Option<u32>,
+    /// Describe this node's GPUs with a JSON file instead of NVML (tests and demos; see
+    /// `agent::gpu::FakeGpus`); it is read again at every check, so a fault can be injected.
+    #[arg(long)]
+    fake_gpus: Option<PathBuf>,
+    /// Milliseconds between GPU health checks while ranks run (one runs before every launch too).
+    #[arg(long, default_value_t = 2000)]
+    gpu_check_ms: u64,
     /// Join as a hot spare.
     #[arg(long)]
     spare: bool,
@@ -169,8 +176,11 @@ pub struct AgentArgs {
 
 pub fn agent(a: AgentArgs) -> Result<(), String> {
     proto::spec::validate_name("--name", &a.name).map_err(|e| e.to_string())?;
-    if a.slots == 0 {
+    if a.slots == Some(0) {
         return Err("--slots must be at least 1".into());
+    }
+    if a.gpu_check_ms < 100 {
+        return Err(format!("--gpu-check-ms {} must be at least 100", a.gpu_check_ms));
     }
     let token = token(a.token_file.as_deref(), None, "the agent")?;
     let work_dir = a.work_dir.unwrap_or_else(|| PathBuf::from(".myriad/agents").join(&a.name));
@@ -186,6 +196,8 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
         name: a.name,
         slots: a.slots,
         spare: a.spare,
+        fake_gpus: a.fake_gpus.as_deref().map(absolute).transpose()?,
+        gpu_check_every: Duration::from_millis(a.gpu_check_ms),
         addr: a.addr,
         listen: a.listen,
         work_dir,
@@ -243,6 +255,10 @@ pub struct UpArgs {
     listen: String,
     #[arg(long, default_value_t = 1000)]
     heartbeat_ms: u64,
+    /// A directory of fake GPU files: node NAME's agent describes its GPUs with NAME.json there
+    /// (and discovers its slots from them) where that file exists.
+    #[arg(long)]
+    fake_gpus: Option<PathBuf>,
     /// Print the cluster's URL and paths as one JSON object once it is up.
     #[arg(long)]
     json: bool,
@@ -257,6 +273,7 @@ pub fn up(a: UpArgs) -> Result<(), String> {
         listen: a.listen,
         heartbeat_ms: a.heartbeat_ms,
         startup_timeout: Duration::from_secs(30),
+        fake_gpus: a.fake_gpus.as_deref().map(absolute).transpose()?,
     };
     let mut cluster = LocalCluster::start(&dir, &opts)?;
     let token_file = dir.join("controller").join(control::server::TOKEN_FILE);

@@ -110,6 +110,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
         listen: "127.0.0.1:0".into(),
         heartbeat_ms: a.heartbeat_ms,
         startup_timeout: Duration::from_secs(30),
+        fake_gpus: None,
     };
     eprintln!(
         "myriad demo: starting a local cluster: {} nodes + {} spare, controller and agents as processes",

@@ -26,6 +26,8 @@ pub struct LocalOptions {
     pub heartbeat_ms: u64,
     /// How long startup may take before giving up.
     pub startup_timeout: Duration,
+    /// Fake GPU files: node NAME uses NAME.json here where it exists (slots then come from it).
+    pub fake_gpus: Option<PathBuf>,
 }
 
 /// Seconds an agent gets to stop its ranks before it is killed.
@@ -77,23 +79,19 @@ impl LocalCluster {
             let spare = i >= opts.nodes;
             let name = if spare { format!("spare-{}", i - opts.nodes) } else { format!("node-{i}") };
             let mut cmd = die_with_parent(Command::new(&exe));
-            cmd.args([
-                "agent",
-                "--controller",
-                &cluster.url,
-                "--name",
-                &name,
-                "--slots",
-                &opts.slots.to_string(),
-            ])
-            .arg("--work-dir")
-            .arg(dir.join("agents").join(&name))
-            .arg("--checkpoint-root")
-            .arg(dir.join("checkpoints"))
-            .env(proto::env::MYRIAD_TOKEN, &cluster.token)
-            .stdin(Stdio::null())
-            .stdout(log(&format!("{name}.log"))?)
-            .stderr(log(&format!("{name}.log"))?);
+            cmd.args(["agent", "--controller", &cluster.url, "--name", &name]);
+            match opts.fake_gpus.as_ref().map(|d| d.join(format!("{name}.json"))).filter(|f| f.is_file()) {
+                Some(file) => cmd.arg("--fake-gpus").arg(file),
+                None => cmd.args(["--slots", &opts.slots.to_string()]),
+            };
+            cmd.arg("--work-dir")
+                .arg(dir.join("agents").join(&name))
+                .arg("--checkpoint-root")
+                .arg(dir.join("checkpoints"))
+                .env(proto::env::MYRIAD_TOKEN, &cluster.token)
+                .stdin(Stdio::null())
+                .stdout(log(&format!("{name}.log"))?)
+                .stderr(log(&format!("{name}.log"))?);
             if spare {
                 cmd.arg("--spare");
             }

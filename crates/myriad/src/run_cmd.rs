@@ -119,6 +119,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
                 listen: "127.0.0.1:0".into(),
                 heartbeat_ms: 200,
                 startup_timeout: Duration::from_secs(30),
+                fake_gpus: None,
             };
             let cluster = LocalCluster::start(&dir, &opts)?;
             let client = cluster.client()?;

@@ -115,7 +115,13 @@ fn promtool(text: &str) -> Option<(bool, String)> {
 fn the_controllers_and_an_agents_metrics_pass_promtool() {
     let dir = scratch("metrics");
     let cluster = dir.join(".myriad");
-    let _up = up(&dir, &["--nodes", "1", "--slots", "1"]);
+    // node-0 describes one GPU (running hot) with the agent's fake backend: its GPU series too.
+    let gpus = dir.join("gpus");
+    std::fs::create_dir_all(&gpus).unwrap();
+    let gpu = r#"{"uuid":"GPU-0","bus_id":"00000000:18:00.0","model":"NVIDIA H200","memory_mib":143771,
+        "utilization_pct":97.0,"memory_used_mib":70000,"power_w":650.0,"temperature_c":81.0,"throttle":["thermal"]}"#;
+    std::fs::write(gpus.join("node-0.json"), format!(r#"{{"driver":"550.54.15","gpus":[{gpu}]}}"#)).unwrap();
+    let _up = up(&dir, &["--nodes", "1", "--fake-gpus", gpus.to_str().unwrap()]);
     let (controller, token) = controller(&dir);
 
     let exe = env!("CARGO_BIN_EXE_myriad");
@@ -146,6 +152,19 @@ fn the_controllers_and_an_agents_metrics_pass_promtool() {
     let agent_text = get(&agent, "/metrics", &token);
     assert!(agent_text.contains("myriad_agent_ranks{state=\"running\"} 1"), "{agent_text}");
     assert!(agent_text.contains("myriad_agent_heartbeat_duration_seconds_count"), "{agent_text}");
+    for series in [
+        "utilization_ratio",
+        "memory_used_bytes",
+        "power_watts",
+        "temperature_celsius",
+        "healthy",
+        "warnings",
+    ] {
+        assert!(
+            agent_text.contains(&format!("myriad_agent_gpu_{series}{{gpu=\"0\"")),
+            "gpu_{series}: {agent_text}"
+        );
+    }
     // Series that appear only once something happened (a fault, a recovery, a checkpoint copy, a
     // hang), from the same code the servers run, fed what those events carry.
     let observed = control::metrics::Metrics::default();
@@ -166,7 +185,7 @@ fn the_controllers_and_an_agents_metrics_pass_promtool() {
     let agent_observed = agent::metrics::AgentMetrics::default();
     agent_observed.checkpoint_copied("buddy", 0.2, 1 << 20);
     agent_observed.hang_killed();
-    let agent_happened = agent_observed.render(0, 1);
+    let agent_happened = agent_observed.render(0, 1, &agent::gpu::Monitor::default());
     let exposed = [&text, &agent_text, &happened, &agent_happened];
 
     // Every series the Grafana dashboard queries is one that Myriad exposes.

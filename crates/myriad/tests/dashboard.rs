@@ -151,6 +151,7 @@ return {
   nodes: document.querySelectorAll('#node-grid .node').length,
   busy: document.querySelectorAll('#node-grid .node.busy').length,
   spare: document.querySelectorAll('#node-grid .node.spare').length,
+  gpu_warning: document.querySelectorAll('#node-grid .node.gpu-warning').length,
   time_bar: document.querySelectorAll('#time-bar span').length,
 };
 "#;
@@ -169,7 +170,21 @@ fn the_dashboard_shows_a_faulted_jobs_table_live_charts_timeline_and_nodes_in_ch
         return;
     };
     let dir = scratch("dashboard");
-    let _cluster = up(&dir, &["--nodes", "2", "--slots", "1", "--spares", "1"]);
+    // One GPU per node (the agents' fake backend); node-0's runs hot: a GPU warning on the grid.
+    let gpus = dir.join("gpus");
+    std::fs::create_dir_all(&gpus).unwrap();
+    for (node, throttle) in [("node-0", r#"["thermal"]"#), ("node-1", "[]"), ("spare-0", "[]")] {
+        let gpu = format!(
+            r#"{{"uuid":"GPU-{node}","bus_id":"00000000:18:00.0","model":"NVIDIA H200","memory_mib":143771,"throttle":{throttle}}}"#
+        );
+        std::fs::write(
+            gpus.join(format!("{node}.json")),
+            format!(r#"{{"driver":"550.54.15","gpus":[{gpu}]}}"#),
+        )
+        .unwrap();
+    }
+    let _cluster =
+        up(&dir, &["--nodes", "2", "--slots", "1", "--spares", "1", "--fake-gpus", gpus.to_str().unwrap()]);
     let (addr, token) = controller(&dir);
     let exe = env!("CARGO_BIN_EXE_myriad");
     let train = [exe, "train", "--preset", "tiny", "--peak-gflops", "100", "--batch", "2", "--seq", "16"];
@@ -290,6 +305,12 @@ fn the_dashboard_shows_a_faulted_jobs_table_live_charts_timeline_and_nodes_in_ch
     );
     let tip = tip.as_str().expect("a tooltip on hover");
     assert!(tip.contains("node-0") && tip.contains("slots: 1 of 1 in use"), "{tip}");
+    // GPU health on the grid and in the hover.
+    assert_eq!(first["gpu_warning"].as_u64(), Some(1), "{first}");
+    assert!(
+        tip.contains("GPUs: 1 × NVIDIA H200 (140 GiB)") && tip.contains("GPU 0 warning: throttled (thermal)"),
+        "{tip}"
+    );
 
     // Live: a few polls later the job has moved on and the charts have grown.
     let step = |page: &Value| page["rows"][0][4].as_str().unwrap().parse::<u64>().unwrap();

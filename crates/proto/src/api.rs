@@ -34,6 +34,35 @@ pub struct RegisterRequest {
     /// A hot spare: scheduled only when regular nodes do not suffice.
     #[serde(default)]
     pub spare: bool,
+    /// The node's GPUs, in NVML index order (none where no GPU backend was found).
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+    /// The GPU driver's version, when there are GPUs.
+    #[serde(default)]
+    pub driver: Option<String>,
+}
+
+/// One GPU as its node's agent found it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuInfo {
+    /// NVML's index (PCI bus order), which CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA's too.
+    pub index: u32,
+    pub uuid: String,
+    pub bus_id: String,
+    pub model: String,
+    pub memory_mib: u64,
+}
+
+/// What a GPU health check found. A fatal finding takes the node out of scheduling (its ranks are
+/// failed at once) until a check passes or an operator restarts the agent; a warning is reported.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GpuFinding {
+    pub index: u32,
+    pub uuid: String,
+    pub fatal: bool,
+    /// What was found, e.g. "XID 79 (GPU has fallen off the bus)".
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -132,6 +161,9 @@ pub struct HeartbeatRequest {
     /// Checkpoints that failed verification when this node tried to restore them.
     #[serde(default)]
     pub bad_checkpoints: Vec<CheckpointReport>,
+    /// What the GPU health checks currently find (full state, like everything else).
+    #[serde(default)]
+    pub gpu_findings: Vec<GpuFinding>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
@@ -330,6 +362,10 @@ pub struct NodeView {
     pub http_port: u16,
     pub heartbeat_age_ms: Option<u64>,
     pub jobs: Vec<JobId>,
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+    #[serde(default)]
+    pub gpu_findings: Vec<GpuFinding>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

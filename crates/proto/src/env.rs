@@ -41,6 +41,16 @@ pub const MYRIAD_RESTORE_DIR: &str = "MYRIAD_RESTORE_DIR";
 /// The step the controller chose to restart from.
 pub const MYRIAD_RESTORE_STEP: &str = "MYRIAD_RESTORE_STEP";
 
+/// The GPU a rank is bound to: its NVML index and UUID (set on GPU nodes).
+pub const MYRIAD_GPU_INDEX: &str = "MYRIAD_GPU_INDEX";
+pub const MYRIAD_GPU_UUID: &str = "MYRIAD_GPU_UUID";
+
+// Defaults the agent sets on GPU nodes unless the job's `env` sets them.
+pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
+pub const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
+pub const TORCH_NCCL_ASYNC_ERROR_HANDLING: &str = "TORCH_NCCL_ASYNC_ERROR_HANDLING";
+pub const TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC: &str = "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC";
+
 // Knobs a job may set in its spec's `env`.
 /// Deadline of every collective, in seconds.
 pub const MYRIAD_COMM_TIMEOUT_S: &str = "MYRIAD_COMM_TIMEOUT_S";
@@ -79,6 +89,8 @@ pub const RESERVED: &[&str] = &[
     MYRIAD_CHECKPOINT_EVERY,
     MYRIAD_RESTORE_DIR,
     MYRIAD_RESTORE_STEP,
+    MYRIAD_GPU_INDEX,
+    MYRIAD_GPU_UUID,
 ];
 
 /// What the controller's core sets for every rank of one node: all of torchrun's variables but
@@ -268,7 +280,9 @@ mod tests {
         vars.extend(rank_vars(1, 4, 3));
         vars.extend(agent.vars());
         let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
-        for name in RESERVED.iter().filter(|n| **n != MYRIAD_RESTORE_DIR) {
+        for name in
+            RESERVED.iter().filter(|n| ![MYRIAD_RESTORE_DIR, MYRIAD_GPU_INDEX, MYRIAD_GPU_UUID].contains(n))
+        {
             assert!(names.contains(name), "{name} is not set for a restarted rank");
         }
         let get = lookup(vars);

@@ -60,6 +60,12 @@ event_kinds! {
     LeftoverRanks = "leftover_ranks",
     /// A checkpoint failed verification somewhere: it is never restored from again.
     CheckpointCorrupt = "checkpoint_corrupt",
+    /// A GPU failed a health check: the node's ranks are failed and it leaves scheduling.
+    GpuFailed = "gpu_failed",
+    /// A GPU health check warns (throttling, an application XID): reported, nothing stops.
+    GpuWarning = "gpu_warning",
+    /// Every GPU of a node that had failed passes its checks again: it is scheduled again.
+    GpuRecovered = "gpu_recovered",
     /// A fault injected on purpose (`myriad chaos`).
     Chaos = "chaos",
 }

@@ -170,6 +170,7 @@ impl<R: RankEntry> NodeState<R> {
                 .collect(),
             checkpoints: Vec::new(),
             bad_checkpoints: Vec::new(),
+            gpu_findings: Vec::new(),
         }
     }
 }

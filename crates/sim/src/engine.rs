@@ -276,6 +276,8 @@ impl<'a> Engine<'a> {
             addr: a.name.clone(),
             http_port: 1,
             spare: a.spare,
+            gpus: Vec::new(),
+            driver: None,
         };
         self.core.register(req, now).expect("simulated node names are valid");
     }
