@@ -70,7 +70,7 @@ pub(crate) async fn inject(
             });
         }
         ChaosAction::KillAgent => {
-            eprintln!("agent {}: chaos: exiting at once (node loss)", agent.cfg.name);
+            say!("agent {}: chaos: exiting at once (node loss)", agent.cfg.name);
             // Answer first, then vanish without cleanup, the way a node dies.
             tokio::spawn(async {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -96,7 +96,7 @@ pub(crate) async fn inject(
             flip_middle_byte(&file).map_err(|e| {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("{}: {e}", file.display()))
             })?;
-            eprintln!("agent {}: chaos: corrupted {}", agent.cfg.name, file.display());
+            say!("agent {}: chaos: corrupted {}", agent.cfg.name, file.display());
         }
     }
     Ok(StatusCode::NO_CONTENT.into_response())

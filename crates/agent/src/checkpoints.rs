@@ -9,7 +9,7 @@
 use net::client::{Client, Method};
 use proto::api::{CheckpointReport, JobId, RestoreSpec, Tier};
 use proto::checkpoint::{
-    complete_steps, files_in_order, hidden_dir_name, prune, step_dir_name, verify, MANIFEST,
+    belongs_to, complete_steps, files_in_order, hidden_dir_name, prune, step_dir_name, verify, MANIFEST,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,12 +43,15 @@ pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<Checkpo
             );
         }
     }
+    // A persisted directory may be shared with another job (two specs naming the same
+    // checkpoint_dir): only the steps this job wrote are its.
     for (job_id, dir) in persisted {
-        out.extend(complete_steps(dir).unwrap_or_default().into_iter().map(|step| CheckpointReport {
-            job_id: *job_id,
-            step,
-            tier: Tier::Persisted,
-        }));
+        let steps = complete_steps(dir).unwrap_or_default().into_iter();
+        out.extend(
+            steps
+                .filter(|&step| belongs_to(&dir.join(step_dir_name(step)), *job_id))
+                .map(|step| CheckpointReport { job_id: *job_id, step, tier: Tier::Persisted }),
+        );
     }
     out
 }
@@ -61,11 +64,21 @@ pub fn copy_dir(src: &Path, dest_root: &Path, step: u64) -> Result<PathBuf, Stri
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     for name in files_in_order(src)? {
         std::fs::copy(src.join(&name), tmp.join(&name))
+            .and_then(|_| sync(&tmp.join(&name)))
             .map_err(|e| format!("copying {name} to {}: {e}", tmp.display()))?;
     }
+    // The persisted tier is the one that must survive a power cut: the files, then the directory
+    // holding them, then the rename, each on disk before the copy counts (and is reported).
+    sync(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let _ = std::fs::remove_dir_all(&fin);
     std::fs::rename(&tmp, &fin).map_err(|e| format!("{}: {e}", fin.display()))?;
+    sync(dest_root).map_err(|e| format!("{}: {e}", dest_root.display()))?;
     Ok(fin)
+}
+
+/// fsync of a file or a directory.
+fn sync(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// Sends a checkpoint to the buddy agent at `buddy`, file by file, manifest last.
@@ -125,14 +138,14 @@ pub async fn resolve_restore(
     let mut why = Vec::new();
     let local = job_memory.join(step_dir_name(restore.step));
     if local.join(MANIFEST).is_file() {
-        match verify(&local, restore.step) {
+        match verify(&local, restore.step, job_id) {
             Ok(()) => return Ok(local),
             Err(e) => why.push(e),
         }
     }
     for source in &restore.sources {
         match fetch(token, source, job_id, restore.step, job_memory).await {
-            Ok(dir) => match verify(&dir, restore.step) {
+            Ok(dir) => match verify(&dir, restore.step, job_id) {
                 Ok(()) => return Ok(dir),
                 Err(e) => why.push(e),
             },
@@ -141,7 +154,7 @@ pub async fn resolve_restore(
     }
     if restore.persisted {
         let dir = persisted_root.join(step_dir_name(restore.step));
-        match verify(&dir, restore.step) {
+        match verify(&dir, restore.step, job_id) {
             Ok(()) => return Ok(dir),
             Err(e) => why.push(e),
         }
@@ -198,7 +211,7 @@ impl Agent {
             match push(&self.cfg.token, &buddy, job_id, step, &dir).await {
                 Ok(()) => self.metrics.checkpoint_copied("buddy", started.elapsed().as_secs_f64(), bytes),
                 Err(e) => {
-                    eprintln!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name)
+                    say!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name)
                 }
             }
         }
@@ -214,7 +227,7 @@ impl Agent {
                     self.metrics.checkpoint_copied("persisted", started.elapsed().as_secs_f64(), bytes)
                 }
                 Ok(Err(e)) => {
-                    eprintln!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name)
+                    say!("agent {}: job {job_id}: persisting step {step} failed: {e}", self.cfg.name)
                 }
                 Err(_) => {}
             }

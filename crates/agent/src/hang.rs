@@ -82,9 +82,12 @@ pub(crate) async fn detect(agent: Arc<Agent>) {
         };
         for (key, pid, mut report) in hung {
             report.stack = capture_stacks(pid);
-            eprintln!(
+            say!(
                 "agent {}: job {} rank {} hung ({} ms without progress); killing it",
-                agent.cfg.name, key.0, key.2, report.stalled_ms
+                agent.cfg.name,
+                key.0,
+                key.2,
+                report.stalled_ms
             );
             if let Some(r) = agent.node.lock().expect("agent state").state.ranks.get_mut(&key) {
                 r.hang = Some(report);

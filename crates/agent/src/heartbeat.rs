@@ -4,8 +4,11 @@
 //! controller is unreachable the ranks run on and the loop keeps trying.
 
 use net::client::{Client, ClientError};
-use proto::api::{Command, HeartbeatReply, HeartbeatRequest, JobId, RegisterReply, RegisterRequest};
+use proto::api::{
+    Command, HeartbeatReply, HeartbeatRequest, JobId, RegisterReply, RegisterRequest, SeqCommand,
+};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -46,18 +49,48 @@ async fn register(agent: &Agent, client: &Client, http_port: u16) -> RegisterRep
     loop {
         match client.post_json::<_, RegisterReply>("/v1/agents/register", &req).await {
             Ok(reply) => {
-                eprintln!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), agent.slots);
-                // A fresh registration means the controller forgot whatever this agent held.
+                say!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), agent.slots);
+                // A fresh registration means the controller forgot whatever this agent held, and
+                // numbers its commands from scratch.
+                agent.registration.fetch_add(1, Ordering::Relaxed);
                 agent.forget_all_exited();
                 return reply;
             }
             Err(e) => {
                 if !complained {
-                    eprintln!("agent {}: cannot register yet ({e}); retrying every second", cfg.name);
+                    say!("agent {}: cannot register yet ({e}); retrying every second", cfg.name);
                     complained = true;
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
+        }
+    }
+}
+
+/// Commands waiting for the executor; the controller resends what is not acknowledged, so a full
+/// queue only delays.
+const COMMAND_QUEUE: usize = 1024;
+
+/// A command of one registration: acknowledged only if the agent has not registered again since
+/// (a controller that lost its state numbers its commands afresh).
+struct Queued {
+    registration: u64,
+    command: SeqCommand,
+}
+
+/// Carries out commands in order, off the heartbeat loop: a launch that fetches and verifies a
+/// large checkpoint, or waits for an old attempt's ranks to go, never stops the heartbeats (the
+/// controller would take the node for lost). Each is acknowledged once done; one that starts
+/// something (a port, ranks) wakes the heartbeat so the controller hears of it at once.
+async fn execute_commands(agent: Arc<Agent>, mut queue: tokio::sync::mpsc::Receiver<Queued>) {
+    while let Some(Queued { registration, command }) = queue.recv().await {
+        let news = matches!(command.command, Command::ReservePort { .. } | Command::Launch(_));
+        agent.execute(&command.command).await;
+        if agent.registration.load(Ordering::Relaxed) == registration {
+            agent.node.lock().expect("agent state").state.ack(command.seq);
+        }
+        if news {
+            agent.wake.notify_one();
         }
     }
 }
@@ -67,6 +100,10 @@ pub(crate) async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port:
         Duration::from_millis(register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10));
     let path = format!("/v1/agents/{}/heartbeat", agent.cfg.name);
     let mut unreachable_since: Option<Instant> = None;
+    let (queue, commands) = tokio::sync::mpsc::channel(COMMAND_QUEUE);
+    tokio::spawn(execute_commands(agent.clone(), commands));
+    // The newest command handed to the executor in this registration.
+    let mut queued_seq = 0;
     loop {
         let silent = agent.silent_until.lock().expect("agent state").is_some_and(|t| Instant::now() < t);
         if silent {
@@ -80,36 +117,33 @@ pub(crate) async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port:
         match answer {
             Ok(reply) => {
                 if let Some(since) = unreachable_since.take() {
-                    eprintln!(
+                    say!(
                         "agent {}: controller reachable again after {:.1} s",
                         agent.cfg.name,
                         since.elapsed().as_secs_f64()
                     );
                 }
-                let mut news = false;
-                for c in reply.commands {
-                    news |= matches!(c.command, Command::ReservePort { .. } | Command::Launch(_));
-                    agent.execute(&c.command).await;
-                    agent.node.lock().expect("agent state").state.ack(c.seq);
-                }
-                if news {
-                    // Tell the controller at once what the commands did (ports, launched ranks):
-                    // a job's start waits on it.
-                    continue;
+                let registration = agent.registration.load(Ordering::Relaxed);
+                for command in reply.commands {
+                    if command.seq <= queued_seq {
+                        continue;
+                    }
+                    queued_seq = command.seq;
+                    if queue.send(Queued { registration, command }).await.is_err() {
+                        return Err("the agent's command executor stopped".into());
+                    }
                 }
             }
             Err(ClientError::Status { status: 404, .. }) => {
                 interval = Duration::from_millis(
                     register(&agent, &client, http_port).await.heartbeat_interval_ms.max(10),
                 );
+                queued_seq = 0;
                 continue;
             }
             Err(e) => {
                 if unreachable_since.is_none() {
-                    eprintln!(
-                        "agent {}: heartbeat failed ({e}); ranks keep running, retrying",
-                        agent.cfg.name
-                    );
+                    say!("agent {}: heartbeat failed ({e}); ranks keep running, retrying", agent.cfg.name);
                     unreachable_since = Some(Instant::now());
                 }
             }

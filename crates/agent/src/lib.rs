@@ -12,6 +12,15 @@
 //! are full state, so a controller that restarts or misses a heartbeat loses nothing. While the
 //! controller is unreachable the ranks run on and the agent keeps trying.
 
+/// A line on stderr. Unlike `eprintln!`, a write that fails (a closed pipe, a full disk under a
+/// redirect) is dropped, not a panic: the agent, and the ranks that die with it, outlive its log.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 mod chaos;
 pub mod checkpoints;
 pub mod gpu;
@@ -79,6 +88,8 @@ pub(crate) struct Agent {
     /// Rank slots this node offers (discovered or given).
     pub(crate) slots: u32,
     pub(crate) gpus: Mutex<gpu::Monitor>,
+    /// Bumped at every registration: commands queued before it are not acknowledged after it.
+    pub(crate) registration: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -100,9 +111,17 @@ pub fn run(cfg: AgentConfig) -> Result<(), String> {
     runtime.block_on(run_async(cfg))
 }
 
+/// Creates `dir` (and its parents) and makes it this user's alone: rank logs, the progress socket
+/// and in-memory checkpoints are nobody else's to read.
+fn private_dir(what: &str, dir: &std::path::Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| format!("{what} {}: {e}", dir.display()))
+}
+
 async fn run_async(cfg: AgentConfig) -> Result<(), String> {
-    std::fs::create_dir_all(&cfg.work_dir)
-        .map_err(|e| format!("work directory {}: {e}", cfg.work_dir.display()))?;
+    private_dir("work directory", &cfg.work_dir)?;
     std::fs::create_dir_all(&cfg.checkpoint_root)
         .map_err(|e| format!("checkpoint root {}: {e}", cfg.checkpoint_root.display()))?;
     let client = Client::new(&cfg.controller, &cfg.token, CONTROLLER_CALL_TIMEOUT)?;
@@ -122,7 +141,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         // A fake file that cannot be read is a mistake in the command line, not a GPU-less node.
         Err(e) if cfg.fake_gpus.is_some() => return Err(e),
         Err(e) => {
-            eprintln!(
+            say!(
                 "agent {}: no GPUs managed ({e}); running {} slots as --slots gives",
                 cfg.name,
                 cfg.slots.unwrap_or(1)
@@ -133,7 +152,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     let mut gpus = gpus;
     // The first check: the node's first report already says how its GPUs are.
     if let Err(e) = gpus.check() {
-        eprintln!("agent {}: GPU check: {e}", cfg.name);
+        say!("agent {}: GPU check: {e}", cfg.name);
     }
     let slots = match (cfg.slots, gpus.gpus.len()) {
         (Some(0), _) => return Err("--slots must be at least 1".into()),
@@ -142,7 +161,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         (None, n) => n as u32,
     };
     if let Some(g) = gpus.gpus.first() {
-        eprintln!(
+        say!(
             "agent {}: {} GPUs ({}, {} MiB, driver {}): {slots} slots",
             cfg.name,
             gpus.gpus.len(),
@@ -151,8 +170,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
             gpus.driver.as_deref().unwrap_or("?")
         );
     }
-    std::fs::create_dir_all(&cfg.memory_root)
-        .map_err(|e| format!("memory root {}: {e}", cfg.memory_root.display()))?;
+    private_dir("memory root", &cfg.memory_root)?;
     let agent = Arc::new(Agent {
         cfg,
         node: Mutex::new(state::Node::default()),
@@ -162,12 +180,13 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         metrics: metrics::AgentMetrics::default(),
         slots,
         gpus: Mutex::new(gpus),
+        registration: std::sync::atomic::AtomicU64::new(0),
     });
 
     let app = routes::router(agent.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http, app).await {
-            eprintln!("agent: log server stopped: {e}");
+            say!("agent: log server stopped: {e}");
         }
     });
     tokio::spawn(progress::accept(agent.clone(), progress));

@@ -453,7 +453,7 @@ pub async fn measure(args: &Load, ctl: &Target) -> Result<Report, String> {
         let (hub, agent) = (hub.clone(), agent.clone());
         tasks.push(tokio::spawn(async move {
             if let Err(e) = agent_loop(hub, agent, offset_ms).await {
-                eprintln!("simulated agent: {e}");
+                say!("simulated agent: {e}");
             }
         }));
     }

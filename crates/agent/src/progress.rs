@@ -48,7 +48,7 @@ pub(crate) async fn accept(agent: Arc<Agent>, listener: tokio::net::UnixListener
             Ok((stream, _)) => stream,
             Err(e) => {
                 // Out of descriptors, say: back off rather than spin the agent's only thread.
-                eprintln!("agent {}: progress socket: {e}", agent.cfg.name);
+                say!("agent {}: progress socket: {e}", agent.cfg.name);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

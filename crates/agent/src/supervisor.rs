@@ -6,6 +6,7 @@ use proto::api::{CheckpointReport, Command, JobId, LaunchSpec, RankState, Tier};
 use proto::env::AgentEnv;
 use proto::node::{RankKey, Todo};
 use proto::spec::validate_relative_path;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path as FsPath;
 use std::sync::Arc;
@@ -53,7 +54,7 @@ impl Agent {
                         node.state.reserve(job_id, attempt, port);
                         node.listeners.insert((job_id, attempt), listener);
                     }
-                    Err(e) => eprintln!("agent {}: cannot reserve a port: {e}", self.cfg.name),
+                    Err(e) => say!("agent {}: cannot reserve a port: {e}", self.cfg.name),
                 }
             }
             Todo::Launch { spec, fresh } => self.launch(spec, fresh).await,
@@ -77,7 +78,7 @@ impl Agent {
         let checkpoint_dir = match validate_relative_path("checkpoint_dir", &spec.checkpoint_dir) {
             Ok(()) => self.cfg.checkpoint_root.join(&spec.checkpoint_dir),
             Err(e) => {
-                eprintln!("agent {}: refusing job {}: {e}", self.cfg.name, spec.job_id);
+                say!("agent {}: refusing job {}: {e}", self.cfg.name, spec.job_id);
                 self.cfg.checkpoint_root.join(format!("job-{}", spec.job_id))
             }
         };
@@ -120,7 +121,7 @@ impl Agent {
         let restore_dir = match restore {
             Ok(dir) => dir,
             Err((step, message)) => {
-                eprintln!("agent {}: job {}: cannot restore {message}", self.cfg.name, spec.job_id);
+                say!("agent {}: job {}: cannot restore {message}", self.cfg.name, spec.job_id);
                 let mut node = self.node.lock().expect("agent state");
                 node.bad.push(CheckpointReport { job_id: spec.job_id, step, tier: Tier::Memory });
                 for &l in &fresh {
@@ -144,7 +145,7 @@ impl Agent {
         let bound = match self.bind_gpus(spec) {
             Ok(bound) => bound,
             Err(message) => {
-                eprintln!("agent {}: job {}: {message}", self.cfg.name, spec.job_id);
+                say!("agent {}: job {}: {message}", self.cfg.name, spec.job_id);
                 let _ = std::fs::create_dir_all(&dir);
                 let mut node = self.node.lock().expect("agent state");
                 for &l in &fresh {
@@ -181,7 +182,7 @@ impl Agent {
                 }
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
-                    eprintln!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, local_rank);
+                    say!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, local_rank);
                     let _ = std::fs::write(
                         dir.join(format!("rank-{local_rank}.stderr")),
                         format!("myriad agent: {message}\n"),
@@ -201,7 +202,7 @@ impl Agent {
             return Ok(None);
         }
         if let Err(e) = monitor.check() {
-            eprintln!("agent {}: GPU check before launch: {e}", self.cfg.name);
+            say!("agent {}: GPU check before launch: {e}", self.cfg.name);
         }
         if let Some(f) = monitor.health.findings().into_iter().find(|f| f.fatal) {
             return Err(format!("GPU {} ({}) failed its health check: {}", f.index, f.uuid, f.reason));
@@ -234,7 +235,15 @@ impl Agent {
     ) -> Result<tokio::process::Child, String> {
         let open = |stream: &str| {
             let path = dir.join(format!("rank-{local_rank}.{stream}"));
-            std::fs::File::create(&path).map_err(|e| format!("{}: {e}", path.display()))
+            // The job's output is its owner's: 0600, and never through a planted symlink.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)
+                .map_err(|e| format!("{}: {e}", path.display()))
         };
         let mut cmd = std::process::Command::new(&spec.argv[0]);
         cmd.args(&spec.argv[1..])
@@ -294,7 +303,7 @@ impl Agent {
         if pids.is_empty() {
             return;
         }
-        eprintln!("agent {}: stopping {} ranks", self.cfg.name, pids.len());
+        say!("agent {}: stopping {} ranks", self.cfg.name, pids.len());
         signal_groups(&pids, libc::SIGTERM);
         let deadline = Instant::now() + self.cfg.stop_grace;
         while Instant::now() < deadline {
@@ -321,7 +330,7 @@ impl Agent {
                 return;
             }
             if Instant::now() >= deadline {
-                eprintln!(
+                say!(
                     "agent {}: job {job_id}: ranks {pids:?} of an earlier attempt outlived {RETIRE_DEADLINE:?}",
                     self.cfg.name
                 );
@@ -377,7 +386,7 @@ pub(crate) async fn watch_gpus(agent: Arc<Agent>) {
             }
             Err(e) => {
                 if !complained {
-                    eprintln!("agent {}: GPU check: {e}", agent.cfg.name);
+                    say!("agent {}: GPU check: {e}", agent.cfg.name);
                     complained = true;
                 }
                 continue;
@@ -385,7 +394,7 @@ pub(crate) async fn watch_gpus(agent: Arc<Agent>) {
         };
         let Some(f) = new_fatal.first() else { continue };
         let pids = agent.node.lock().expect("agent state").running_pids(|_| true);
-        eprintln!(
+        say!(
             "agent {}: GPU {} ({}) failed its health check: {}; failing {} ranks",
             agent.cfg.name,
             f.index,

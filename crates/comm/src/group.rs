@@ -20,6 +20,20 @@ const CHUNK_BYTES: usize = 1 << 20;
 /// Default deadline of a collective and of rendezvous (the ceiling).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 const HELLO_MAGIC: u32 = 0x4d59_5244; // "MYRD"
+/// The ring's hello: magic, world size, rank (u32 each), then the attempt's secret block.
+const HELLO_BYTES: usize = 12 + SECRET_BYTES;
+const SECRET_BYTES: usize = 64;
+
+/// The secret as the ring's hello carries it: its bytes, zero-padded (all zero without one).
+fn secret_block(secret: Option<&str>) -> [u8; SECRET_BYTES] {
+    let mut block = [0u8; SECRET_BYTES];
+    if let Some(s) = secret {
+        let bytes = s.as_bytes();
+        let n = bytes.len().min(SECRET_BYTES);
+        block[..n].copy_from_slice(&bytes[..n]);
+    }
+    block
+}
 
 #[derive(Clone, Debug)]
 pub struct GroupConfig {
@@ -32,6 +46,9 @@ pub struct GroupConfig {
     /// Use a shared-memory ring with a ring neighbour on the same host (falls back to TCP
     /// when the neighbour cannot map it). MYRIAD_COMM_SHM=0 turns it off.
     pub shm: bool,
+    /// The attempt's secret (MYRIAD_COMM_SECRET): the store and the ring accept only
+    /// connections that present it. None (a group started by hand) accepts any.
+    pub secret: Option<String>,
 }
 
 impl GroupConfig {
@@ -73,7 +90,8 @@ impl GroupConfig {
             None => DEFAULT_TIMEOUT,
         };
         let shm = var(env::MYRIAD_COMM_SHM).is_none_or(|v| v != "0");
-        let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout, shm };
+        let secret = var(env::MYRIAD_COMM_SECRET).filter(|s| !s.is_empty());
+        let cfg = GroupConfig { rank, world_size, master_addr, master_port, timeout, shm, secret };
         cfg.validate()?;
         Ok(Some(cfg))
     }
@@ -286,11 +304,11 @@ impl ProcessGroup {
                     cfg.master_port
                 ))
             })?;
-            Some(StoreServer::start(listener)?)
+            Some(StoreServer::start(listener, cfg.secret.clone())?)
         } else {
             None
         };
-        let mut client = StoreClient::connect(&master, deadline)?;
+        let mut client = StoreClient::connect(&master, deadline, cfg.secret.as_deref())?;
         let rv = |m: String| CommError::Rendezvous(m);
 
         // World size: rank 0 states it, everyone else must agree.
@@ -323,39 +341,52 @@ impl ProcessGroup {
         let mut next = TcpStream::connect_timeout(&next_addr, left)
             .map_err(|e| rv(format!("cannot connect to rank {next_rank} at {next_addr}: {e}")))?;
         next.set_nodelay(true).ok();
-        let mut hello = Vec::with_capacity(12);
+        let mut hello = Vec::with_capacity(HELLO_BYTES);
         for v in [HELLO_MAGIC, world as u32, rank as u32] {
             hello.extend_from_slice(&v.to_le_bytes());
         }
+        hello.extend_from_slice(&secret_block(cfg.secret.as_deref()));
         next.set_write_timeout(Some(left)).ok();
         next.write_all(&hello).map_err(|e| rv(format!("hello to rank {next_rank}: {e}")))?;
 
         // Accept rank−1 with a deadline (std's accept has none, so poll a non-blocking listener).
+        // A connection that does not say the ring's hello with the attempt's secret is dropped,
+        // and the wait for rank−1 goes on.
         listener.set_nonblocking(true).map_err(|e| rv(format!("ring listener: {e}")))?;
-        let mut prev = loop {
+        let expected = secret_block(cfg.secret.as_deref());
+        let (mut prev, got) = loop {
             match listener.accept() {
-                Ok((s, _)) => break s,
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).ok();
+                    let left =
+                        deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+                    s.set_read_timeout(Some(left.min(Duration::from_secs(5)))).ok();
+                    let mut got = [0u8; HELLO_BYTES];
+                    if s.read_exact(&mut got).is_err()
+                        || got[..4] != HELLO_MAGIC.to_le_bytes()
+                        || !crate::constant_time_eq(&got[12..], &expected)
+                    {
+                        continue;
+                    }
+                    break (s, got);
+                }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
-                        return Err(rv(format!("rank {prev_rank} did not connect before the deadline")));
+                        return Err(rv(format!(
+                            "rank {prev_rank} did not connect with this attempt's ring hello before the deadline"
+                        )));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
                 Err(e) => return Err(rv(format!("accepting rank {prev_rank}: {e}"))),
             }
         };
-        prev.set_nonblocking(false).ok();
         prev.set_nodelay(true).ok();
         prev.set_read_timeout(Some(
             deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)),
         ))
         .ok();
-        let mut got = [0u8; 12];
-        prev.read_exact(&mut got).map_err(|e| rv(format!("hello from rank {prev_rank}: {e}")))?;
         let word = |i: usize| u32::from_le_bytes(got[4 * i..4 * i + 4].try_into().unwrap());
-        if word(0) != HELLO_MAGIC {
-            return Err(rv(format!("rank {prev_rank}'s connection did not speak the myriad ring protocol")));
-        }
         if word(1) as usize != world || word(2) as usize != prev_rank {
             return Err(rv(format!(
                 "expected rank {prev_rank} of {world} before this rank, got rank {} of {}",

@@ -14,3 +14,8 @@ pub mod store;
 
 pub use error::{CommError, Result};
 pub use group::{segment, AbortHandle, GroupConfig, ProcessGroup, DEFAULT_TIMEOUT};
+
+/// Compares secrets in time independent of where they differ.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

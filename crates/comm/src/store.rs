@@ -1,7 +1,9 @@
 //! The rendezvous key-value store rank 0 hosts on MASTER_ADDR:MASTER_PORT (torchrun's TCPStore
 //! role). Keys are set once: a second SET of a key is refused, which is how a duplicate rank is
 //! caught. Line protocol over TCP: `SET key value` → `OK` | `EXISTS`; `WAIT key ms` → `VAL value`
-//! | `TIMEOUT`. Every line, key count and wait is bounded.
+//! | `TIMEOUT`. Every line, key count and wait is bounded. A store started with the attempt's
+//! secret (MYRIAD_COMM_SECRET) answers nothing until a connection says `AUTH secret` first: a
+//! stray or hostile process on the network can neither read the ranks' addresses nor join.
 
 use crate::error::{CommError, Result};
 use std::collections::HashMap;
@@ -29,7 +31,7 @@ pub struct StoreServer {
 }
 
 impl StoreServer {
-    pub fn start(listener: TcpListener) -> Result<Self> {
+    pub fn start(listener: TcpListener, secret: Option<String>) -> Result<Self> {
         let addr = listener.local_addr().map_err(|e| CommError::Rendezvous(format!("store address: {e}")))?;
         let stop = Arc::new(AtomicBool::new(false));
         let shared = Arc::new(Shared::default());
@@ -43,9 +45,10 @@ impl StoreServer {
                     }
                     let Ok(conn) = conn else { continue };
                     let shared = shared.clone();
+                    let secret = secret.clone();
                     let _ = std::thread::Builder::new()
                         .name("myriad-store-conn".into())
-                        .spawn(move || serve(conn, &shared));
+                        .spawn(move || serve(conn, &shared, secret.as_deref()));
                 }
             })
             .map_err(|e| CommError::Rendezvous(format!("store thread: {e}")))?;
@@ -64,13 +67,28 @@ impl Drop for StoreServer {
     }
 }
 
-fn serve(conn: TcpStream, shared: &Shared) {
-    let _ = conn.set_read_timeout(Some(MAX_WAIT));
+/// How long a connection may take to authenticate.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn serve(conn: TcpStream, shared: &Shared, secret: Option<&str>) {
+    let _ = conn.set_read_timeout(Some(if secret.is_some() { AUTH_TIMEOUT } else { MAX_WAIT }));
     let Ok(mut writer) = conn.try_clone() else {
         return;
     };
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
+    if let Some(secret) = secret {
+        let said = (&mut reader).take(MAX_LINE_BYTES as u64).read_line(&mut line).is_ok();
+        let given = line.trim_end().strip_prefix("AUTH ").unwrap_or("");
+        if !said || !crate::constant_time_eq(given.as_bytes(), secret.as_bytes()) {
+            let _ = writer.write_all(b"DENIED\n");
+            return;
+        }
+        if writer.write_all(b"OK\n").is_err() {
+            return;
+        }
+        let _ = reader.get_ref().set_read_timeout(Some(MAX_WAIT));
+    }
     loop {
         line.clear();
         match (&mut reader).take(MAX_LINE_BYTES as u64).read_line(&mut line) {
@@ -126,8 +144,24 @@ pub struct StoreClient {
 }
 
 impl StoreClient {
-    /// Connects to the store, retrying until `deadline` (rank 0 may start after the others).
-    pub fn connect(master: &str, deadline: Instant) -> Result<Self> {
+    /// Connects to the store, retrying until `deadline` (rank 0 may start after the others), and
+    /// authenticates with the attempt's secret when there is one.
+    pub fn connect(master: &str, deadline: Instant, secret: Option<&str>) -> Result<Self> {
+        let mut client = StoreClient::reach(master, deadline)?;
+        if let Some(secret) = secret {
+            match client.request(&format!("AUTH {secret}\n"), deadline)?.as_str() {
+                "OK" => {}
+                other => {
+                    return Err(CommError::Rendezvous(format!(
+                        "the store at {master} refused this rank's MYRIAD_COMM_SECRET ({other}): it belongs to another attempt"
+                    )))
+                }
+            }
+        }
+        Ok(client)
+    }
+
+    fn reach(master: &str, deadline: Instant) -> Result<Self> {
         use std::net::ToSocketAddrs;
         let mut last_err = String::from("no address");
         loop {

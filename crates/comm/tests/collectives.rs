@@ -16,8 +16,12 @@ fn config(rank: usize, world: usize, port: u16, timeout_ms: u64) -> GroupConfig 
         master_port: port,
         timeout: Duration::from_millis(timeout_ms),
         shm: true,
+        // Every group here authenticates, as one an agent launches does.
+        secret: Some(SECRET.into()),
     }
 }
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
 /// Runs `f(group)` on `world` ranks, one thread each, and returns their results in rank order.
 fn on_ranks<T: Send>(world: usize, f: impl Fn(ProcessGroup) -> T + Sync) -> Vec<T> {
@@ -211,5 +215,33 @@ fn a_silent_peer_times_out_and_abort_unblocks() {
         assert!(matches!(err, CommError::Aborted { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(5), "abort took {:?}", start.elapsed());
         aborter.join().unwrap();
+    });
+}
+
+#[test]
+fn the_store_and_the_ring_refuse_whoever_lacks_the_attempts_secret() {
+    use std::io::{BufRead, BufReader, Write};
+    let port = free_port();
+    std::thread::scope(|s| {
+        let rank0 = s.spawn(move || ProcessGroup::connect(&config(0, 2, port, 3_000)));
+        // A stranger reaches the store first: without the secret it is told nothing.
+        let stranger = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(c) => break c,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        let mut reader = BufReader::new(stranger.try_clone().unwrap());
+        (&stranger).write_all(b"WAIT world_size 100\n").unwrap();
+        let mut reply = String::new();
+        reader.read_line(&mut reply).unwrap();
+        assert_eq!(reply.trim(), "DENIED");
+        // A rank of another attempt (another secret) cannot join: the store refuses it by name.
+        let other = GroupConfig { secret: Some("f".repeat(64)), ..config(1, 2, port, 3_000) };
+        let err = ProcessGroup::connect(&other).err().expect("refused");
+        assert!(err.to_string().contains("MYRIAD_COMM_SECRET"), "{err}");
+        // Rank 0 waits for a rank 1 that never comes with the secret, and says so at its deadline.
+        let err = rank0.join().unwrap().err().expect("no rank 1");
+        assert!(err.to_string().contains("did not join") || err.to_string().contains("deadline"), "{err}");
     });
 }

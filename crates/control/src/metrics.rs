@@ -13,7 +13,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicI64, AtomicU64};
 
 use myriad_core::Core;
 use proto::api::Event;
@@ -225,6 +225,21 @@ impl Metrics {
         registry.register("node_slots", "Accelerator slots of the node", slots);
         registry.register("node_slots_used", "Slots held by jobs", used);
         registry.register("node_quarantined", "1 while the node is kept out of scheduling", quarantined);
+        let (breaker_open, stalls) = core.liveness();
+        let breaker = Gauge::<i64, AtomicI64>::default();
+        breaker.set(breaker_open as i64);
+        registry.register(
+            "node_loss_breaker_open",
+            "1 while node losses are held back because too many nodes went silent at once",
+            breaker,
+        );
+        let stalled = Counter::<u64, AtomicU64>::default();
+        stalled.inc_by(stalls);
+        registry.register(
+            "controller_stalls",
+            "Times the controller found it had not run for a heartbeat interval (nodes got a fresh grace period)",
+            stalled,
+        );
 
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");

@@ -40,8 +40,17 @@ fn core_error(e: CoreError) -> ApiError {
     ApiError::new(status, e.to_string())
 }
 
+/// The controller's clock: the wall clock when the process started, advanced by the monotonic
+/// clock since. Liveness is judged on it, so a wall clock stepped forward or back (NTP, an
+/// operator) neither loses nodes nor hides lost ones; it stays near the wall clock for the times
+/// events show.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    static ANCHOR: std::sync::OnceLock<(std::time::Instant, u64)> = std::sync::OnceLock::new();
+    let (start, wall_ms) = *ANCHOR.get_or_init(|| {
+        let wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        (std::time::Instant::now(), wall_ms)
+    });
+    wall_ms + start.elapsed().as_millis() as u64
 }
 
 struct Inner {
@@ -154,9 +163,15 @@ impl Controller {
         f(&store)
     }
 
-    /// The time-driven half of the core: lost nodes, launch timeouts, scheduling.
-    pub async fn tick(&self) -> Result<(), ApiError> {
+    /// The time-driven half of the core: lost nodes, launch timeouts, scheduling. `since_last`
+    /// is the time since the previous tick began: longer than a heartbeat interval, and the
+    /// controller itself was not running (paused, stalled), so no node is blamed for its silence.
+    pub async fn tick(&self, since_last: Duration) -> Result<(), ApiError> {
+        let stalled = since_last >= self.heartbeat_interval();
         self.apply(|core, now| {
+            if stalled {
+                core.controller_stalled(now, since_last.as_millis() as u64);
+            }
             core.tick(now);
             Ok(())
         })
@@ -486,7 +501,9 @@ async fn job_logs(
 
 /// Runs the controller until SIGINT or SIGTERM: binds, writes `controller.url` into the state
 /// directory (so `--listen 127.0.0.1:0` works), serves, and ticks the core.
-pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<(), String> {
+pub async fn serve(listen: &str, state_dir: &FsPath, mut cfg: CoreConfig) -> Result<(), String> {
+    // A new key at every start: attempts launched before keep the secrets their launches carry.
+    cfg.comm_secret_key = net::auth::random_bytes()?;
     let ctl = Controller::open(state_dir, cfg)?;
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -501,9 +518,12 @@ pub async fn serve(listen: &str, state_dir: &FsPath, cfg: CoreConfig) -> Result<
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(tick_every);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = std::time::Instant::now();
         loop {
             interval.tick().await;
-            if let Err(e) = ticker.tick().await {
+            let since_last = last.elapsed();
+            last = std::time::Instant::now();
+            if let Err(e) = ticker.tick(since_last).await {
                 eprintln!("controller: {}", e.message);
             }
         }

@@ -88,6 +88,11 @@ pub struct Core {
     /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
     /// every heartbeat is quadratic per round at 1,250 nodes. `tick` schedules regardless.
     schedule_due: bool,
+    /// Node losses are held back: too many nodes went silent at once.
+    breaker_open: bool,
+    /// Times the edge found the controller had not run (paused, stalled) and granted every node
+    /// a fresh grace period.
+    stalls: u64,
 }
 
 impl Core {
@@ -131,6 +136,8 @@ impl Core {
             dirty_nodes: BTreeSet::new(),
             events: Vec::new(),
             schedule_due: false,
+            breaker_open: false,
+            stalls: 0,
         }
     }
 

@@ -25,6 +25,15 @@ pub struct CoreConfig {
     /// A straggler still straggling after this many checks in a row has its node swapped for a
     /// free spare the job may use (a restart from the newest checkpoint); 0 never evicts.
     pub straggler_evict_checks: u32,
+    /// The circuit breaker on node losses: when more than this share of the healthy nodes (and
+    /// at least `loss_breaker_min_nodes`) are silent at once, none is declared lost. So many
+    /// nodes do not fail together; the controller's own network or host has (Kubernetes' node
+    /// controller stops evicting in a zone the same way).
+    pub loss_breaker_fraction: f64,
+    pub loss_breaker_min_nodes: usize,
+    /// The key each attempt's MYRIAD_COMM_SECRET is derived from: random, from the edge, for a
+    /// real controller (the core has no randomness of its own).
+    pub comm_secret_key: [u8; 32],
 }
 
 impl Default for CoreConfig {
@@ -43,6 +52,9 @@ impl Default for CoreConfig {
             // 15 s of a rank 50% slower costs the job more than a restart from an in-memory
             // checkpoint (seconds), and three checks in a row are not jitter.
             straggler_evict_checks: 3,
+            loss_breaker_fraction: 0.5,
+            loss_breaker_min_nodes: 2,
+            comm_secret_key: [0; 32],
         }
     }
 }

@@ -246,10 +246,32 @@ impl Core {
         }
     }
 
+    /// The edge found that the controller itself did not run for `stalled_ms` (a pause, a VM
+    /// migration, a busy host): the nodes' silence over that time is the controller's, not theirs.
+    /// Every healthy node gets a fresh grace period from `now_ms`.
+    pub fn controller_stalled(&mut self, now_ms: u64, stalled_ms: u64) {
+        for node in self.nodes.values_mut().filter(|n| n.health == Health::Healthy) {
+            node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
+        }
+        self.stalls += 1;
+        let message = format!(
+            "the controller did not run for {:.1} s: every node gets a fresh heartbeat grace period",
+            stalled_ms as f64 / 1e3
+        );
+        self.event(now_ms, None, None, EventKind::ControllerStalled, message);
+    }
+
+    /// Whether node losses are held back (too many nodes silent at once), and how often the
+    /// controller found it had stalled.
+    pub fn liveness(&self) -> (bool, u64) {
+        (self.breaker_open, self.stalls)
+    }
+
     /// Time-driven decisions: lost nodes, launches that take too long, then scheduling.
     pub fn tick(&mut self, now_ms: u64) {
         let timeout_ms = (self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64)
             .saturating_sub(2 * self.cfg.tick_ms);
+        let healthy = self.nodes.values().filter(|n| n.health == Health::Healthy).count();
         let silent: Vec<String> = self
             .nodes
             .values()
@@ -258,6 +280,25 @@ impl Core {
             })
             .map(|n| n.name.clone())
             .collect();
+        let mass = silent.len() >= self.cfg.loss_breaker_min_nodes
+            && silent.len() as f64 > self.cfg.loss_breaker_fraction * healthy as f64;
+        if mass != self.breaker_open {
+            self.breaker_open = mass;
+            let (kind, message) = if mass {
+                let message = format!(
+                    "{} of {healthy} healthy nodes are silent at once: no node is declared lost while so many are (the controller's own network or host, most likely)",
+                    silent.len()
+                );
+                (EventKind::LossBreakerOpen, message)
+            } else {
+                (
+                    EventKind::LossBreakerClosed,
+                    "nodes heartbeat again: silent nodes are declared lost again".to_string(),
+                )
+            };
+            self.event(now_ms, None, None, kind, message);
+        }
+        let silent = if mass { Vec::new() } else { silent };
         for name in silent {
             let node = self.nodes.get_mut(&name).expect("listed above");
             node.health = Health::Lost;

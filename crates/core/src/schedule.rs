@@ -87,6 +87,7 @@ impl Core {
             omp_num_threads: omp,
             job_id: job.id,
             attempt: a.number,
+            comm_secret: env::comm_secret(&self.cfg.comm_secret_key, job.id, a.number),
         };
         env.extend(node_env.vars());
         // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next

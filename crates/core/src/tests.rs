@@ -333,6 +333,73 @@ fn a_failed_gpu_fails_the_nodes_attempt_and_keeps_it_out_until_its_checks_pass()
 }
 
 #[test]
+fn a_controller_that_did_not_run_blames_no_node_for_its_own_silence() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+    let id = w.core.submit(World::spec(2, 1, 3), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().state, JobState::Running);
+    // Three pauses of 3 × the node timeout (9 s), each found by the edge as a gap between ticks.
+    for _ in 0..3 {
+        w.now_ms += 9_000;
+        w.core.controller_stalled(w.now_ms, 9_000);
+        w.core.tick(w.now_ms);
+        w.round();
+    }
+    // The clock stepped back ten minutes: a heartbeat from "the future" is not silence either.
+    w.now_ms -= 600_000;
+    w.core.tick(w.now_ms);
+    w.round();
+    let job = w.core.job(id).unwrap();
+    assert_eq!((job.state, job.restarts, job.attempt.as_ref().unwrap().number), (JobState::Running, 0, 0));
+    let kinds = w.kinds();
+    assert_eq!(kinds.iter().filter(|k| *k == "controller_stalled").count(), 3, "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k == "node_lost" || k == "node_quarantined"), "{kinds:?}");
+    assert!(w.core.node_views(w.now_ms).iter().all(|n| n.health == "healthy"));
+    assert_eq!(w.core.liveness(), (false, 3));
+    // Without the edge's word, the same silence is a loss (so the test above tests something).
+    w.now_ms += 9_000;
+    w.beat("a");
+    w.beat("s");
+    w.core.tick(w.now_ms);
+    assert_eq!(w.core.node("b").unwrap().health, Health::Lost);
+}
+
+#[test]
+fn many_nodes_silent_at_once_are_not_declared_lost_and_one_is() {
+    let nodes: Vec<(String, u32, bool)> = (0..4).map(|i| (format!("n{i}"), 1, false)).collect();
+    let refs: Vec<(&str, u32, bool)> = nodes.iter().map(|(n, s, p)| (n.as_str(), *s, *p)).collect();
+    let mut w = World::new(&refs);
+    let id = w.core.submit(World::spec(4, 1, 3), w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    // Three of four nodes fall silent together: the breaker holds the losses back.
+    for _ in 0..5 {
+        w.beat("n0");
+        w.now_ms += 1000;
+        w.core.tick(w.now_ms);
+    }
+    assert!(w.core.node_views(w.now_ms).iter().all(|n| n.health == "healthy"));
+    assert_eq!((w.core.job(id).unwrap().restarts, w.core.liveness().0), (0, true));
+    assert!(w.kinds().contains(&"loss_breaker_open".to_string()));
+    // They return; then one alone goes silent and is lost as usual.
+    w.round();
+    assert!(!w.core.liveness().0);
+    assert!(w.kinds().contains(&"loss_breaker_closed".to_string()));
+    for _ in 0..5 {
+        for n in ["n0", "n1", "n2"] {
+            w.beat(n);
+        }
+        w.now_ms += 1000;
+        w.core.tick(w.now_ms);
+    }
+    assert_eq!(w.core.node("n3").unwrap().health, Health::Lost);
+    assert_eq!(w.core.job(id).unwrap().restarts, 1);
+}
+
+#[test]
 fn the_oldest_queued_job_is_not_starved_by_smaller_ones() {
     let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
     let small = w.core.submit(World::spec(1, 1, 0), w.now_ms).unwrap();

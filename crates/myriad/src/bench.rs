@@ -116,6 +116,7 @@ fn bench_allreduce(a: AllreduceArgs) -> Result<(), String> {
                         master_port: port,
                         timeout: comm::DEFAULT_TIMEOUT,
                         shm: !a.tcp,
+                        secret: None,
                     };
                     let group = comm::ProcessGroup::connect(&cfg).map_err(|e| e.to_string())?;
                     let mut buf = vec![1.0f32; elems];

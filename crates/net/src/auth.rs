@@ -20,10 +20,7 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("{}: {e}", path.display())),
     }
-    let mut raw = [0u8; TOKEN_BYTES];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    let raw: [u8; TOKEN_BYTES] = random_bytes()?;
     let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
     let mut file = std::fs::OpenOptions::new()
         .write(true)
@@ -35,6 +32,15 @@ pub fn load_or_create_token(path: &Path) -> Result<String, String> {
         .and_then(|_| file.sync_all())
         .map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(token)
+}
+
+/// `N` bytes from the kernel's random source.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
+    let mut raw = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(raw)
 }
 
 /// Reads an existing token file (agents and the CLI).

@@ -64,6 +64,9 @@ pub fn valid_file_name(name: &str) -> bool {
 pub struct ManifestHead {
     pub step: u64,
     pub files: Vec<FileEntry>,
+    /// The job that wrote it (none for a checkpoint written outside a job).
+    #[serde(default)]
+    pub job_id: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -89,12 +92,21 @@ pub fn files_in_order(dir: &Path) -> Result<Vec<String>, String> {
     Ok(m.files.into_iter().map(|f| f.name).chain(std::iter::once(MANIFEST.to_string())).collect())
 }
 
-/// Checks that `dir` holds step `step` and every file its manifest lists, size and SHA-256,
-/// reading each file once in bounded memory. The error names the file that differs.
-pub fn verify(dir: &Path, step: u64) -> Result<(), String> {
+/// Whether `job_id` may restore the checkpoint in `dir`: it wrote it, or no job did.
+pub fn belongs_to(dir: &Path, job_id: u64) -> bool {
+    read_manifest_head(dir).is_ok_and(|m| m.job_id.is_none_or(|j| j == job_id))
+}
+
+/// Checks that `dir` holds step `step` of job `job_id` (or of no job) and every file its manifest
+/// lists, size and SHA-256, reading each file once in bounded memory. The error names the file
+/// that differs, or the job the checkpoint belongs to.
+pub fn verify(dir: &Path, step: u64, job_id: u64) -> Result<(), String> {
     let m = read_manifest_head(dir)?;
     if m.step != step {
         return Err(format!("{}: manifest is for step {}, expected {step}", dir.display(), m.step));
+    }
+    if let Some(owner) = m.job_id.filter(|&j| j != job_id) {
+        return Err(format!("{}: belongs to job {owner}, not job {job_id}", dir.display()));
     }
     for f in &m.files {
         let path = dir.join(&f.name);
@@ -198,14 +210,30 @@ mod tests {
         assert_eq!(complete_steps(&root).unwrap(), vec![1, 2, 3]);
         assert_eq!(latest(&root).unwrap(), Some(root.join(step_dir_name(3))));
         let dir = root.join(step_dir_name(3));
-        verify(&dir, 3).unwrap();
-        assert!(verify(&dir, 2).unwrap_err().contains("manifest is for step 3"));
+        verify(&dir, 3, 7).unwrap();
+        assert!(verify(&dir, 2, 7).unwrap_err().contains("manifest is for step 3"));
         assert_eq!(files_in_order(&dir).unwrap().last().map(String::as_str), Some(MANIFEST));
         std::fs::write(dir.join("optimizer.safetensors"), b"momentz").unwrap();
-        assert!(verify(&dir, 3).unwrap_err().contains("optimizer.safetensors"));
+        assert!(verify(&dir, 3, 7).unwrap_err().contains("optimizer.safetensors"));
         prune(&root, 2);
         assert_eq!(complete_steps(&root).unwrap(), vec![2, 3]);
         assert_eq!(complete_steps(&root.join("absent")).unwrap(), Vec::<u64>::new());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn a_job_never_takes_another_jobs_checkpoint() {
+        let root = temp_root("owner");
+        let dir = write_checkpoint(&root, 5, &[("model.safetensors", b"weights")]);
+        let text = std::fs::read_to_string(dir.join(MANIFEST)).unwrap();
+        let mut m: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(belongs_to(&dir, 1) && belongs_to(&dir, 2), "a checkpoint of no job is anyone's");
+        m["manifest"]["job_id"] = 1.into();
+        std::fs::write(dir.join(MANIFEST), m.to_string()).unwrap();
+        verify(&dir, 5, 1).unwrap();
+        assert!(belongs_to(&dir, 1) && !belongs_to(&dir, 2));
+        let e = verify(&dir, 5, 2).unwrap_err();
+        assert!(e.contains("belongs to job 1, not job 2"), "{e}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

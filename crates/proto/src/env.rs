@@ -41,6 +41,10 @@ pub const MYRIAD_RESTORE_DIR: &str = "MYRIAD_RESTORE_DIR";
 /// The step the controller chose to restart from.
 pub const MYRIAD_RESTORE_STEP: &str = "MYRIAD_RESTORE_STEP";
 
+/// The attempt's secret: Myriad's own rendezvous store and ring accept only connections that
+/// present it (derived per attempt by the controller from a key only it holds).
+pub const MYRIAD_COMM_SECRET: &str = "MYRIAD_COMM_SECRET";
+
 /// The GPU a rank is bound to: its NVML index and UUID (set on GPU nodes).
 pub const MYRIAD_GPU_INDEX: &str = "MYRIAD_GPU_INDEX";
 pub const MYRIAD_GPU_UUID: &str = "MYRIAD_GPU_UUID";
@@ -83,6 +87,7 @@ pub const RESERVED: &[&str] = &[
     TORCHELASTIC_USE_AGENT_STORE,
     MYRIAD_JOB_ID,
     MYRIAD_ATTEMPT,
+    MYRIAD_COMM_SECRET,
     MYRIAD_AGENT_SOCKET,
     MYRIAD_CHECKPOINT_DIR,
     MYRIAD_MEMORY_CHECKPOINT_DIR,
@@ -113,6 +118,17 @@ pub struct NodeEnv {
     pub omp_num_threads: String,
     pub job_id: u64,
     pub attempt: u32,
+    /// [`comm_secret`] of the attempt.
+    pub comm_secret: String,
+}
+
+/// The secret of attempt `attempt` of job `job_id` under the controller's `key`: 64 hex digits,
+/// unguessable without the key, the same on every node of the attempt, new for every attempt.
+pub fn comm_secret(key: &[u8; 32], job_id: u64, attempt: u32) -> String {
+    let mut input = key.to_vec();
+    input.extend_from_slice(&job_id.to_le_bytes());
+    input.extend_from_slice(&attempt.to_le_bytes());
+    crate::checkpoint::sha256_hex(&input)
 }
 
 impl NodeEnv {
@@ -135,6 +151,7 @@ impl NodeEnv {
             (OMP_NUM_THREADS, self.omp_num_threads.clone()),
             (MYRIAD_JOB_ID, self.job_id.to_string()),
             (MYRIAD_ATTEMPT, self.attempt.to_string()),
+            (MYRIAD_COMM_SECRET, self.comm_secret.clone()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
@@ -267,6 +284,7 @@ mod tests {
             omp_num_threads: "1".into(),
             job_id: 7,
             attempt: 2,
+            comm_secret: comm_secret(&[9; 32], 7, 2),
         };
         let agent = AgentEnv {
             agent_socket: "/run/agent.sock".into(),
@@ -295,6 +313,17 @@ mod tests {
         assert_eq!(env.agent_socket.as_deref(), Some("/run/agent.sock"));
         assert_eq!((env.checkpoint_every, env.restore_step, env.live_state), (5, Some(40), true));
         assert_eq!(env.omp_num_threads, Some(1));
+    }
+
+    #[test]
+    fn each_attempt_has_its_own_secret_and_only_the_key_gives_it() {
+        let key = [7u8; 32];
+        let s = comm_secret(&key, 1, 0);
+        assert_eq!(s.len(), 64);
+        assert_eq!(s, comm_secret(&key, 1, 0), "every node of an attempt derives the same");
+        assert_ne!(s, comm_secret(&key, 1, 1), "a restart gets a new one");
+        assert_ne!(s, comm_secret(&key, 2, 0));
+        assert_ne!(s, comm_secret(&[8u8; 32], 1, 0), "another controller's key gives another");
     }
 
     #[test]

@@ -66,6 +66,11 @@ event_kinds! {
     GpuWarning = "gpu_warning",
     /// Every GPU of a node that had failed passes its checks again: it is scheduled again.
     GpuRecovered = "gpu_recovered",
+    /// The controller found it had not run for a while: every node got a fresh grace period.
+    ControllerStalled = "controller_stalled",
+    /// Too many nodes went silent at once: none is declared lost until they heartbeat again.
+    LossBreakerOpen = "loss_breaker_open",
+    LossBreakerClosed = "loss_breaker_closed",
     /// A fault injected on purpose (`myriad chaos`).
     Chaos = "chaos",
 }

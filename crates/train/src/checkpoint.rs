@@ -41,6 +41,9 @@ pub struct Manifest {
     #[serde(default)]
     pub optimizer_shards: usize,
     pub files: Vec<FileEntry>,
+    /// The job that wrote it, when a rank under an agent did: no other job restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<u64>,
 }
 
 /// The file as stored: the manifest and the SHA-256 of its compact JSON serialisation, so a
@@ -65,6 +68,7 @@ pub struct Snapshot<'a> {
     pub exp_avg_sq: &'a [f32],
     pub world_size: usize,
     pub shard: Option<Shard>,
+    pub job_id: Option<u64>,
 }
 
 /// One rank's ZeRO-1 slice of the optimizer state.
@@ -177,6 +181,7 @@ pub fn commit(root: &Path, tmp_dir: &Path, snap: &Snapshot, files: Vec<FileEntry
         train: snap.train.clone(),
         optimizer_shards: snap.shard.as_ref().map_or(0, |s| s.world),
         files,
+        job_id: snap.job_id,
     };
     let body = serde_json::to_vec(&manifest).expect("manifest serialises");
     let file = ManifestFile { manifest_sha256: sha256_hex(&body), manifest };

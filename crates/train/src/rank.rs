@@ -144,6 +144,8 @@ impl AgentLink {
 pub struct MemoryTier {
     root: PathBuf,
     every: u64,
+    /// Stamped into every checkpoint: no other job restores it.
+    job_id: Option<u64>,
     /// The buffers of the last copy, back from its writer.
     spare: Option<StateCopy>,
     writing: Option<std::thread::JoinHandle<(StateCopy, Result<u64, String>)>>,
@@ -153,7 +155,7 @@ impl MemoryTier {
     /// None unless the agent offers a memory tier.
     pub fn from_env(env: &RankEnv) -> Option<MemoryTier> {
         let root = PathBuf::from(env.memory_checkpoint_dir.as_ref()?);
-        Some(MemoryTier { root, every: env.checkpoint_every, spare: None, writing: None })
+        Some(MemoryTier { root, every: env.checkpoint_every, job_id: env.job_id, spare: None, writing: None })
     }
 
     /// After a step: reports a finished write, and starts the next one when it is due.
@@ -167,7 +169,8 @@ impl MemoryTier {
         // The previous write must be done before its buffer is reused (it is, unless writing
         // takes longer than `every` steps).
         self.collect(agent, true)?;
-        let Some(state) = trainer.copy_state(self.spare.take()) else { return Ok(()) };
+        let Some(mut state) = trainer.copy_state(self.spare.take()) else { return Ok(()) };
+        state.job_id = self.job_id;
         let root = self.root.clone();
         self.writing = Some(std::thread::spawn(move || {
             let written = state.save(&root).map(|_| state.step).map_err(|e| e.to_string());

@@ -521,6 +521,7 @@ impl Trainer {
             exp_avg,
             exp_avg_sq,
             world_size: self.world_size(),
+            job_id: None,
         })
     }
 
@@ -543,6 +544,7 @@ impl Trainer {
             exp_avg_sq: &self.opt.v,
             world_size: world,
             shard,
+            job_id: None,
         };
         let final_dir = root.join(checkpoint::step_dir_name(self.step));
         let group = match &self.group {
@@ -589,6 +591,8 @@ pub struct StateCopy {
     exp_avg: Vec<f32>,
     exp_avg_sq: Vec<f32>,
     world_size: usize,
+    /// The job the copy is for (its checkpoint carries it), when one is.
+    pub job_id: Option<u64>,
 }
 
 impl StateCopy {
@@ -606,6 +610,7 @@ impl StateCopy {
             exp_avg_sq: &self.exp_avg_sq,
             world_size: self.world_size,
             shard: None,
+            job_id: self.job_id,
         };
         checkpoint::save(root, &snap)
     }

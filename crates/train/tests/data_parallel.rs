@@ -37,6 +37,7 @@ fn connect(rank: usize, world: usize, port: u16) -> comm::ProcessGroup {
         master_port: port,
         timeout: Duration::from_secs(20),
         shm: true,
+        secret: None,
     })
     .unwrap()
 }

@@ -139,8 +139,10 @@ fn every_rank_gets_torchruns_environment_and_a_restart_gets_a_new_port() {
     let nodes = cli_json(&dir, &["nodes", "--json"]);
     let addr = nodes[0]["addr"].as_str().unwrap().to_string();
     let mut ports = Vec::new();
+    let mut attempt_secrets = Vec::new();
     for attempt in 0..2 {
         let mut port = None;
+        let mut secrets: Option<String> = None;
         for rank in 0..4u32 {
             let env = read_env(&dump.join(format!("env.{rank}.{attempt}")));
             let (group, local) = (rank / 2, rank % 2);
@@ -174,10 +176,20 @@ fn every_rank_gets_torchruns_environment_and_a_restart_gets_a_new_port() {
             let ckpt = Path::new(&env["MYRIAD_CHECKPOINT_DIR"]);
             assert!(ckpt.is_dir() && ckpt.ends_with(format!("job-{id}")), "{ckpt:?}");
             assert_eq!(env["DUMP"], dump.display().to_string(), "the job's own variables arrive too");
+            let secret = &env["MYRIAD_COMM_SECRET"];
+            assert_eq!(secret.len(), 64, "{secret}");
+            assert_eq!(
+                secrets.get_or_insert_with(|| secret.clone()).as_str(),
+                secret,
+                "one secret per attempt"
+            );
+            assert!(!env.contains_key("MYRIAD_TOKEN"), "a rank holds no cluster token");
         }
         ports.push(port.unwrap());
+        attempt_secrets.push(secrets.take().unwrap());
     }
     assert_ne!(ports[0], ports[1], "a restart never meets the previous attempt's store");
+    assert_ne!(attempt_secrets[0], attempt_secrets[1], "nor its secret");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

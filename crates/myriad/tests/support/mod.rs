@@ -133,12 +133,19 @@ pub fn controller(dir: &Path) -> (String, String) {
 
 /// The body of a GET with the cluster token, over a plain socket (HTTP/1.0: no chunking).
 pub fn get(addr: &str, path: &str, token: &str) -> String {
+    let (status, body) = get_status(addr, path, token);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// A GET's status code and body, whatever the status.
+pub fn get_status(addr: &str, path: &str, token: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\r\n").unwrap();
     let mut response = String::new();
     s.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_string()
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, body.to_string())
 }

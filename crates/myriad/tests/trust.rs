@@ -1,0 +1,89 @@
+//! The control plane can be trusted: a controller that is paused harms no job, and a rank holds no
+//! credential to the cluster. Local clusters with 200 ms heartbeats (a node is lost after 600 ms
+//! of silence). A test binary of its own: its clusters never share the machine with `cli.rs`'s.
+
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use std::time::Duration;
+use support::{cli_json, controller, exe, get, get_status, scratch, submit, up, wait_for, wait_job_state};
+
+fn events(dir: &Path) -> Vec<Value> {
+    let (addr, token) = controller(dir);
+    serde_json::from_str::<Value>(&get(&addr, "/v1/events", &token)).unwrap().as_array().unwrap().clone()
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: kill(2) on the controller this test started.
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+#[test]
+fn a_controller_paused_three_times_for_three_node_timeouts_loses_no_node_and_restarts_nothing() {
+    let dir = scratch("trust-pause");
+    let _up = up(&dir, &["--nodes", "2", "--slots", "1"]);
+    let train = [exe(), "train", "--preset", "tiny", "--peak-gflops", "100", "--batch", "2", "--seq", "16"];
+    let mut args = vec!["--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "3", "--"];
+    args.extend(train);
+    args.extend(["--steps", "1000000"]);
+    let id = submit(&dir, &args);
+    wait_job_state(&dir, id, &["running"], Duration::from_secs(60));
+    let pid: i32 = std::fs::read_to_string(dir.join(".myriad/controller/controller.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // 3 × the node timeout (3 heartbeats of 200 ms), three times: a GC pause, a VM migration, a
+    // busy host.
+    for _ in 0..3 {
+        signal(pid, libc::SIGSTOP);
+        std::thread::sleep(Duration::from_millis(1800));
+        signal(pid, libc::SIGCONT);
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let s = wait_job_state(&dir, id, &["running"], Duration::from_secs(10));
+    assert_eq!((s["job"]["attempt"].as_u64(), s["job"]["restarts"].as_u64()), (Some(0), Some(0)), "{s}");
+    let all = events(&dir);
+    let kinds: Vec<&str> = all.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert!(
+        !kinds.iter().any(|k| ["node_lost", "node_quarantined", "attempt_failed"].contains(k)),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().filter(|k| **k == "controller_stalled").count() >= 3, "{kinds:?}");
+    let nodes = cli_json(&dir, &["nodes", "--json"]);
+    assert!(nodes.as_array().unwrap().iter().all(|n| n["health"] == "healthy"), "{nodes}");
+    let (addr, token) = controller(&dir);
+    let metrics = get(&addr, "/metrics", &token);
+    assert!(metrics.contains("myriad_node_loss_breaker_open 0"), "{metrics}");
+    assert!(!metrics.contains("myriad_controller_stalls_total 0\n"), "the stalls are counted:\n{metrics}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_ranks_environment_holds_no_cluster_token() {
+    let dir = scratch("trust-token");
+    let _up = up(&dir, &["--nodes", "1", "--slots", "1"]);
+    let dump = dir.join("rank-env");
+    let id = submit(&dir, &["--", "sh", "-c", &format!("env > {}", dump.display())]);
+    wait_job_state(&dir, id, &["succeeded"], Duration::from_secs(30));
+    let (addr, token) = controller(&dir);
+    let env =
+        wait_for("the rank's environment", Duration::from_secs(5), || std::fs::read_to_string(&dump).ok());
+    assert!(env.contains("MYRIAD_JOB_ID=") && env.contains("RANK=0"), "{env}");
+    assert!(!env.contains(&token), "a rank can read the cluster token:\n{env}");
+    assert!(!env.contains("MYRIAD_TOKEN"), "{env}");
+    // What the agent keeps of the job is its owner's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let agent_dir = dir.join(".myriad/agents/node-0");
+    assert_eq!(mode(&agent_dir), 0o700, "{}", agent_dir.display());
+    let log = agent_dir.join(format!("jobs/{id}/attempt-0/rank-0.stderr"));
+    assert_eq!(mode(&log), 0o600, "{}", log.display());
+    // Without it, the API refuses the rank: what it can send is no token, or a guess.
+    for guess in ["", "0123456789abcdef0123456789abcdef"] {
+        let (status, body) = get_status(&addr, "/v1/jobs", guess);
+        assert_eq!(status, 401, "{body}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
