@@ -280,8 +280,26 @@ impl Core {
             })
             .map(|n| n.name.clone())
             .collect();
-        let mass = silent.len() >= self.cfg.loss_breaker_min_nodes
-            && silent.len() as f64 > self.cfg.loss_breaker_fraction * healthy as f64;
+        // Nodes cut off together had their last heartbeats spread over an interval, so they cross
+        // the timeout an interval apart: the breaker counts every node within one interval (and a
+        // tick's jitter either side) of it. A heartbeating node is never that silent, unless the
+        // interval is so short (under about 0.5 s) that the window would reach into its own
+        // heartbeats: there it is cut to 1.5 intervals, and nodes cut off together may be
+        // declared lost one by one.
+        let hb = self.cfg.heartbeat_interval_ms;
+        let approaching_ms =
+            timeout_ms.saturating_sub(hb + 2 * self.cfg.tick_ms).max(hb + hb / 2).min(timeout_ms);
+        let approaching = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.health == Health::Healthy && now_ms.saturating_sub(n.last_heartbeat_ms) > approaching_ms
+            })
+            .count();
+        let mass = !silent.is_empty()
+            && approaching >= self.cfg.loss_breaker_min_nodes
+            && approaching as f64 > self.cfg.loss_breaker_fraction * healthy as f64;
+        let was_open = self.breaker_open;
         if mass != self.breaker_open {
             self.breaker_open = mass;
             let (kind, message) = if mass {
@@ -291,14 +309,19 @@ impl Core {
                 );
                 (EventKind::LossBreakerOpen, message)
             } else {
-                (
-                    EventKind::LossBreakerClosed,
-                    "nodes heartbeat again: silent nodes are declared lost again".to_string(),
-                )
+                // The nodes still silent were silent under the breaker: their timeout starts now,
+                // or the last of them to heartbeat again would be declared lost for the
+                // partition's whole length.
+                for node in self.nodes.values_mut().filter(|n| n.health == Health::Healthy) {
+                    node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
+                }
+                let message =
+                    "nodes heartbeat again: silent nodes are declared lost again, each after a fresh timeout";
+                (EventKind::LossBreakerClosed, message.to_string())
             };
             self.event(now_ms, None, None, kind, message);
         }
-        let silent = if mass { Vec::new() } else { silent };
+        let silent = if mass || was_open { Vec::new() } else { silent };
         for name in silent {
             let node = self.nodes.get_mut(&name).expect("listed above");
             node.health = Health::Lost;

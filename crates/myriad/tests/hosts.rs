@@ -1,0 +1,378 @@
+//! Myriad across real hosts: the controller and each agent in a network namespace of its own
+//! (a veth to a bridge in a switch namespace, an address each), made and removed by the test
+//! itself. A host is cut off from the controller alone by a blackhole route to the controller's
+//! address: it still reaches its peers. Needs root (CI runs as root, and sets
+//! MYRIAD_REQUIRE_NETNS so the tests cannot skip there); elsewhere they say why they skip.
+//! A test binary of its own: its hosts never share the machine with `cli.rs`'s clusters.
+
+mod support;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{exe, scratch, wait_for, Guard};
+
+/// Network namespaces on one bridge: `hosts[0]` for the controller, the rest for agents.
+struct Net {
+    switch: String,
+    hosts: Vec<Host>,
+}
+
+struct Host {
+    ns: String,
+    ip: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Net {
+    /// `hosts` namespaces, or None (with the reason printed) where this machine cannot make them.
+    fn new(tag: &str, hosts: usize) -> Option<Net> {
+        // Unique per process and test: several test binaries or runs may make hosts at once.
+        let id = format!("{}{tag}", std::process::id() % 100_000);
+        let subnet = 20 + std::process::id() % 200;
+        let mut net = Net { switch: format!("myr{id}sw"), hosts: Vec::new() };
+        let made = (|| -> Result<(), String> {
+            ip(&["netns", "add", &net.switch])?;
+            let sw = |args: &[&str]| {
+                let mut all = vec!["-n", net.switch.as_str()];
+                all.extend_from_slice(args);
+                ip(&all)
+            };
+            sw(&["link", "add", "br0", "type", "bridge"])?;
+            sw(&["link", "set", "br0", "up"])?;
+            for i in 0..hosts {
+                let host = Host { ns: format!("myr{id}h{i}"), ip: format!("10.77.{subnet}.{}", i + 1) };
+                ip(&["netns", "add", &host.ns])?;
+                let (inner, outer) = (format!("m{id}i{i}"), format!("m{id}o{i}"));
+                ip(&[
+                    "link",
+                    "add",
+                    &inner,
+                    "netns",
+                    &host.ns,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &outer,
+                    "netns",
+                    &net.switch,
+                ])?;
+                sw(&["link", "set", &outer, "master", "br0"])?;
+                sw(&["link", "set", &outer, "up"])?;
+                ip(&["-n", &host.ns, "addr", "add", &format!("{}/24", host.ip), "dev", &inner])?;
+                ip(&["-n", &host.ns, "link", "set", &inner, "up"])?;
+                ip(&["-n", &host.ns, "link", "set", "lo", "up"])?;
+                net.hosts.push(host);
+            }
+            Ok(())
+        })();
+        match made {
+            Ok(()) => Some(net),
+            Err(e) => {
+                drop(net);
+                assert!(
+                    std::env::var_os("MYRIAD_REQUIRE_NETNS").is_none(),
+                    "MYRIAD_REQUIRE_NETNS is set, but: {e}"
+                );
+                eprintln!(
+                    "cannot make network namespaces here (root and iproute2 are needed): {e}; skipping"
+                );
+                None
+            }
+        }
+    }
+
+    /// `program args` inside host `i`'s namespace.
+    fn command(&self, i: usize, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.hosts[i].ns, program]);
+        c
+    }
+
+    /// Cuts host `i` off from host `j` (both ways), and nobody else.
+    fn cut(&self, i: usize, j: usize) {
+        for (a, b) in [(i, j), (j, i)] {
+            ip(&["-n", &self.hosts[a].ns, "route", "add", "blackhole", &format!("{}/32", self.hosts[b].ip)])
+                .unwrap();
+        }
+    }
+
+    fn heal(&self, i: usize, j: usize) {
+        for (a, b) in [(i, j), (j, i)] {
+            ip(&["-n", &self.hosts[a].ns, "route", "del", "blackhole", &format!("{}/32", self.hosts[b].ip)])
+                .unwrap();
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of each veth, and so the pair.
+        for h in &self.hosts {
+            let _ = ip(&["netns", "del", &h.ns]);
+        }
+        let _ = ip(&["netns", "del", &self.switch]);
+    }
+}
+
+/// A controller on host 0 and agents on hosts 1.. (the last `spares` of them hot spares), with
+/// 1 s heartbeats, as a real cluster has them: a node is lost after 2.8 s of silence (3 heartbeats
+/// less two 100 ms ticks).
+struct Cluster {
+    dir: PathBuf,
+    url: String,
+    token_file: PathBuf,
+    // Declared before `net`: processes stop before their namespaces go.
+    _processes: Vec<Guard>,
+    net: Net,
+}
+
+impl Cluster {
+    fn start(dir: &Path, net: Net, spares: usize) -> Cluster {
+        let state = dir.join("controller");
+        let port = 17_000 + std::process::id() % 1000;
+        let url = format!("http://{}:{port}", net.hosts[0].ip);
+        let log = |name: &str| std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+        let controller = net
+            .command(0, exe())
+            .args([
+                "controller",
+                "--listen",
+                &format!("{}:{port}", net.hosts[0].ip),
+                "--heartbeat-ms",
+                "1000",
+            ])
+            .arg("--state")
+            .arg(&state)
+            .stdout(Stdio::null())
+            .stderr(log("controller"))
+            .spawn()
+            .unwrap();
+        let mut processes = vec![Guard(Some(controller))];
+        let token_file = state.join("token");
+        wait_for("the controller to start", Duration::from_secs(20), || {
+            state.join("controller.url").is_file().then_some(())
+        });
+        let agents = net.hosts.len() - 1;
+        for i in 1..=agents {
+            let name = format!("host-{i}");
+            let mut agent = net.command(i, exe());
+            agent
+                .args(["agent", "--controller", &url, "--name", &name, "--slots", "2"])
+                .args(["--addr", &net.hosts[i].ip, "--listen", &format!("{}:0", net.hosts[i].ip)])
+                .arg("--token-file")
+                .arg(&token_file)
+                .arg("--work-dir")
+                .arg(dir.join("agents").join(&name))
+                .stdout(Stdio::null())
+                .stderr(log(&name));
+            if i > agents - spares {
+                agent.arg("--spare");
+            }
+            processes.push(Guard(Some(agent.spawn().unwrap())));
+        }
+        let c = Cluster { dir: dir.to_path_buf(), url, token_file, _processes: processes, net };
+        wait_for("every agent to register", Duration::from_secs(20), || {
+            let nodes = c.cli_json(&["nodes", "--json"]);
+            (nodes.as_array()?.iter().filter(|n| n["health"] == "healthy").count() == agents).then_some(())
+        });
+        c
+    }
+
+    /// A CLI command run on the controller's host.
+    fn cli_json(&self, args: &[&str]) -> Value {
+        // The connection flags go right after the subcommand: a job's command follows `--`.
+        let out = self
+            .net
+            .command(0, exe())
+            .arg(args[0])
+            .args(["--controller", &self.url])
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&args[1..])
+            .current_dir(&self.dir)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            eprintln!("myriad {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// A 2 × 2 training job that saves its final state under `final_dir`; returns its id.
+    fn train(&self, final_dir: &Path, steps: u32) -> u64 {
+        let steps = steps.to_string();
+        let args = [
+            "submit",
+            "--json",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "2",
+            "--spares",
+            "1",
+            "--max-restarts",
+            "3",
+            "--",
+            exe(),
+            "train",
+            "--preset",
+            "tiny",
+            "--batch",
+            "8",
+            "--seq",
+            "64",
+            "--steps",
+            &steps,
+            "--peak-gflops",
+            "100",
+            "--checkpoint-dir",
+            final_dir.to_str().unwrap(),
+        ];
+        self.cli_json(&args)["id"].as_u64().expect("submitted")
+    }
+
+    /// Every event, read from the controller's host.
+    fn events(&self) -> Vec<Value> {
+        let token = std::fs::read_to_string(&self.token_file).unwrap();
+        let out = self
+            .net
+            .command(0, "curl")
+            .args(["-s", "--max-time", "10", "-H", &format!("authorization: Bearer {}", token.trim())])
+            .arg(format!("{}/v1/events", self.url))
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout)
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    fn job(&self, id: u64) -> Value {
+        self.cli_json(&["status", &id.to_string(), "--json"])
+    }
+
+    fn wait_state(&self, id: u64, states: &[&str], within: Duration) -> Value {
+        wait_for(&format!("job {id} to be {states:?}"), within, || {
+            let s = self.job(id);
+            states.contains(&s["job"]["state"].as_str()?).then_some(s)
+        })
+    }
+
+    /// Waits until the job's rank 0 has reported at least `step`.
+    fn wait_step(&self, id: u64, step: u64) {
+        wait_for(&format!("job {id} to reach step {step}"), Duration::from_secs(60), || {
+            (self.job(id)["job"]["step"].as_u64()? >= step).then_some(())
+        });
+    }
+}
+
+/// The bytes of the final checkpoint's weights and optimizer state under `root`.
+fn final_state(root: &Path) -> Vec<Vec<u8>> {
+    let step = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("step_"))
+        .unwrap_or_else(|| panic!("no final checkpoint under {}", root.display()));
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| std::fs::read(step.join(f)).unwrap())
+        .collect()
+}
+
+const STEPS: u32 = 300;
+
+#[test]
+fn a_2x2_job_across_hosts_survives_a_host_cut_off_from_the_controller_bitwise() {
+    let Some(net) = Net::new("a", 4) else { return };
+    let dir = scratch("hosts-cut-one");
+    let cluster = Cluster::start(&dir, net, 1);
+    // Fault-free, across hosts 1 and 2.
+    let clean = cluster.train(&dir.join("clean"), STEPS);
+    let done = cluster.wait_state(clean, &["succeeded", "failed"], Duration::from_secs(120));
+    assert_eq!(done["job"]["state"], "succeeded", "{done}");
+    assert_eq!(done["job"]["nodes"], serde_json::json!(["host-1", "host-2"]));
+
+    // Again; mid-run host 2 loses the controller (it still reaches host 1).
+    let cut = cluster.train(&dir.join("cut"), STEPS);
+    cluster.wait_step(cut, 20);
+    let started = Instant::now();
+    cluster.net.cut(2, 0);
+    let moved = wait_for("the job to move to the spare", Duration::from_secs(30), || {
+        let s = cluster.job(cut);
+        (s["job"]["attempt"].as_u64()? >= 1 && s["job"]["state"] == "running").then_some(s)
+    });
+    eprintln!(
+        "host 2 cut off: the job runs again on {} after {:?}",
+        moved["job"]["nodes"],
+        started.elapsed()
+    );
+    assert_eq!(moved["job"]["nodes"], serde_json::json!(["host-1", "host-3"]), "{moved}");
+    let done = cluster.wait_state(cut, &["succeeded", "failed"], Duration::from_secs(120));
+    cluster.net.heal(2, 0);
+    assert_eq!(done["job"]["state"], "succeeded", "{done}");
+    let kinds: Vec<&str> =
+        done["events"].as_array().unwrap().iter().filter_map(|e| e["kind"].as_str()).collect();
+    assert!(kinds.contains(&"recovered"), "{kinds:?}");
+    let failed = done["events"].as_array().unwrap().iter().find(|e| e["kind"] == "attempt_failed").cloned();
+    let message = failed.as_ref().and_then(|e| e["message"].as_str()).unwrap_or("");
+    assert!(message.contains("node host-2 was lost"), "{done}");
+    // The old attempt's ranks on host 2 could not train on alone: their ring peers on host 1 were
+    // stopped, so they failed (the agent on host 2 saw them exit).
+    let h2 = std::fs::read_to_string(
+        dir.join("agents/host-2/jobs").join(cut.to_string()).join("attempt-0/rank-0.stderr"),
+    )
+    .unwrap_or_default();
+    assert!(!h2.contains(&format!("done: step {STEPS}")), "the cut-off attempt finished on its own:\n{h2}");
+    assert_eq!(final_state(&dir.join("clean")), final_state(&dir.join("cut")), "the final state differs");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_job_whose_hosts_all_lose_the_controller_trains_on_and_is_not_restarted() {
+    let Some(net) = Net::new("b", 4) else { return };
+    let dir = scratch("hosts-cut-all");
+    let cluster = Cluster::start(&dir, net, 1);
+    let clean = cluster.train(&dir.join("clean"), STEPS);
+    assert_eq!(
+        cluster.wait_state(clean, &["succeeded", "failed"], Duration::from_secs(120))["job"]["state"],
+        "succeeded"
+    );
+
+    let cut = cluster.train(&dir.join("cut"), STEPS);
+    cluster.wait_step(cut, 20);
+    // Both of the job's hosts lose the controller for 9 s (three node timeouts); the spare does
+    // not. Two of three nodes silent at once: the controller holds the losses back.
+    cluster.net.cut(1, 0);
+    cluster.net.cut(2, 0);
+    std::thread::sleep(Duration::from_secs(9));
+    cluster.net.heal(1, 0);
+    cluster.net.heal(2, 0);
+    let done = cluster.wait_state(cut, &["succeeded", "failed"], Duration::from_secs(120));
+    assert_eq!(done["job"]["state"], "succeeded", "{done}");
+    assert_eq!(
+        (done["job"]["attempt"].as_u64(), done["job"]["restarts"].as_u64()),
+        (Some(0), Some(0)),
+        "{done}"
+    );
+    let kinds: Vec<String> =
+        cluster.events().iter().filter_map(|e| e["kind"].as_str().map(String::from)).collect();
+    assert!(kinds.iter().any(|k| k == "loss_breaker_open"), "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k == "node_lost"), "{kinds:?}");
+    assert_eq!(final_state(&dir.join("clean")), final_state(&dir.join("cut")), "the final state differs");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
