@@ -237,3 +237,35 @@ impl Agent {
 
 /// Persisted checkpoints kept per job.
 const PERSISTED_KEEP: usize = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint directory of `step` written by `job` (or by no job).
+    fn checkpoint(root: &Path, step: u64, job: Option<u64>) {
+        let dir = root.join(step_dir_name(step));
+        std::fs::create_dir_all(&dir).unwrap();
+        let manifest = serde_json::json!({"manifest": {"step": step, "files": [], "job_id": job}});
+        std::fs::write(dir.join(MANIFEST), manifest.to_string()).unwrap();
+    }
+
+    #[test]
+    fn a_shared_persisted_directory_reports_only_the_jobs_own_steps() {
+        let root = std::env::temp_dir().join(format!("myriad-agent-report-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (memory, shared) = (root.join("memory"), root.join("shared"));
+        checkpoint(&memory.join("job-1"), 5, Some(1));
+        checkpoint(&shared, 4, None);
+        checkpoint(&shared, 6, Some(1));
+        checkpoint(&shared, 7, Some(2));
+        let reported = report(&memory, &[(1, shared.clone())]);
+        let steps = |tier: Tier| -> Vec<u64> {
+            reported.iter().filter(|c| c.tier == tier && c.job_id == 1).map(|c| c.step).collect()
+        };
+        assert_eq!(steps(Tier::Memory), vec![5]);
+        assert_eq!(steps(Tier::Persisted), vec![4, 6], "job 2's step 7 is not job 1's");
+        assert!(verify(&shared.join(step_dir_name(7)), 7, 1).unwrap_err().contains("belongs to job 2"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+}

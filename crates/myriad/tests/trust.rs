@@ -6,6 +6,7 @@ mod support;
 
 use serde_json::Value;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 use support::{cli_json, controller, exe, get, get_status, scratch, submit, up, wait_for, wait_job_state};
 
@@ -89,4 +90,44 @@ fn a_ranks_environment_holds_no_cluster_token() {
         assert_eq!(status, 401, "{body}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_controller_whose_state_directory_is_full_exits_naming_it() {
+    let dir = scratch("trust-full");
+    let full = dir.join("full");
+    std::fs::create_dir_all(&full).unwrap();
+    // A 64 KiB filesystem of its own, filled: needs root (CI has it; MYRIAD_REQUIRE_NETNS says so).
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&full)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        assert!(std::env::var_os("MYRIAD_REQUIRE_NETNS").is_none(), "root is required here to mount a tmpfs");
+        eprintln!("cannot mount a tmpfs (not root): skipping");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).output();
+        }
+    }
+    let _unmount = Unmount(full.clone());
+    let _ = std::fs::write(full.join("filler"), vec![0u8; 64 << 10]);
+    let mut child = Command::new(exe())
+        .args(["controller", "--listen", "127.0.0.1:0", "--state"])
+        .arg(full.join("state"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("the controller to give up", Duration::from_secs(20), || child.try_wait().unwrap());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&full.join("state").display().to_string()) && stderr.contains("No space left"),
+        "{stderr}"
+    );
 }
