@@ -9,7 +9,7 @@
 use net::client::{Client, Method};
 use proto::api::{CheckpointReport, JobId, RestoreSpec, Tier};
 use proto::checkpoint::{
-    belongs_to, complete_steps, files_in_order, hidden_dir_name, prune, step_dir_name, verify, MANIFEST,
+    belongs_to, complete_steps, files_in_order, hidden_dir_name, prune_job, step_dir_name, verify, MANIFEST,
 };
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,9 +57,13 @@ pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<Checkpo
 }
 
 /// Copies a complete checkpoint directory to `dest_root/step_N` (temporary name, then rename).
-pub fn copy_dir(src: &Path, dest_root: &Path, step: u64) -> Result<PathBuf, String> {
+pub fn copy_dir(src: &Path, dest_root: &Path, step: u64, job_id: JobId) -> Result<PathBuf, String> {
     let tmp = dest_root.join(hidden_dir_name(step, "tmp"));
     let fin = dest_root.join(step_dir_name(step));
+    // A directory shared with another job keeps that job's steps: this one does not overwrite them.
+    if fin.join(MANIFEST).is_file() && !belongs_to(&fin, job_id) {
+        return Err(format!("{} belongs to another job: not overwritten", fin.display()));
+    }
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     for name in files_in_order(src)? {
@@ -218,8 +222,8 @@ impl Agent {
         if persist {
             let started = Instant::now();
             let copy = tokio::task::spawn_blocking(move || {
-                let result = copy_dir(&dir, &persist_dir, step);
-                prune(&persist_dir, PERSISTED_KEEP);
+                let result = copy_dir(&dir, &persist_dir, step, job_id);
+                prune_job(&persist_dir, PERSISTED_KEEP, job_id);
                 result
             });
             match copy.await {

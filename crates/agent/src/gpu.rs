@@ -24,7 +24,7 @@ pub struct Inventory {
 
 /// One GPU at one check. Figures a GPU cannot give are None.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default)]
 pub struct GpuSample {
     pub utilization_pct: Option<f64>,
     pub memory_used_mib: Option<u64>,
@@ -77,7 +77,8 @@ pub fn assess(gpu: &GpuInfo, s: &GpuSample) -> Vec<GpuFinding> {
         out.push(finding(true, "unreachable (fallen off the bus)".into()));
     }
     if s.ecc_uncorrected > 0 {
-        out.push(finding(true, format!("{} uncorrectable ECC errors", s.ecc_uncorrected)));
+        // No count in the reason: a count that grows is the same fault, not a new one.
+        out.push(finding(true, "uncorrectable ECC errors".into()));
     }
     if s.pages_pending_retirement {
         out.push(finding(true, "memory pages pending retirement (needs a GPU reset)".into()));
@@ -206,9 +207,38 @@ impl FakeGpus {
     }
 }
 
+/// The fields a fake GPU may have: a misspelt one (`"xid"`) would inject nothing, silently.
+const FAKE_GPU_FIELDS: &[&str] = &[
+    "uuid",
+    "bus_id",
+    "model",
+    "memory_mib",
+    "utilization_pct",
+    "memory_used_mib",
+    "power_w",
+    "temperature_c",
+    "xids",
+    "ecc_uncorrected",
+    "pages_pending_retirement",
+    "lost",
+    "throttle",
+];
+
 fn read_fake(path: &Path) -> Result<FakeFile, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("fake GPUs {}: {e}", path.display()))?;
-    serde_json::from_str(&text).map_err(|e| format!("fake GPUs {}: {e}", path.display()))
+    let bad = |e: String| format!("fake GPUs {}: {e}", path.display());
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    for (i, gpu) in value["gpus"].as_array().into_iter().flatten().enumerate() {
+        if let Some(key) = gpu
+            .as_object()
+            .into_iter()
+            .flat_map(|o| o.keys())
+            .find(|k| !FAKE_GPU_FIELDS.contains(&k.as_str()))
+        {
+            return Err(bad(format!("GPU {i} has an unknown field {key:?}")));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
 }
 
 impl GpuBackend for FakeGpus {
@@ -228,8 +258,9 @@ impl GpuBackend for FakeGpus {
 /// NVML, loaded at run time from libnvidia-ml.so.1.
 pub struct Nvml {
     nvml: &'static nvml_wrapper::Nvml,
-    /// Critical XID events of every GPU (None where the driver offers no events).
-    events: Option<nvml_wrapper::EventSet<'static>>,
+    /// Critical XID events, a set per GPU (None for a GPU that offers none: its other checks
+    /// still run, and so do the other GPUs' events).
+    events: Vec<Option<nvml_wrapper::EventSet<'static>>>,
     inventory: Inventory,
 }
 
@@ -242,7 +273,7 @@ impl Nvml {
         let driver = nvml.sys_driver_version().map_err(|e| format!("NVML driver version: {e}"))?;
         let count = nvml.device_count().map_err(|e| format!("NVML device count: {e}"))?;
         let mut gpus = Vec::new();
-        let mut events = nvml.create_event_set().ok();
+        let mut events = Vec::new();
         for index in 0..count {
             let d = nvml.device_by_index(index).map_err(|e| format!("NVML GPU {index}: {e}"))?;
             let info = GpuInfo {
@@ -252,11 +283,17 @@ impl Nvml {
                 model: d.name().unwrap_or_else(|_| "unknown GPU".into()),
                 memory_mib: d.memory_info().map(|m| m.total >> 20).unwrap_or(0),
             };
-            gpus.push(info);
-            if let Some(set) = events.take() {
-                // A GPU without XID events still has its other checks.
-                events = d.register_events(EventTypes::CRITICAL_XID_ERROR, set).ok();
+            let supported =
+                d.supported_event_types().is_ok_and(|t| t.contains(EventTypes::CRITICAL_XID_ERROR));
+            let set = supported
+                .then(|| nvml.create_event_set().ok())
+                .flatten()
+                .and_then(|set| d.register_events(EventTypes::CRITICAL_XID_ERROR, set).ok());
+            if set.is_none() {
+                say!("agent: GPU {index} ({}) reports no XID events: its other checks still run", info.uuid);
             }
+            events.push(set);
+            gpus.push(info);
         }
         Ok(Nvml { nvml, events, inventory: Inventory { driver, gpus } })
     }
@@ -274,12 +311,11 @@ impl GpuBackend for Nvml {
         use nvml_wrapper::error::NvmlError;
         let mut samples = vec![GpuSample::default(); self.inventory.gpus.len()];
         // Drain the XID events that arrived since the last check (never waiting).
-        if let Some(set) = &self.events {
+        for (i, set) in self.events.iter().enumerate() {
+            let Some(set) = set else { continue };
             for _ in 0..64 {
                 let Ok(event) = set.wait(0) else { break };
-                let uuid = event.device.uuid().ok();
-                let gpu = self.inventory.gpus.iter().position(|g| Some(&g.uuid) == uuid.as_ref());
-                if let (Some(i), Some(XidError::Value(xid))) = (gpu, event.event_data) {
+                if let Some(XidError::Value(xid)) = event.event_data {
                     samples[i].xids.push(xid);
                 }
             }
@@ -370,7 +406,12 @@ mod tests {
         assert_eq!(off_bus.len(), 1);
         assert!(off_bus[0].fatal && off_bus[0].reason.contains("fallen off the bus"), "{off_bus:?}");
         let ecc = assess(&g, &GpuSample { ecc_uncorrected: 2, ..Default::default() });
-        assert!(ecc[0].fatal && ecc[0].reason.contains("2 uncorrectable ECC"), "{ecc:?}");
+        assert!(ecc[0].fatal && ecc[0].reason == "uncorrectable ECC errors", "{ecc:?}");
+        assert_eq!(
+            assess(&g, &GpuSample { ecc_uncorrected: 5, ..Default::default() }),
+            ecc,
+            "more is the same fault"
+        );
         let app = assess(&g, &GpuSample { xids: vec![13], ..Default::default() });
         assert!(!app[0].fatal, "an application's own fault is not the GPU's");
         let hot = assess(&g, &GpuSample { throttle: vec!["thermal".into()], ..Default::default() });
@@ -435,6 +476,15 @@ mod tests {
         assert_eq!(fake.sample().unwrap()[1].xids, vec![79]);
         std::fs::write(&path, "{").unwrap();
         assert!(fake.sample().unwrap_err().contains("gpus.json"), "a broken file is named");
+        std::fs::write(
+            &path,
+            r#"{"driver":"1","gpus":[{"uuid":"u","bus_id":"b","model":"m","memory_mib":1,"xid":[79]}]}"#,
+        )
+        .unwrap();
+        assert!(
+            FakeGpus::open(&path).err().unwrap().contains(r#"unknown field "xid""#),
+            "a misspelt fault is refused"
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,7 +30,10 @@ impl HangRule {
     /// the culprit's report reaches the controller first and names the right rank.
     pub(crate) fn threshold(&self, r: &Rank, process_state: Option<char>) -> Duration {
         let threshold = match r.median_step_ms() {
-            Some(ms) => self.floor.max(Duration::from_secs_f64(self.factor * ms / 1e3)),
+            Some(ms) => {
+                let scaled = Duration::try_from_secs_f64(self.factor * ms / 1e3).unwrap_or(Duration::MAX);
+                self.floor.max(scaled)
+            }
             None if r.step.is_none() => self.startup,
             None => self.floor,
         };
@@ -38,7 +41,7 @@ impl HangRule {
         if culprit {
             threshold
         } else {
-            threshold.mul_f64(1.5)
+            threshold.saturating_add(threshold / 2)
         }
     }
 

@@ -18,13 +18,18 @@ impl Agent {
     /// What the controller hears: the protocol's node state, with the checkpoints this node
     /// holds in memory and the persisted ones of the jobs it leads.
     pub(crate) fn report(&self) -> HeartbeatRequest {
-        let node = self.node.lock().expect("agent state");
-        let persisted: Vec<(JobId, PathBuf)> =
-            node.leading.iter().map(|(&j, l)| (j, l.persist_dir.clone())).collect();
-        let mut req = node.state.report();
+        // The GPU lock before the node's, as everywhere; the directories are read under neither.
+        let gpu_findings = self.gpus.lock().expect("gpu state").health.findings();
+        let (mut req, persisted) = {
+            let node = self.node.lock().expect("agent state");
+            let persisted: Vec<(JobId, PathBuf)> =
+                node.leading.iter().map(|(&j, l)| (j, l.persist_dir.clone())).collect();
+            let mut req = node.state.report();
+            req.bad_checkpoints = node.bad.clone();
+            (req, persisted)
+        };
         req.checkpoints = checkpoints::report(&self.cfg.memory_root, &persisted);
-        req.bad_checkpoints = node.bad.clone();
-        req.gpu_findings = self.gpus.lock().expect("gpu state").health.findings();
+        req.gpu_findings = gpu_findings;
         req
     }
 }
@@ -84,6 +89,10 @@ struct Queued {
 /// something (a port, ranks) wakes the heartbeat so the controller hears of it at once.
 async fn execute_commands(agent: Arc<Agent>, mut queue: tokio::sync::mpsc::Receiver<Queued>) {
     while let Some(Queued { registration, command }) = queue.recv().await {
+        // A command of an earlier registration is of a controller that has forgotten it.
+        if agent.registration.load(Ordering::Relaxed) != registration {
+            continue;
+        }
         let news = matches!(command.command, Command::ReservePort { .. } | Command::Launch(_));
         agent.execute(&command.command).await;
         if agent.registration.load(Ordering::Relaxed) == registration {

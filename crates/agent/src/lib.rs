@@ -156,6 +156,10 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     }
     let slots = match (cfg.slots, gpus.gpus.len()) {
         (Some(0), _) => return Err("--slots must be at least 1".into()),
+        // Every rank gets a GPU of its own: more slots would be launches that cannot start.
+        (Some(n), g) if g > 0 && n as usize > g => {
+            return Err(format!("--slots {n} is more than this node's {g} GPUs (each rank gets one)"))
+        }
         (Some(n), _) => n,
         (None, 0) => 1,
         (None, n) => n as u32,

@@ -25,7 +25,9 @@ pub(crate) fn record(r: &mut Rank, p: &Progress, now: Instant, end_ms: u64) {
     r.step = p.step.or(r.step);
     r.loss = p.loss.or(r.loss);
     r.mfu = p.mfu.or(r.mfu);
-    if let (Some(step), Some(ms)) = (p.step, p.step_ms) {
+    // A step time no clock can give (negative, NaN, over a day) is not one.
+    let step_ms = p.step_ms.filter(|ms| ms.is_finite() && *ms >= 0.0 && *ms <= 86_400_000.0);
+    if let (Some(step), Some(ms)) = (p.step, step_ms) {
         if let Some(tokens) = p.tokens {
             r.tokens_per_s = Some(tokens as f64 / (ms / 1e3));
         }

@@ -149,10 +149,7 @@ impl Agent {
                 let _ = std::fs::create_dir_all(&dir);
                 let mut node = self.node.lock().expect("agent state");
                 for &l in &fresh {
-                    let _ = std::fs::write(
-                        dir.join(format!("rank-{l}.stderr")),
-                        format!("myriad agent: {message}\n"),
-                    );
+                    write_log(&dir.join(format!("rank-{l}.stderr")), &format!("myriad agent: {message}\n"));
                     let failed = RankState::Exited { code: Some(GPU_UNAVAILABLE_EXIT), signal: None };
                     node.state
                         .insert((spec.job_id, spec.attempt, l), Rank::new(failed, None, Instant::now()));
@@ -183,9 +180,9 @@ impl Agent {
                 Err(message) => {
                     // Reported as a failed rank: the job fails or restarts like after any crash.
                     say!("agent {}: job {} rank {}: {message}", self.cfg.name, spec.job_id, local_rank);
-                    let _ = std::fs::write(
-                        dir.join(format!("rank-{local_rank}.stderr")),
-                        format!("myriad agent: {message}\n"),
+                    write_log(
+                        &dir.join(format!("rank-{local_rank}.stderr")),
+                        &format!("myriad agent: {message}\n"),
                     );
                     Rank::new(RankState::Exited { code: Some(127), signal: None }, None, Instant::now())
                 }
@@ -235,15 +232,7 @@ impl Agent {
     ) -> Result<tokio::process::Child, String> {
         let open = |stream: &str| {
             let path = dir.join(format!("rank-{local_rank}.{stream}"));
-            // The job's output is its owner's: 0600, and never through a planted symlink.
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)
-                .map_err(|e| format!("{}: {e}", path.display()))
+            open_log(&path).map_err(|e| format!("{}: {e}", path.display()))
         };
         let mut cmd = std::process::Command::new(&spec.argv[0]);
         cmd.args(&spec.argv[1..])
@@ -340,6 +329,24 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// A rank's log file: the job's output is its owner's (0600), and never written through a planted
+/// symlink.
+fn open_log(path: &FsPath) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Writes why a rank never started into its stderr file (best effort: it is also reported).
+fn write_log(path: &FsPath, text: &str) {
+    use std::io::Write;
+    let _ = open_log(path).and_then(|mut f| f.write_all(text.as_bytes()));
 }
 
 pub(crate) fn signal_groups(pids: &[u32], signal: libc::c_int) {

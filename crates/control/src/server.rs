@@ -170,7 +170,9 @@ impl Controller {
         let stalled = since_last >= self.heartbeat_interval();
         self.apply(|core, now| {
             if stalled {
-                core.controller_stalled(now, since_last.as_millis() as u64);
+                // What the controller missed: the gap, less the tick it would have waited anyway.
+                let tick_ms = core.config().tick_ms;
+                core.controller_stalled(now, (since_last.as_millis() as u64).saturating_sub(tick_ms));
             }
             core.tick(now);
             Ok(())

@@ -122,7 +122,7 @@ impl Node {
         self.health == Health::Healthy
             && !self.quarantined
             && !self.gpu_failed()
-            && self.slots - self.slots_used() >= slots
+            && self.slots.saturating_sub(self.slots_used()) >= slots
     }
 
     /// A GPU of the node failed a health check.

@@ -156,8 +156,19 @@ pub fn latest(root: &Path) -> std::io::Result<Option<PathBuf>> {
 
 /// Removes all but the newest `keep` complete checkpoints under `root`.
 pub fn prune(root: &Path, keep: usize) {
+    prune_where(root, keep, |_| true);
+}
+
+/// [`prune`] of the checkpoints `job_id` may restore alone: a directory another job shares keeps
+/// that job's.
+pub fn prune_job(root: &Path, keep: usize, job_id: u64) {
+    prune_where(root, keep, |dir| belongs_to(dir, job_id));
+}
+
+fn prune_where(root: &Path, keep: usize, mine: impl Fn(&Path) -> bool) {
     let steps = complete_steps(root).unwrap_or_default();
-    for &step in steps.iter().rev().skip(keep) {
+    let mine: Vec<u64> = steps.into_iter().filter(|&s| mine(&root.join(step_dir_name(s)))).collect();
+    for &step in mine.iter().rev().skip(keep) {
         let _ = std::fs::remove_dir_all(root.join(step_dir_name(step)));
     }
 }

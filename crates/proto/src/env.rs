@@ -203,7 +203,6 @@ pub struct RankEnv {
     pub attempt: Option<u32>,
     /// 0 when unset.
     pub local_rank: u32,
-    pub omp_num_threads: Option<usize>,
     pub agent_socket: Option<String>,
     /// The in-memory tier, when an agent offers one, with its checkpoint period (default 1).
     pub memory_checkpoint_dir: Option<String>,
@@ -225,15 +224,10 @@ impl RankEnv {
         if checkpoint_every == Some(0) {
             return Err(format!("{MYRIAD_CHECKPOINT_EVERY}=0 is not a positive integer"));
         }
-        let omp_num_threads: Option<usize> = parse(&get, OMP_NUM_THREADS)?;
-        if omp_num_threads == Some(0) {
-            return Err(format!("{OMP_NUM_THREADS}=0 is not a positive integer"));
-        }
         Ok(RankEnv {
             job_id: parse(&get, MYRIAD_JOB_ID)?,
             attempt: parse(&get, MYRIAD_ATTEMPT)?,
             local_rank: parse(&get, LOCAL_RANK)?.unwrap_or(0),
-            omp_num_threads,
             agent_socket: get(MYRIAD_AGENT_SOCKET),
             memory_checkpoint_dir: get(MYRIAD_MEMORY_CHECKPOINT_DIR),
             checkpoint_every: checkpoint_every.unwrap_or(1),
@@ -312,7 +306,6 @@ mod tests {
         assert_eq!((env.job_id, env.attempt, env.local_rank), (Some(7), Some(2), 3));
         assert_eq!(env.agent_socket.as_deref(), Some("/run/agent.sock"));
         assert_eq!((env.checkpoint_every, env.restore_step, env.live_state), (5, Some(40), true));
-        assert_eq!(env.omp_num_threads, Some(1));
     }
 
     #[test]

@@ -87,8 +87,8 @@ impl<R: RankEntry> NodeState<R> {
     }
 
     /// Carries out the state's part of `command` and says what is left for the holder. Every
-    /// command is idempotent: a second delivery leaves [`Todo::Nothing`] (a Stop names only ranks
-    /// still running).
+    /// command is idempotent: a second reservation or launch leaves [`Todo::Nothing`], a second
+    /// Stop names only ranks still running (none), and a Purge or Forget again removes nothing.
     pub fn apply<'a>(&mut self, command: &'a Command) -> Todo<'a> {
         match command {
             &Command::ReservePort { job_id, attempt } => {
