@@ -276,15 +276,6 @@ impl Core {
     pub fn tick(&mut self, now_ms: u64) {
         let timeout_ms = (self.cfg.heartbeat_interval_ms * self.cfg.node_timeout_heartbeats as u64)
             .saturating_sub(2 * self.cfg.tick_ms);
-        let healthy = self.nodes.values().filter(|n| n.health == Health::Healthy).count();
-        let silent: Vec<String> = self
-            .nodes
-            .values()
-            .filter(|n| {
-                n.health == Health::Healthy && now_ms.saturating_sub(n.last_heartbeat_ms) > timeout_ms
-            })
-            .map(|n| n.name.clone())
-            .collect();
         // Nodes cut off together had their last heartbeats spread over an interval, so they cross
         // the timeout an interval apart: the breaker counts every node within one interval (and a
         // tick's jitter either side) of it. A heartbeating node is never that silent, unless the
@@ -294,13 +285,16 @@ impl Core {
         let hb = self.cfg.heartbeat_interval_ms;
         let approaching_ms =
             timeout_ms.saturating_sub(hb + 2 * self.cfg.tick_ms).max(hb + hb / 2).min(timeout_ms);
-        let approaching = self
-            .nodes
-            .values()
-            .filter(|n| {
-                n.health == Health::Healthy && now_ms.saturating_sub(n.last_heartbeat_ms) > approaching_ms
-            })
-            .count();
+        // One pass over the nodes every tick: at 12,500 of them this is the controller's hot path.
+        let (mut healthy, mut approaching, mut silent) = (0usize, 0usize, Vec::new());
+        for n in self.nodes.values().filter(|n| n.health == Health::Healthy) {
+            healthy += 1;
+            let age_ms = now_ms.saturating_sub(n.last_heartbeat_ms);
+            approaching += (age_ms > approaching_ms) as usize;
+            if age_ms > timeout_ms {
+                silent.push(n.name.clone());
+            }
+        }
         let mass = !silent.is_empty()
             && approaching >= self.cfg.loss_breaker_min_nodes
             && approaching as f64 > self.cfg.loss_breaker_fraction * healthy as f64;
@@ -309,8 +303,7 @@ impl Core {
             self.breaker_open = mass;
             let (kind, message) = if mass {
                 let message = format!(
-                    "{} of {healthy} healthy nodes are silent at once: no node is declared lost while so many are (the controller's own network or host, most likely)",
-                    silent.len()
+                    "{approaching} of {healthy} healthy nodes are falling silent at once: no node is declared lost while so many are (the controller's own network or host, most likely)"
                 );
                 (EventKind::LossBreakerOpen, message)
             } else {

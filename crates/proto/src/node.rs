@@ -129,10 +129,6 @@ impl<R: RankEntry> NodeState<R> {
         self.ranks.range((job_id, attempt, 0)..=(job_id, attempt, u32::MAX))
     }
 
-    pub fn ranks_of_mut(&mut self, job_id: JobId, attempt: u32) -> impl Iterator<Item = (&RankKey, &mut R)> {
-        self.ranks.range_mut((job_id, attempt, 0)..=(job_id, attempt, u32::MAX))
-    }
-
     /// The controller has recorded how this attempt's ranks ended: drop them (a rank still
     /// running stays until it is gone) and the attempt's port.
     pub fn forget(&mut self, job_id: JobId, attempt: u32) {
