@@ -196,8 +196,14 @@ pub fn run(a: TrainArgs) -> Result<(), String> {
                 eta_s,
             );
         }
-        // Only a reported step becomes restorable (train::live): its loss is never lost.
-        trainer.commit_live();
+        // Only a reported step becomes restorable (train::live): its loss is never lost. Rank 0
+        // writes the run's record, so only rank 0 commits now; another rank's step is committed
+        // by its next update, which follows a collective rank 0 joins only once it has reported
+        // the step. (A rank 1 that committed at once could leave a step restorable that rank 0,
+        // stopped between its update and its line, never reported.)
+        if leader {
+            trainer.commit_live();
+        }
         if let Some(tier) = memory.as_mut() {
             tier.maybe_save(&trainer, agent.as_mut())?;
         }
