@@ -1,5 +1,6 @@
 //! Hang detection: a rank that speaks the progress protocol and makes none for max(floor, factor ×
-//! its median step) is hung; its threads' stacks are captured from /proc and it is killed. The exit
+//! its median step) is hung; its threads' stacks are captured (the Python stack of a Python rank
+//! through the agent's faulthandler hook, every thread's kernel side from /proc) and it is killed. The exit
 //! wakes the heartbeat, and the controller ends the attempt: nobody waits for a collective's
 //! deadline, let alone a 600 s watchdog.
 
@@ -84,7 +85,15 @@ pub(crate) async fn detect(agent: Arc<Agent>) {
                 .collect()
         };
         for (key, pid, mut report) in hung {
-            report.stack = capture_stacks(pid);
+            let kernel = capture_stacks(pid);
+            let dump =
+                agent.cfg.work_dir.join(format!("jobs/{}/attempt-{}/rank-{}.pystack", key.0, key.1, key.2));
+            report.stack = match python_stack(pid, &dump).await {
+                Some(python) => {
+                    format!("Python stack (faulthandler):\n{python}\nthreads (from /proc):\n{kernel}")
+                }
+                None => kernel,
+            };
             say!(
                 "agent {}: job {} rank {} hung ({} ms without progress); killing it",
                 agent.cfg.name,
@@ -99,6 +108,50 @@ pub(crate) async fn detect(agent: Arc<Agent>) {
             agent.metrics.hang_killed();
         }
     }
+}
+
+/// How long a Python rank has to write its stack once asked.
+const PYTHON_STACK_WAIT: Duration = Duration::from_secs(2);
+/// The dump is complete once its file stopped growing this long.
+const PYTHON_STACK_SETTLED: Duration = Duration::from_millis(100);
+
+/// Every thread's Python stack of a rank whose sitecustomize armed faulthandler on SIGUSR2 (it
+/// opened `dump`; None for other ranks): SIGUSR2, then SIGCONT for a stopped rank (the pending
+/// signal runs first, so the dump shows where it stopped), then the bytes the dump appended.
+async fn python_stack(pid: u32, dump: &std::path::Path) -> Option<String> {
+    const MAX_BYTES: usize = 12 * 1024;
+    let before = std::fs::metadata(dump).ok()?.len();
+    // SAFETY: kill(2) with a pid the agent launched and has not reaped (it is about to kill it).
+    unsafe {
+        libc::kill(pid as i32, libc::SIGUSR2);
+        libc::kill(pid as i32, libc::SIGCONT);
+    }
+    let deadline = Instant::now() + PYTHON_STACK_WAIT;
+    let (mut last, mut changed) = (before, Instant::now());
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let len = std::fs::metadata(dump).map_or(last, |m| m.len());
+        if len != last {
+            (last, changed) = (len, Instant::now());
+        } else if len > before && changed.elapsed() >= PYTHON_STACK_SETTLED {
+            break;
+        }
+    }
+    let bytes = std::fs::read(dump).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(before as usize..)?);
+    let mut text = text.into_owned();
+    if text.is_empty() {
+        return None;
+    }
+    if text.len() > MAX_BYTES {
+        let mut cut = MAX_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text += "\n[truncated]\n";
+    }
+    Some(text)
 }
 
 /// The one-letter state of a process (R, S, D, T, t, Z, …) from /proc/PID/stat.

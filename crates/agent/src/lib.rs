@@ -29,6 +29,7 @@ mod heartbeat;
 pub mod loadgen;
 pub mod metrics;
 mod progress;
+mod python;
 mod routes;
 mod state;
 mod supervisor;
@@ -84,6 +85,8 @@ pub(crate) struct Agent {
     /// Chaos: no heartbeats until then (a network partition).
     pub(crate) silent_until: Mutex<Option<Instant>>,
     pub(crate) socket_path: PathBuf,
+    /// The agent's Python package, first on every Python rank's path ([`python`]).
+    pub(crate) python: PathBuf,
     pub(crate) metrics: metrics::AgentMetrics,
     /// Rank slots this node offers (discovered or given).
     pub(crate) slots: u32,
@@ -175,12 +178,14 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         );
     }
     private_dir("memory root", &cfg.memory_root)?;
+    let python = python::install(&cfg.work_dir)?;
     let agent = Arc::new(Agent {
         cfg,
         node: Mutex::new(state::Node::default()),
         wake: Notify::new(),
         silent_until: Mutex::new(None),
         socket_path,
+        python,
         metrics: metrics::AgentMetrics::default(),
         slots,
         gpus: Mutex::new(gpus),

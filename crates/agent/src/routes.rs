@@ -44,9 +44,12 @@ pub(crate) fn router(agent: Arc<Agent>) -> Router {
 #[serde(deny_unknown_fields)]
 struct TailQuery {
     tail_bytes: Option<u64>,
+    /// Instead of a tail: the bytes from this offset on (at most the tail limit), for a reader
+    /// that follows the log as it grows.
+    offset: Option<u64>,
 }
 
-/// The last `tail_bytes` of a rank's stdout or stderr. Every path segment is a parsed number or one
+/// The last `tail_bytes` of a rank's stdout or stderr, or its bytes from `offset` on. Every path segment is a parsed number or one
 /// of two fixed names, so no request can reach outside the agent's job directory.
 async fn serve_log(
     State(agent): State<Arc<Agent>>,
@@ -63,13 +66,17 @@ async fn serve_log(
         ));
     }
     let file = agent.cfg.work_dir.join(format!("jobs/{job}/attempt-{attempt}/rank-{rank}.{stream}"));
+    if q.offset.is_some() && q.tail_bytes.is_some() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "give offset or tail_bytes, not both"));
+    }
     let tail = q.tail_bytes.unwrap_or(MAX_LOG_TAIL_BYTES).min(MAX_LOG_TAIL_BYTES);
     let read = || -> std::io::Result<Vec<u8>> {
         let mut f = std::fs::File::open(&file)?;
         let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(tail)))?;
+        let start = q.offset.map_or(len.saturating_sub(tail), |o| o.min(len));
+        f.seek(SeekFrom::Start(start))?;
         let mut bytes = Vec::new();
-        f.take(tail).read_to_end(&mut bytes)?;
+        f.take(MAX_LOG_TAIL_BYTES.min(tail)).read_to_end(&mut bytes)?;
         Ok(bytes)
     };
     match read() {

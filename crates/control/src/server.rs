@@ -465,6 +465,8 @@ struct LogQuery {
     attempt: Option<u32>,
     stream: Option<String>,
     tail_bytes: Option<u64>,
+    /// The bytes from this offset on, for a follower (`myriad logs --follow`, `myriad run`).
+    offset: Option<u64>,
 }
 
 /// Fetches a rank's log from the agent of the node it ran on.
@@ -488,7 +490,14 @@ async fn job_logs(
         })
         .map_err(core_error)?;
     let agent = Client::new(&base, &ctl.token, AGENT_CALL_TIMEOUT).map_err(ApiError::bad_request)?;
-    let path = format!("/v1/logs/{id}/{attempt}/{local_rank}/{stream}?tail_bytes={tail}");
+    if q.offset.is_some() && q.tail_bytes.is_some() {
+        return Err(ApiError::bad_request("give offset or tail_bytes, not both"));
+    }
+    let range = match q.offset {
+        Some(offset) => format!("offset={offset}"),
+        None => format!("tail_bytes={tail}"),
+    };
+    let path = format!("/v1/logs/{id}/{attempt}/{local_rank}/{stream}?{range}");
     match agent.call(Method::GET, &path, None).await {
         Ok(bytes) => Ok(([("content-type", "text/plain; charset=utf-8")], Body::from(bytes)).into_response()),
         Err(ClientError::Status { status, message }) => {

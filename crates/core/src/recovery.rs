@@ -126,8 +126,11 @@ impl Core {
             job.mfu = r.mfu.or(job.mfu);
             let submitted_ms = job.submitted_ms;
             // Agents repeat a rank's recent steps on every heartbeat: only new ones change the
-            // ledger (and cost a write).
-            if r.steps.iter().any(|s| !job.account.recent.contains_key(&s.step)) {
+            // ledger (and cost a write). After a fault, the new attempt's steps are new even where
+            // their numbers are not: an attempt that restarted from an older step recomputes steps
+            // the ledger still holds until its first report rolls them back.
+            let recovering = job.account.pending.as_ref().is_some_and(|p| attempt > p.attempt);
+            if recovering || r.steps.iter().any(|s| !job.account.recent.contains_key(&s.step)) {
                 self.dirty_jobs.insert(job_id);
                 if let Some((message, data)) = job.account.record_steps(&r.steps, attempt, submitted_ms) {
                     self.event(now_ms, Some(job_id), None, EventKind::Recovered, message);

@@ -647,6 +647,32 @@ fn the_time_ledger_books_detection_restart_and_recomputation_of_a_fault() {
 }
 
 #[test]
+fn a_restart_from_an_older_step_is_recovered_at_its_first_step_though_the_ledger_holds_that_number() {
+    let mut w = World::new(&[("a", 1, false)]);
+    let id = w.core.submit(World::spec(1, 1, 1), w.now_ms).unwrap();
+    for step in 1..=5 {
+        w.agents.get_mut("a").unwrap().progress = Some((step, 2.0));
+        w.round();
+    }
+    let held = w.core.job(id).unwrap().account.recent.len() as u64;
+    assert!(held >= 3, "the ledger holds the steps reported once the attempt ran");
+    // The rank dies; with no checkpoint the next attempt starts over at step 1, a number the
+    // ledger still holds from the failed attempt.
+    w.exit("a", id, 0, 0, 1);
+    w.agents.get_mut("a").unwrap().progress = None;
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().number, 1);
+    w.agents.get_mut("a").unwrap().progress = Some((1, 2.0));
+    w.round();
+    let recovered: Vec<&Event> = w.core.events.iter().filter(|e| e.is(EventKind::Recovered)).collect();
+    assert_eq!(recovered.len(), 1, "recovered at the new attempt's first step");
+    let data = recovered[0].data.as_ref().unwrap();
+    assert_eq!((data["restore_step"].as_u64(), data["lost_steps"].as_u64()), (Some(0), Some(held)));
+}
+
+#[test]
 fn a_restart_from_live_state_newer_than_the_named_restore_point_loses_only_later_steps() {
     let step = |step: u64, end_ms: u64| StepTime { step, ms: 100.0, end_ms };
     let mut acc = Account::default();

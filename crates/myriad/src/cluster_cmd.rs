@@ -703,14 +703,26 @@ pub struct LogsArgs {
     /// Only the last this many bytes.
     #[arg(long)]
     tail_bytes: Option<u64>,
+    /// Keep printing the rank's output as it grows, across restarts, until the job ends.
+    #[arg(long, short = 'f')]
+    follow: bool,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
     conn: Conn,
 }
 
+/// How often `logs --follow` asks for more.
+const FOLLOW_EVERY: Duration = Duration::from_millis(250);
+
 pub fn logs(a: LogsArgs) -> Result<(), String> {
     let client = a.conn.client()?;
+    if a.follow {
+        if a.json || a.tail_bytes.is_some() || a.attempt.is_some() {
+            return Err("--follow prints the latest attempt's output as it grows: drop --json, --tail-bytes and --attempt".into());
+        }
+        return block_on(follow_log(&client, a.job, a.rank, a.stderr));
+    }
     let stream = if a.stderr { "stderr" } else { "stdout" };
     let text = block_on(fetch_log(&client, a.job, a.rank, a.attempt, stream, a.tail_bytes))?;
     if a.json {
@@ -720,6 +732,25 @@ pub fn logs(a: LogsArgs) -> Result<(), String> {
         print!("{text}");
     }
     Ok(())
+}
+
+async fn follow_log(client: &Client, job: u64, rank: u32, stderr: bool) -> Result<(), String> {
+    use crate::follow::{Follower, Stream};
+    let stream = if stderr { Stream::Stderr } else { Stream::Stdout };
+    let mut follower = Follower::new(job, vec![rank], vec![stream], false);
+    loop {
+        let view: JobView =
+            client.get_json(&format!("/v1/jobs/{job}")).await.map_err(|e| format!("logs: {e}"))?;
+        if rank >= view.world_size {
+            return Err(format!("job {job} has {} ranks: rank {rank} does not exist", view.world_size));
+        }
+        let ended = matches!(view.state.as_str(), "succeeded" | "failed" | "cancelled");
+        follower.poll(client, view.attempt, ended).await;
+        if ended {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
 }
 
 async fn fetch_log(

@@ -5,6 +5,7 @@ mod bench;
 mod bench_control;
 mod cluster_cmd;
 mod demo_cmd;
+mod follow;
 mod local;
 mod plan_cmd;
 mod progress;

@@ -1,7 +1,7 @@
 //! `myriad run`: torchrun's command line, Myriad's cluster underneath. `torchrun --nnodes 2
 //! --nproc-per-node 4 train.py --lr 3e-4` becomes `myriad run --nnodes 2 --nproc-per-node 4
 //! train.py --lr 3e-4`. Without a named controller, a local embedded cluster of exactly the needed
-//! size runs the job and goes away afterwards. Every rank's output is printed when the job ends,
+//! size runs the job and goes away afterwards. Every rank's output is printed as the job runs,
 //! each line prefixed with its rank, and the exit status says whether the job succeeded.
 
 use clap::Args;
@@ -9,11 +9,11 @@ use net::client::{Client, Method};
 use proto::api::{JobView, SubmitReply};
 use proto::spec::JobSpec;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::cluster_cmd::block_on;
+use crate::follow::{Follower, Stream};
 use crate::local::{LocalCluster, LocalOptions};
 
 #[derive(Args)]
@@ -68,6 +68,9 @@ pub struct RunArgs {
 
 /// How often the job's state is polled while it runs.
 const POLL_EVERY: Duration = Duration::from_millis(200);
+/// Jobs up to this many ranks have every rank's output followed; a larger one has rank 0's (each
+/// followed log costs the controller a request per poll).
+const FOLLOW_ALL_UP_TO: u32 = 64;
 /// Give up when the controller stays unreachable this long.
 const UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
 
@@ -169,6 +172,14 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
         .map_err(|e| format!("submit: {e}"))?;
     let id = serde_json::from_slice::<SubmitReply>(&bytes).map_err(|e| format!("submit: {e}"))?.id;
     eprintln!("myriad run: job {id}, {} nodes × {} ranks", spec.nodes, spec.ranks_per_node);
+    let world = spec.nodes * spec.ranks_per_node;
+    let ranks: Vec<u32> = if world <= FOLLOW_ALL_UP_TO { (0..world).collect() } else { vec![0] };
+    if world > FOLLOW_ALL_UP_TO {
+        eprintln!(
+            "myriad run: showing rank 0's output ({world} ranks; `myriad logs {id} --rank N --follow` for others)"
+        );
+    }
+    let mut follower = Follower::new(id, ranks, vec![Stream::Stdout, Stream::Stderr], true);
     let mut last_line = String::new();
     let mut unreachable_since: Option<Instant> = None;
     let (mut cancel_wanted, mut cancel_sent) = (false, false);
@@ -204,7 +215,11 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
                     eprintln!("myriad run: {line}");
                     last_line = line;
                 }
-                if matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled") {
+                let ended = matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled");
+                if !json && job.ranks_running + job.ranks_exited > 0 {
+                    follower.poll(client, job.attempt, ended).await;
+                }
+                if ended {
                     break job;
                 }
             }
@@ -218,29 +233,9 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
     };
     if json {
         println!("{}", serde_json::to_string(&job).expect("serialises"));
-    } else {
-        print_rank_output(client, &job).await;
     }
     match job.state.as_str() {
         "succeeded" => Ok(()),
         state => Err(format!("job {id} {state}: {}", job.reason.unwrap_or_default())),
     }
-}
-
-async fn print_rank_output(client: &Client, job: &JobView) {
-    for rank in 0..job.world_size {
-        for (stream, to_stderr) in [("stdout", false), ("stderr", true)] {
-            let path = format!("/v1/jobs/{}/logs?rank={rank}&stream={stream}", job.id);
-            let Ok(bytes) = client.call(Method::GET, &path, None).await else { continue };
-            let text = String::from_utf8_lossy(&bytes);
-            for line in text.lines() {
-                if to_stderr {
-                    eprintln!("[rank{rank}]: {line}");
-                } else {
-                    println!("[rank{rank}]: {line}");
-                }
-            }
-        }
-    }
-    let _ = std::io::stdout().flush();
 }

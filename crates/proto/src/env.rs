@@ -45,6 +45,9 @@ pub const MYRIAD_RESTORE_STEP: &str = "MYRIAD_RESTORE_STEP";
 /// present it (derived per attempt by the controller from a key only it holds).
 pub const MYRIAD_COMM_SECRET: &str = "MYRIAD_COMM_SECRET";
 
+/// Where a Python rank's stack is dumped when the agent asks (SIGUSR2, before killing a hung rank).
+pub const MYRIAD_STACK_FILE: &str = "MYRIAD_STACK_FILE";
+
 /// The GPU a rank is bound to: its NVML index and UUID (set on GPU nodes).
 pub const MYRIAD_GPU_INDEX: &str = "MYRIAD_GPU_INDEX";
 pub const MYRIAD_GPU_UUID: &str = "MYRIAD_GPU_UUID";
@@ -62,6 +65,13 @@ pub const MYRIAD_COMM_TIMEOUT_S: &str = "MYRIAD_COMM_TIMEOUT_S";
 pub const MYRIAD_COMM_SHM: &str = "MYRIAD_COMM_SHM";
 /// `0` turns the trainer's live state off (restarts then use checkpoint directories alone).
 pub const MYRIAD_LIVE_STATE: &str = "MYRIAD_LIVE_STATE";
+
+/// `0` keeps the agent's Python package (progress hook, stack dumps) off the ranks' PYTHONPATH.
+pub const MYRIAD_PYTHON_HOOK: &str = "MYRIAD_PYTHON_HOOK";
+/// FLOP/s of one rank's device, for the MFU `myriad.report` computes.
+pub const MYRIAD_PEAK_FLOPS: &str = "MYRIAD_PEAK_FLOPS";
+/// Python's module path: the agent puts its package first (a job's own value is kept after it).
+pub const PYTHONPATH: &str = "PYTHONPATH";
 
 // The command line's, never a rank's.
 pub const MYRIAD_CONTROLLER: &str = "MYRIAD_CONTROLLER";
@@ -96,6 +106,7 @@ pub const RESERVED: &[&str] = &[
     MYRIAD_RESTORE_STEP,
     MYRIAD_GPU_INDEX,
     MYRIAD_GPU_UUID,
+    MYRIAD_STACK_FILE,
 ];
 
 /// What the controller's core sets for every rank of one node: all of torchrun's variables but
@@ -292,9 +303,9 @@ mod tests {
         vars.extend(rank_vars(1, 4, 3));
         vars.extend(agent.vars());
         let names: Vec<&str> = vars.iter().map(|(k, _)| k.as_str()).collect();
-        for name in
-            RESERVED.iter().filter(|n| ![MYRIAD_RESTORE_DIR, MYRIAD_GPU_INDEX, MYRIAD_GPU_UUID].contains(n))
-        {
+        for name in RESERVED.iter().filter(|n| {
+            ![MYRIAD_RESTORE_DIR, MYRIAD_GPU_INDEX, MYRIAD_GPU_UUID, MYRIAD_STACK_FILE].contains(n)
+        }) {
             assert!(names.contains(name), "{name} is not set for a restarted rank");
         }
         let get = lookup(vars);
