@@ -85,15 +85,23 @@ fn sync(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
 
-/// Sends a checkpoint to the buddy agent at `buddy`, file by file, manifest last.
-pub async fn push(token: &str, buddy: &str, job_id: JobId, step: u64, dir: &Path) -> Result<(), String> {
+/// Sends a checkpoint of `attempt` to the buddy agent at `buddy`, file by file, manifest last (a
+/// buddy that has launched a newer attempt of the job refuses it).
+pub async fn push(
+    token: &str,
+    buddy: &str,
+    job_id: JobId,
+    attempt: u32,
+    step: u64,
+    dir: &Path,
+) -> Result<(), String> {
     let client = Client::new(buddy, token, COPY_TIMEOUT)?;
     for name in files_in_order(dir)? {
         let bytes = tokio::fs::read(dir.join(&name)).await.map_err(|e| format!("{name}: {e}"))?;
         client
             .call(
                 Method::PUT,
-                &format!("/v1/checkpoints/{job_id}/{step}/{name}"),
+                &format!("/v1/checkpoints/{job_id}/{step}/{name}?attempt={attempt}"),
                 Some((bytes, "application/octet-stream")),
             )
             .await
@@ -173,10 +181,20 @@ impl Agent {
     /// Rank 0 finished an in-memory checkpoint: copy it to the buddy and maybe persist it, one
     /// copy at a time per job (a newer checkpoint that arrives meanwhile is copied next; older
     /// ones in between are skipped).
-    pub(crate) fn checkpoint_taken(self: &Arc<Self>, job_id: JobId, step: u64) {
+    pub(crate) fn checkpoint_taken(self: &Arc<Self>, job_id: JobId, attempt: u32, step: u64) {
         {
             let mut node = self.node.lock().expect("agent state");
             let Some(leader) = node.leading.get_mut(&job_id) else { return };
+            // A superseded attempt's rank (still running while it is stopped or fenced) copies
+            // nothing: its step may be of a timeline the job has left.
+            if leader.attempt != attempt {
+                say!(
+                    "agent {}: job {job_id}: not copying step {step} of attempt {attempt} (attempt {} leads)",
+                    self.cfg.name,
+                    leader.attempt
+                );
+                return;
+            }
             if leader.busy {
                 leader.pending = Some(step);
                 return;
@@ -202,17 +220,17 @@ impl Agent {
     }
 
     async fn replicate(&self, job_id: JobId, step: u64) {
-        let (buddy, persist_dir, persist) = {
+        let (buddy, persist_dir, persist, attempt) = {
             let node = self.node.lock().expect("agent state");
             let Some(l) = node.leading.get(&job_id) else { return };
             let nth = step / l.checkpoint_every;
-            (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every))
+            (l.buddy.clone(), l.persist_dir.clone(), nth.is_multiple_of(l.persist_every), l.attempt)
         };
         let dir = self.job_memory(job_id).join(step_dir_name(step));
         let bytes = metrics::dir_bytes(&dir);
         if let Some(buddy) = buddy {
             let started = Instant::now();
-            match push(&self.cfg.token, &buddy, job_id, step, &dir).await {
+            match push(&self.cfg.token, &buddy, job_id, attempt, step, &dir).await {
                 Ok(()) => self.metrics.checkpoint_copied("buddy", started.elapsed().as_secs_f64(), bytes),
                 Err(e) => {
                     say!("agent {}: job {job_id}: buddy copy of step {step} failed: {e}", self.cfg.name)

@@ -52,8 +52,10 @@ async fn register(agent: &Agent, client: &Client, http_port: u16) -> RegisterRep
     };
     let mut complained = false;
     loop {
+        let sent = Instant::now();
         match client.post_json::<_, RegisterReply>("/v1/agents/register", &req).await {
             Ok(reply) => {
+                agent.contact.lock().expect("agent state").answered(sent, reply.lease_ms);
                 say!("agent {}: registered with {} ({} slots)", cfg.name, client.base(), agent.slots);
                 // A fresh registration means the controller forgot whatever this agent held, and
                 // numbers its commands from scratch.
@@ -125,6 +127,7 @@ pub(crate) async fn heartbeat_loop(agent: Arc<Agent>, client: Client, http_port:
         agent.metrics.heartbeat(started.elapsed().as_secs_f64(), answer.is_ok());
         match answer {
             Ok(reply) => {
+                agent.contact.lock().expect("agent state").heard(started);
                 if let Some(since) = unreachable_since.take() {
                     say!(
                         "agent {}: controller reachable again after {:.1} s",

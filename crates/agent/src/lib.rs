@@ -23,6 +23,7 @@ macro_rules! say {
 
 mod chaos;
 pub mod checkpoints;
+mod fence;
 pub mod gpu;
 mod hang;
 mod heartbeat;
@@ -91,6 +92,8 @@ pub(crate) struct Agent {
     /// Rank slots this node offers (discovered or given).
     pub(crate) slots: u32,
     pub(crate) gpus: Mutex<gpu::Monitor>,
+    /// When the controller last answered, and the lease it gave ([`fence`]).
+    pub(crate) contact: Mutex<fence::Contact>,
     /// Bumped at every registration: commands queued before it are not acknowledged after it.
     pub(crate) registration: std::sync::atomic::AtomicU64,
 }
@@ -190,6 +193,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         slots,
         gpus: Mutex::new(gpus),
         registration: std::sync::atomic::AtomicU64::new(0),
+        contact: Mutex::new(fence::Contact::default()),
     });
 
     let app = routes::router(agent.clone());
@@ -200,6 +204,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     });
     tokio::spawn(progress::accept(agent.clone(), progress));
     tokio::spawn(hang::detect(agent.clone()));
+    tokio::spawn(fence::watch(agent.clone()));
     tokio::spawn(supervisor::watch_gpus(agent.clone()));
 
     let result = tokio::select! {

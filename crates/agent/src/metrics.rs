@@ -35,6 +35,7 @@ pub struct AgentMetrics {
     copy_seconds: Family<TierLabels, Histogram>,
     copy_bytes: Family<TierLabels, Counter>,
     hangs: Counter,
+    fenced: Counter,
 }
 
 fn copy_histogram() -> Histogram {
@@ -50,6 +51,7 @@ impl Default for AgentMetrics {
             copy_seconds: Family::new_with_constructor(copy_histogram),
             copy_bytes: Family::default(),
             hangs: Counter::default(),
+            fenced: Counter::default(),
         }
     }
 }
@@ -71,6 +73,10 @@ impl AgentMetrics {
 
     pub fn hang_killed(&self) {
         self.hangs.inc();
+    }
+
+    pub fn fenced(&self, ranks: usize) {
+        self.fenced.inc_by(ranks as u64);
     }
 
     /// The exposition, with the ranks this agent holds (`running`, `exited`) and its GPUs.
@@ -101,6 +107,11 @@ impl AgentMetrics {
             self.copy_bytes.clone(),
         );
         registry.register("hung_ranks_killed", "Ranks found without progress and killed", self.hangs.clone());
+        registry.register(
+            "fenced_ranks_killed",
+            "Ranks killed because the controller was out of reach for the fencing lease",
+            self.fenced.clone(),
+        );
         register_gpus(&mut registry, gpus);
         let mut text = String::new();
         encode(&mut text, &registry).expect("writing to a String cannot fail");

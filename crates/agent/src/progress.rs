@@ -75,7 +75,7 @@ async fn read_lines(agent: Arc<Agent>, stream: tokio::net::UnixStream) {
         let Some(p) = Progress::parse(&buf) else { continue };
         if p.event == Some(ProgressEvent::Checkpoint) {
             if let Some(step) = p.step {
-                agent.checkpoint_taken(p.job_id, step);
+                agent.checkpoint_taken(p.job_id, p.attempt, step);
             }
             continue;
         }

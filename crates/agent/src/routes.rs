@@ -123,14 +123,41 @@ async fn serve_checkpoint_file(
 
 /// A file of a buddy's checkpoint. Files arrive in a temporary directory; the manifest comes last
 /// and commits the directory by renaming it, so a half-received checkpoint never counts.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PutQuery {
+    /// The attempt that wrote the checkpoint.
+    attempt: Option<u32>,
+}
+
+/// Whether a copy from `attempt` comes from an attempt superseded by one this node launched.
+fn superseded(newest_launched: Option<u32>, attempt: Option<u32>) -> bool {
+    matches!((newest_launched, attempt), (Some(newest), Some(a)) if a < newest)
+}
+
 async fn receive_checkpoint_file(
     State(agent): State<Arc<Agent>>,
     path: Result<Path<(JobId, u64, String)>, PathRejection>,
+    q: Result<Query<PutQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Path((job, step, file)) = path.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let Query(q) = q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     checkpoint_path(&agent, job, step, &file)?;
+    // A leader cut off from the controller, not from its buddy, may still send the copies of an
+    // attempt the job has left: they must not replace the new attempt's.
+    let newest = agent.node.lock().expect("agent state").newest_attempt(job);
+    if superseded(newest, q.attempt) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "step {step} of job {job} attempt {} refused: this node runs attempt {}",
+                q.attempt.unwrap_or_default(),
+                newest.unwrap_or_default()
+            ),
+        ));
+    }
     let root = agent.job_memory(job);
     let incoming = root.join(layout::hidden_dir_name(step, "incoming"));
     let io = |e: std::io::Error| {
@@ -166,6 +193,14 @@ async fn wake(State(agent): State<Arc<Agent>>) -> StatusCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_from_an_attempt_older_than_one_launched_here_is_refused() {
+        assert!(superseded(Some(3), Some(2)));
+        assert!(!superseded(Some(3), Some(3)) && !superseded(Some(3), Some(4)));
+        assert!(!superseded(None, Some(0)), "a buddy that runs none of the job's ranks");
+        assert!(!superseded(Some(3), None), "an agent that does not say");
+    }
 
     #[test]
     fn checkpoint_file_names_cannot_leave_the_step_directory() {

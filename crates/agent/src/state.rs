@@ -20,6 +20,8 @@ pub(crate) struct Rank {
     pub step: Option<u64>,
     pub loss: Option<f64>,
     pub stopping: bool,
+    /// Killed by the fencing lease ([`crate::fence`]).
+    pub fenced: bool,
     pub exited_at_ms: Option<u64>,
     /// Last progress message (or the launch): the hang detector's clock.
     pub last_progress: Instant,
@@ -44,6 +46,7 @@ impl Rank {
             step: None,
             loss: None,
             stopping: false,
+            fenced: false,
             exited_at_ms: None,
             last_progress: now,
             speaks: false,
@@ -112,6 +115,8 @@ pub(crate) struct Node {
 }
 
 pub(crate) struct Leader {
+    /// The attempt whose rank 0 this node runs: checkpoints of any other are not copied.
+    pub attempt: u32,
     pub buddy: Option<String>,
     pub persist_dir: PathBuf,
     pub checkpoint_every: u64,
@@ -122,6 +127,11 @@ pub(crate) struct Leader {
 }
 
 impl Node {
+    /// The newest attempt of `job_id` this node has launched ranks of.
+    pub fn newest_attempt(&self, job_id: JobId) -> Option<u32> {
+        self.state.ranks.keys().filter(|k| k.0 == job_id).map(|k| k.1).max()
+    }
+
     /// Pids of the running ranks matching `which`.
     pub fn running_pids(&self, which: impl Fn(&RankKey) -> bool) -> Vec<u32> {
         self.state

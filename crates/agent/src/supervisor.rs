@@ -87,6 +87,7 @@ impl Agent {
             self.node.lock().expect("agent state").leading.insert(
                 spec.job_id,
                 Leader {
+                    attempt: spec.attempt,
                     buddy: spec.buddy.clone(),
                     persist_dir: checkpoint_dir.clone(),
                     checkpoint_every: spec.checkpoint_every.max(1),

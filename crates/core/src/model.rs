@@ -31,9 +31,34 @@ pub struct CoreConfig {
     /// controller stops evicting in a zone the same way).
     pub loss_breaker_fraction: f64,
     pub loss_breaker_min_nodes: usize,
+    /// The fencing lease, in heartbeat intervals: an agent that has not reached the controller
+    /// for this long kills its ranks (it measures from the sending of its last answered
+    /// heartbeat, so it acts no later than the controller's view of its silence). The controller
+    /// relaunches a lost node's work only once that lease (and an interval's margin) has run
+    /// out, or once a rank of the same attempt on a node it still hears from has exited (an
+    /// attempt trains only with all of its ranks: one gone, the rest cannot finish a step).
+    /// Longer than any pause or partition the controller rides out without a restart (three node
+    /// timeouts); 0 turns fencing off.
+    pub fence_lease_heartbeats: u32,
     /// The key each attempt's MYRIAD_COMM_SECRET is derived from: random, from the edge, for a
     /// real controller (the core has no randomness of its own).
     pub comm_secret_key: [u8; 32],
+}
+
+impl CoreConfig {
+    /// The agents' fencing lease (0: none).
+    pub fn lease_ms(&self) -> u64 {
+        self.heartbeat_interval_ms * self.fence_lease_heartbeats as u64
+    }
+
+    /// How long after a lost node's last heartbeat its ranks are surely gone: the lease, and an
+    /// interval and a tick for the kill and the clocks' drift. 0 when fencing is off.
+    pub fn fenced_after_ms(&self) -> u64 {
+        match self.lease_ms() {
+            0 => 0,
+            lease => lease + self.heartbeat_interval_ms + self.tick_ms,
+        }
+    }
 }
 
 impl Default for CoreConfig {
@@ -54,6 +79,7 @@ impl Default for CoreConfig {
             straggler_evict_checks: 3,
             loss_breaker_fraction: 0.5,
             loss_breaker_min_nodes: 2,
+            fence_lease_heartbeats: 15,
             comm_secret_key: [0; 32],
         }
     }

@@ -102,7 +102,10 @@ impl Core {
             }
         }
         self.schedule(now_ms);
-        Ok(RegisterReply { heartbeat_interval_ms: self.cfg.heartbeat_interval_ms })
+        Ok(RegisterReply {
+            heartbeat_interval_ms: self.cfg.heartbeat_interval_ms,
+            lease_ms: self.cfg.lease_ms(),
+        })
     }
 
     pub fn heartbeat(
@@ -183,6 +186,8 @@ impl Core {
         touched.extend(reported.keys().map(|&(job_id, _)| job_id));
         for job_id in touched {
             self.try_release(name, job_id, now_ms);
+            // A rank of this node that exited may be what fences the attempt's lost nodes.
+            self.release_lost_nodes_of(job_id, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
         if self.schedule_due {
@@ -287,7 +292,19 @@ impl Core {
             timeout_ms.saturating_sub(hb + 2 * self.cfg.tick_ms).max(hb + hb / 2).min(timeout_ms);
         // One pass over the nodes every tick: at 12,500 of them this is the controller's hot path.
         let (mut healthy, mut approaching, mut silent) = (0usize, 0usize, Vec::new());
-        for n in self.nodes.values().filter(|n| n.health == Health::Healthy) {
+        // Lost nodes still holding an ended attempt's slots whose lease has just run out.
+        let fenced_after_ms = self.cfg.fenced_after_ms();
+        let mut fenced: Vec<(String, JobId)> = Vec::new();
+        for n in self.nodes.values() {
+            if n.health != Health::Healthy {
+                if n.health == Health::Lost
+                    && !n.allocations.is_empty()
+                    && now_ms >= n.last_heartbeat_ms + fenced_after_ms
+                {
+                    fenced.extend(n.allocations.iter().map(|a| (n.name.clone(), a.job_id)));
+                }
+                continue;
+            }
             healthy += 1;
             let age_ms = now_ms.saturating_sub(n.last_heartbeat_ms);
             approaching += (age_ms > approaching_ms) as usize;
@@ -341,6 +358,10 @@ impl Core {
                 self.try_release(&name, job_id, now_ms);
                 self.maybe_finish_attempt(job_id, now_ms);
             }
+        }
+        for (name, job_id) in fenced {
+            self.try_release(&name, job_id, now_ms);
+            self.maybe_finish_attempt(job_id, now_ms);
         }
         let late: Vec<(JobId, u32)> = self
             .jobs

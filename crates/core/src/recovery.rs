@@ -329,10 +329,11 @@ impl Core {
     /// Returns a node's slots for an ended attempt once none of its ranks can still be running:
     /// the node is lost, or its last report shows none running, its rank table shows none running,
     /// and no launch for the attempt waits undelivered.
-    pub(crate) fn try_release(&mut self, name: &str, job_id: JobId, _now_ms: u64) {
+    pub(crate) fn try_release(&mut self, name: &str, job_id: JobId, now_ms: u64) {
         let job = self.jobs.get(&job_id);
         let current = job.and_then(|j| j.attempt.as_ref());
         let node = &self.nodes[name];
+        let fenced_after_ms = self.cfg.fenced_after_ms();
         let releasable: Vec<u32> = node
             .allocations
             .iter()
@@ -343,8 +344,11 @@ impl Core {
                 if active {
                     return false;
                 }
+                // A lost node's ranks may still run, cut off from the controller alone: its slots
+                // come back (and the job moves on) once they are fenced.
                 if node.health == Health::Lost {
-                    return true;
+                    return now_ms >= node.last_heartbeat_ms + fenced_after_ms
+                        || current.is_some_and(|a| a.number == attempt && self.a_rank_exited_elsewhere(a));
                 }
                 let table_running = match (job, current) {
                     (Some(job), Some(a)) if a.number == attempt => {
@@ -371,6 +375,35 @@ impl Core {
             self.dirty_node(name);
             self.released(name, job_id, attempt);
             self.schedule_due = true;
+        }
+    }
+
+    /// Whether a rank of attempt `a` on a node still heard from has exited: the attempt's ranks
+    /// on lost nodes can then finish no step (every step needs every rank), so they are fenced.
+    fn a_rank_exited_elsewhere(&self, a: &Attempt) -> bool {
+        let nproc = a.ranks.len() / a.nodes.len().max(1);
+        a.nodes.iter().enumerate().any(|(g, n)| {
+            self.nodes.get(n).is_some_and(|n| n.health == Health::Healthy)
+                && a.ranks[g * nproc..(g + 1) * nproc]
+                    .iter()
+                    .any(|r| matches!(r, Some(RankState::Exited { .. })))
+        })
+    }
+
+    /// Retries the release of `job_id`'s lost nodes (a rank elsewhere exited: they are fenced).
+    pub(crate) fn release_lost_nodes_of(&mut self, job_id: JobId, now_ms: u64) {
+        let Some(a) = self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref()) else { return };
+        if a.outcome.is_none() {
+            return;
+        }
+        let lost: Vec<String> = a
+            .nodes
+            .iter()
+            .filter(|n| self.nodes.get(*n).is_some_and(|n| n.health == Health::Lost))
+            .cloned()
+            .collect();
+        for n in lost {
+            self.try_release(&n, job_id, now_ms);
         }
     }
 

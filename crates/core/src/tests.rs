@@ -283,6 +283,58 @@ fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
 }
 
 #[test]
+fn a_lost_nodes_single_node_job_moves_only_once_the_nodes_lease_has_fenced_its_ranks() {
+    let mut w = World::new(&[("a", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(1, 1, 2);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a"]);
+    // a is cut off from the controller: its rank may train on, alone, with nobody to stop it.
+    let last_heartbeat_ms = w.core.node("a").unwrap().last_heartbeat_ms;
+    let cut = w.agents.remove("a").unwrap();
+    let fenced_ms = last_heartbeat_ms + w.core.config().fenced_after_ms();
+    assert!(w.core.config().lease_ms() > 3 * 3 * 1000, "the lease outlasts three node timeouts");
+    let mut moved_ms = None;
+    for _ in 0..30 {
+        w.round();
+        let job = w.core.job(id).unwrap();
+        if job.attempt.as_ref().unwrap().nodes == ["s"] {
+            moved_ms.get_or_insert(w.now_ms);
+        }
+        if moved_ms.is_none() {
+            assert!(w.now_ms < fenced_ms + 1000, "the job waits no longer than the lease");
+        }
+    }
+    let moved_ms = moved_ms.expect("the job moved to the spare");
+    assert!(moved_ms >= fenced_ms, "moved at {moved_ms}, before a's lease ran out at {fenced_ms}");
+    assert_eq!(w.core.job(id).unwrap().state, JobState::Running);
+    drop(cut);
+}
+
+#[test]
+fn a_lost_nodes_share_of_a_multi_node_job_is_fenced_by_its_peers_exit_without_waiting_the_lease() {
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(2, 1, 2);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    let last_heartbeat_ms = w.core.node("b").unwrap().last_heartbeat_ms;
+    let _cut = w.agents.remove("b").unwrap();
+    for _ in 0..8 {
+        w.round();
+    }
+    // a's rank was stopped and reported gone: b's rank cannot finish a step without it.
+    let job = w.core.job(id).unwrap();
+    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"]);
+    assert!(w.now_ms < last_heartbeat_ms + w.core.config().lease_ms(), "moved before the lease ran out");
+}
+
+#[test]
 fn a_failed_gpu_fails_the_nodes_attempt_and_keeps_it_out_until_its_checks_pass() {
     let mut w = World::new(&[("a", 2, false), ("b", 2, false), ("s", 2, true)]);
     let mut spec = World::spec(2, 2, 3);

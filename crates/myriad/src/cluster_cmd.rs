@@ -101,17 +101,30 @@ pub struct ControllerArgs {
     /// row has its node swapped for a free spare of the job; 0 only reports stragglers.
     #[arg(long, default_value_t = 3)]
     straggler_evict_checks: u32,
+    /// Fencing: an agent out of reach of the controller for this many heartbeat intervals kills
+    /// its ranks, and a lost node's work moves only once that lease ran out (or a rank of the
+    /// same attempt elsewhere exited). Longer than three node timeouts, so that pauses and
+    /// partitions the controller rides out kill nothing; 0 turns fencing off.
+    #[arg(long, default_value_t = 15)]
+    fence_lease_heartbeats: u32,
 }
 
 pub fn controller(a: ControllerArgs) -> Result<(), String> {
     if a.heartbeat_ms < 10 {
         return Err(format!("--heartbeat-ms {} must be at least 10", a.heartbeat_ms));
     }
+    if a.fence_lease_heartbeats != 0 && a.fence_lease_heartbeats <= 9 {
+        return Err(format!(
+            "--fence-lease-heartbeats {} must be 0 (off) or more than 9: a lease within three node timeouts would kill ranks through a pause the controller rides out",
+            a.fence_lease_heartbeats
+        ));
+    }
     let cfg = CoreConfig {
         heartbeat_interval_ms: a.heartbeat_ms,
         launch_timeout_ms: a.launch_timeout_s * 1000,
         tick_ms: (a.heartbeat_ms / 10).max(5),
         straggler_evict_checks: a.straggler_evict_checks,
+        fence_lease_heartbeats: a.fence_lease_heartbeats,
         ..CoreConfig::default()
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

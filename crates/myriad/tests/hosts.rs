@@ -381,3 +381,96 @@ fn a_job_whose_hosts_all_lose_the_controller_trains_on_and_is_not_restarted() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Unix time in ms, the clock the controller's events carry.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Pids of the running ranks of `job`'s attempt `attempt` on this machine (every namespace's
+/// processes are visible here), by their environment.
+fn rank_pids(job: u64, attempt: u32) -> Vec<u32> {
+    let (id, at) = (format!("MYRIAD_JOB_ID={job}"), format!("MYRIAD_ATTEMPT={attempt}"));
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+            !zombie && vars.contains(&id.as_bytes()) && vars.contains(&at.as_bytes())
+        })
+        .collect()
+}
+
+#[test]
+fn a_single_node_job_cut_off_from_the_controller_is_fenced_before_its_work_moves() {
+    let Some(net) = Net::new("c", 3) else { return };
+    let dir = scratch("hosts-fence");
+    // host-1 runs the job; host-2 is its spare.
+    let cluster = Cluster::start(&dir, net, 1);
+    let args = [
+        "submit",
+        "--json",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--spares",
+        "1",
+        "--max-restarts",
+        "3",
+        "--",
+        exe(),
+        "train",
+        "--preset",
+        "tiny",
+        "--batch",
+        "8",
+        "--seq",
+        "64",
+        "--steps",
+        "1000000",
+        "--peak-gflops",
+        "100",
+    ];
+    let id = cluster.cli_json(&args)["id"].as_u64().expect("submitted");
+    cluster.wait_step(id, 20);
+    assert_eq!(cluster.job(id)["job"]["nodes"], serde_json::json!(["host-1"]));
+    assert_eq!(rank_pids(id, 0).len(), 2, "both ranks of attempt 0 run");
+    // host-1 loses the controller, nothing else: alone, its ranks could train on for ever.
+    let cut_ms = unix_ms();
+    cluster.net.cut(1, 0);
+    let gone_ms = wait_for("the cut-off ranks to be fenced", Duration::from_secs(40), || {
+        rank_pids(id, 0).is_empty().then(unix_ms)
+    });
+    let moved = wait_for("the job to move to the spare", Duration::from_secs(40), || {
+        let s = cluster.job(id);
+        (s["job"]["attempt"].as_u64()? >= 1 && s["job"]["state"] == "running").then_some(s)
+    });
+    assert_eq!(moved["job"]["nodes"], serde_json::json!(["host-2"]), "{moved}");
+    let launched_ms = moved["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "launching" && e["message"].as_str().unwrap_or("").starts_with("attempt 1"))
+        .and_then(|e| e["time_ms"].as_u64())
+        .expect("attempt 1 launched");
+    eprintln!(
+        "fenced {} ms after the cut; attempt 1 launched {} ms after the cut",
+        gone_ms - cut_ms,
+        launched_ms - cut_ms
+    );
+    // The 15 s lease (1 s heartbeats) ran out before the controller let the work move: at no
+    // moment did two attempts of the job run.
+    assert!(gone_ms <= launched_ms, "attempt 1 launched at {launched_ms}, attempt 0 gone only at {gone_ms}");
+    assert!(gone_ms - cut_ms >= 13_000, "fenced after {} ms: before the lease ran out", gone_ms - cut_ms);
+    let log = std::fs::read_to_string(dir.join("host-1.log")).unwrap();
+    assert!(log.contains("out of reach for the 15.0 s lease: killing 2 ranks"), "{log}");
+    cluster.net.heal(1, 0);
+    cluster.cli_json(&["cancel", &id.to_string(), "--json"]);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}

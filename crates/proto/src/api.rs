@@ -68,6 +68,10 @@ pub struct GpuFinding {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct RegisterReply {
     pub heartbeat_interval_ms: u64,
+    /// The fencing lease: an agent that has not reached the controller for this long kills its
+    /// ranks, for the controller may have moved their work (0 or absent: no fencing).
+    #[serde(default)]
+    pub lease_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
