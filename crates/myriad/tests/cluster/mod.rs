@@ -456,3 +456,63 @@ fn a_job_hit_by_every_kind_of_fault_ends_bitwise_identical_to_one_that_never_fai
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn two_jobs_sharing_a_checkpoint_directory_never_restore_each_others_step() {
+    let dir = scratch("shared-checkpoints");
+    let _cluster = up(&dir, &["--nodes", "1", "--slots", "1"]);
+    // Both jobs persist every checkpoint (every 5 steps) into the same directory, and restart
+    // from checkpoint directories only.
+    let job = |steps: &str, restarts: &str| {
+        let args = [
+            "--max-restarts",
+            restarts,
+            "--checkpoint-dir",
+            "shared",
+            "--checkpoint-every",
+            "5",
+            "--persist-every",
+            "1",
+            "--env",
+            "MYRIAD_LIVE_STATE=0",
+            "--",
+            exe(),
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            steps,
+            "--batch",
+            "4",
+            "--seq",
+            "32",
+            "--peak-gflops",
+            "100",
+        ];
+        submit(&dir, &args)
+    };
+    let first = job("60", "0");
+    let done = wait_job_state(&dir, first, &["succeeded", "failed"], Duration::from_secs(120));
+    assert_eq!(done["job"]["state"], "succeeded", "{done:#}");
+    // The second job is killed early: job 1's step 60 is the newest in the directory, its own
+    // newest is far older.
+    let second = job("1000000", "1");
+    wait_for("job 2 to pass step 12", Duration::from_secs(60), || {
+        (job_state(&dir, second)["job"]["step"].as_u64()? >= 12).then_some(())
+    });
+    let killed = cli(&dir, &["chaos", "kill-rank", "--job", &second.to_string()]);
+    assert!(killed.status.success(), "{}", String::from_utf8_lossy(&killed.stderr));
+    let killed_at = job_state(&dir, second)["job"]["step"].as_u64().unwrap();
+    let recovered = wait_for("job 2 to recover", Duration::from_secs(60), || {
+        events(&dir, second).into_iter().find(|e| e["kind"] == "recovered")
+    });
+    let restored = recovered["data"]["restore_step"].as_u64().unwrap();
+    assert!(restored <= killed_at + 5, "job 2 restored step {restored} (it was at {killed_at}): {recovered}");
+    let persisted: Vec<String> = std::fs::read_dir(dir.join(".myriad/checkpoints/shared"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(persisted.iter().any(|n| n == "step_00000060"), "job 1's step 60 is still there: {persisted:?}");
+    assert!(cli(&dir, &["cancel", &second.to_string()]).status.success());
+    wait_job_state(&dir, second, &["cancelled", "failed", "succeeded"], Duration::from_secs(60));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
