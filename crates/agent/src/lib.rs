@@ -120,7 +120,19 @@ pub fn run(cfg: AgentConfig) -> Result<(), String> {
 /// Creates `dir` (and its parents) and makes it this user's alone: rank logs, the progress socket
 /// and in-memory checkpoints are nobody else's to read.
 fn private_dir(what: &str, dir: &std::path::Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // In a shared directory (/dev/shm, /tmp) someone else may have put a link or a directory of
+    // their own at the name: never follow or adopt it.
+    if let Ok(m) = std::fs::symlink_metadata(dir) {
+        // SAFETY: geteuid(2) has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        if m.file_type().is_symlink() || !m.is_dir() || m.uid() != me {
+            return Err(format!(
+                "{what} {} exists and is not a directory of this user's (a link, a file or another user's)",
+                dir.display()
+            ));
+        }
+    }
     std::fs::create_dir_all(dir)
         .and_then(|_| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
         .map_err(|e| format!("{what} {}: {e}", dir.display()))
@@ -216,4 +228,25 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     // A node that goes away takes its memory with it.
     let _ = std::fs::remove_dir_all(&agent.cfg.memory_root);
     result
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_private_directory_is_never_a_link_or_a_file_someone_put_there() {
+        let root = std::env::temp_dir().join(format!("myriad-agent-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("elsewhere")).unwrap();
+        let link = root.join("memory");
+        std::os::unix::fs::symlink(root.join("elsewhere"), &link).unwrap();
+        let e = super::private_dir("memory root", &link).unwrap_err();
+        assert!(e.contains("is not a directory of this user's"), "{e}");
+        std::fs::write(root.join("file"), b"").unwrap();
+        assert!(super::private_dir("memory root", &root.join("file")).is_err());
+        let fresh = root.join("fresh/memory");
+        super::private_dir("memory root", &fresh).unwrap();
+        // Its own directory again (an agent restarted with the same name) is fine.
+        super::private_dir("memory root", &fresh).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

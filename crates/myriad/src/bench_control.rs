@@ -49,9 +49,7 @@ pub fn run(args: ControlPlaneArgs) -> Result<(), String> {
         return Err("--threads must be at least 1".into());
     }
     raise_open_file_limit();
-    let dir = std::env::temp_dir().join(format!("myriad-bench-cp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let dir = net::auth::private_temp_dir(&std::env::temp_dir(), "myriad-bench-cp")?;
     let controller = ControllerProcess::start(&dir, args.heartbeat_ms);
     let result = controller.and_then(|c| {
         let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -102,7 +102,7 @@ pub fn run(a: DemoArgs) -> Result<(), String> {
             a.spares
         ));
     }
-    let dir = std::env::temp_dir().join(format!("myriad-demo-{}", std::process::id()));
+    let dir = net::auth::private_temp_dir(&std::env::temp_dir(), "myriad-demo")?;
     let opts = LocalOptions {
         nodes: a.nodes,
         slots: 1,

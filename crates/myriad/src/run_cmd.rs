@@ -114,7 +114,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
             Client::new(url, &token, Duration::from_secs(15))?
         }
         None => {
-            let dir = std::env::temp_dir().join(format!("myriad-run-{}", std::process::id()));
+            let dir = net::auth::private_temp_dir(&std::env::temp_dir(), "myriad-run")?;
             let opts = LocalOptions {
                 nodes,
                 slots: a.nproc_per_node,

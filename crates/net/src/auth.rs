@@ -43,6 +43,17 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N], String> {
     Ok(raw)
 }
 
+/// A new directory `prefix-<16 random hex digits>` under `parent`, this user's alone (0700).
+/// The name cannot be guessed and the directory must not exist yet, so nobody else's directory
+/// or link in a shared /tmp is ever taken for it.
+pub fn private_temp_dir(parent: &Path, prefix: &str) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let suffix: String = random_bytes::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
+    let dir = parent.join(format!("{prefix}-{suffix}"));
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
+}
+
 /// Reads an existing token file (agents and the CLI).
 pub fn read_token(path: &Path) -> Result<String, String> {
     let token = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
@@ -72,6 +83,18 @@ pub fn bearer_matches(header: Option<&[u8]>, token: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_private_temporary_directory_is_new_unguessable_and_this_users_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = std::env::temp_dir();
+        let (a, b) =
+            (private_temp_dir(&parent, "myriad-t").unwrap(), private_temp_dir(&parent, "myriad-t").unwrap());
+        assert_ne!(a, b);
+        assert_eq!(std::fs::metadata(&a).unwrap().permissions().mode() & 0o777, 0o700);
+        std::fs::remove_dir(&a).unwrap();
+        std::fs::remove_dir(&b).unwrap();
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

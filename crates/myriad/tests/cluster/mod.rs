@@ -494,6 +494,11 @@ fn two_jobs_sharing_a_checkpoint_directory_never_restore_each_others_step() {
     let first = job("60", "0");
     let done = wait_job_state(&dir, first, &["succeeded", "failed"], Duration::from_secs(120));
     assert_eq!(done["job"]["state"], "succeeded", "{done:#}");
+    // The agent persists job 1's last checkpoint after its ranks are gone.
+    let shared = dir.join(".myriad/checkpoints/shared");
+    wait_for("job 1's step 60 to be persisted", Duration::from_secs(30), || {
+        shared.join("step_00000060/manifest.json").is_file().then_some(())
+    });
     // The second job is killed early: job 1's step 60 is the newest in the directory, its own
     // newest is far older.
     let second = job("1000000", "1");
@@ -508,10 +513,7 @@ fn two_jobs_sharing_a_checkpoint_directory_never_restore_each_others_step() {
     });
     let restored = recovered["data"]["restore_step"].as_u64().unwrap();
     assert!(restored <= killed_at + 5, "job 2 restored step {restored} (it was at {killed_at}): {recovered}");
-    let persisted: Vec<String> = std::fs::read_dir(dir.join(".myriad/checkpoints/shared"))
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
-        .unwrap_or_default();
-    assert!(persisted.iter().any(|n| n == "step_00000060"), "job 1's step 60 is still there: {persisted:?}");
+    assert!(shared.join("step_00000060/manifest.json").is_file(), "job 1's step 60 is still there");
     assert!(cli(&dir, &["cancel", &second.to_string()]).status.success());
     wait_job_state(&dir, second, &["cancelled", "failed", "succeeded"], Duration::from_secs(60));
     std::fs::remove_dir_all(&dir).unwrap();
