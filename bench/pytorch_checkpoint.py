@@ -5,7 +5,9 @@ moments) against one training step of the same model, and the restore time.
 
 Prints medians of --repeats runs: the training step, the hand-off (what `save` costs the training
 thread: copying every tensor), the background write (SHA-256 and files on the memory tier), and
-`load` (read, verify, rebuild). Needs PyTorch; runs on the CPU."""
+`load` (read, verify, rebuild); beside them, in the same run, the peer a script would otherwise
+use: a synchronous `torch.save` of the same state into the same directory, and `torch.load`.
+Needs PyTorch; runs on the CPU."""
 
 import argparse
 import json
@@ -73,7 +75,7 @@ def main():
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     idx = torch.randint(0, 50257, (a.batch, a.seq + 1))
-    steps, handoffs, writes, loads = [], [], [], []
+    steps, handoffs, writes, loads, saves, torch_loads = [], [], [], [], [], []
     try:
         for i in range(a.repeats + 1):
             t0 = time.perf_counter()
@@ -93,12 +95,21 @@ def main():
             t4 = time.perf_counter()
             assert restored.step == i + 1
             del restored
+            peer = os.path.join(root, "torch-save.pt")
+            t5 = time.perf_counter()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, peer)
+            t6 = time.perf_counter()
+            torch.load(peer, weights_only=True)
+            t7 = time.perf_counter()
+            os.remove(peer)
             if i == 0:
                 continue  # the first step warms allocators and caches
             steps.append(t1 - t0)
             handoffs.append(t2 - t1)
             writes.append(t3 - t2)
             loads.append(t4 - t3)
+            saves.append(t6 - t5)
+            torch_loads.append(t7 - t6)
         state_bytes = sum(
             os.path.getsize(os.path.join(root, f"step_{a.repeats + 1:08d}", n))
             for n in os.listdir(os.path.join(root, f"step_{a.repeats + 1:08d}"))
@@ -121,6 +132,10 @@ def main():
         "background_write_s": med(writes),
         "write_gb_per_s": state_bytes / med(writes) / 1e9,
         "load_s": med(loads),
+        "torch_save_s": med(saves),
+        "handoff_vs_torch_save": med(handoffs) / med(saves),
+        "torch_load_s": med(torch_loads),
+        "load_vs_torch_load": med(loads) / med(torch_loads),
     }
     print(json.dumps(out, indent=1))
 

@@ -17,6 +17,9 @@ use crate::{checkpoints, gpu, python, unix_ms, Agent};
 
 /// Under a job's memory directory: its ranks' live state slots (the trainer's `train::live`).
 const LIVE_DIR: &str = "live";
+/// Longest an ended job's memory is kept for a copy of its checkpoints to finish (the copy's own
+/// deadline per file is two minutes).
+const PURGE_WAIT: Duration = Duration::from_secs(600);
 /// How long a launch waits for the previous attempt's ranks here to be gone.
 const RETIRE_DEADLINE: Duration = Duration::from_secs(5);
 /// Exit code reported for ranks that could not start because their checkpoint failed to verify.
@@ -58,14 +61,31 @@ impl Agent {
                 }
             }
             Todo::Launch { spec, fresh } => self.launch(spec, fresh).await,
+            // The job's last checkpoint may still be on its way to the buddy and the persisted
+            // tier: its memory goes once the copies are done (off the executor, which carries
+            // out other jobs' commands meanwhile).
             Todo::Purge { job_id } => {
-                let _ = std::fs::remove_dir_all(self.job_memory(job_id));
-                let mut node = self.node.lock().expect("agent state");
-                node.leading.remove(&job_id);
-                node.bad.retain(|b| b.job_id != job_id);
+                tokio::spawn(self.clone().purge_once_copied(job_id));
             }
             Todo::Stop { ranks } => self.stop(ranks),
         }
+    }
+
+    /// Removes an ended job's memory tier and leadership once no copy of its checkpoints is under
+    /// way (or after [`PURGE_WAIT`], should one never end).
+    async fn purge_once_copied(self: Arc<Self>, job_id: JobId) {
+        let deadline = Instant::now() + PURGE_WAIT;
+        loop {
+            let copying = self.node.lock().expect("agent state").leading.get(&job_id).is_some_and(|l| l.busy);
+            if !copying || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = std::fs::remove_dir_all(self.job_memory(job_id));
+        let mut node = self.node.lock().expect("agent state");
+        node.leading.remove(&job_id);
+        node.bad.retain(|b| b.job_id != job_id);
     }
 
     async fn launch(self: &Arc<Self>, spec: &LaunchSpec, fresh: Vec<u32>) {
