@@ -88,6 +88,8 @@ pub struct Core {
     /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
     /// every heartbeat is quadratic per round at 1,250 nodes. `tick` schedules regardless.
     schedule_due: bool,
+    /// Jobs whose attempt just saw its first rank exit: their lost nodes are fenced now.
+    exit_fenced: Vec<JobId>,
     /// Node losses are held back: too many nodes went silent at once.
     breaker_open: bool,
     /// Times the edge found the controller had not run (paused, stalled) and granted every node
@@ -136,6 +138,7 @@ impl Core {
             dirty_nodes: BTreeSet::new(),
             events: Vec::new(),
             schedule_due: false,
+            exit_fenced: Vec::new(),
             breaker_open: false,
             stalls: 0,
         }

@@ -243,6 +243,11 @@ pub struct Attempt {
     /// Checks in a row each rank has been found straggling (not persisted: it starts again).
     #[serde(skip)]
     pub straggling_checks: BTreeMap<u32, u32>,
+    /// A rank of the attempt was reported exited (by a node heartbeating, so a node still heard
+    /// from): its ranks on lost nodes can finish no step, they are fenced. Not persisted: a
+    /// restarted controller waits out the leases instead.
+    #[serde(skip)]
+    pub rank_exited: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

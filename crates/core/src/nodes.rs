@@ -184,10 +184,13 @@ impl Core {
         self.nodes.get_mut(name).expect("checked above").reported_running = reported.clone();
         let mut touched: BTreeSet<JobId> = self.nodes[name].allocations.iter().map(|a| a.job_id).collect();
         touched.extend(reported.keys().map(|&(job_id, _)| job_id));
+        // An attempt's first rank to exit fences its ranks on lost nodes.
+        for job_id in std::mem::take(&mut self.exit_fenced) {
+            self.release_lost_nodes_of(job_id, now_ms);
+            touched.insert(job_id);
+        }
         for job_id in touched {
             self.try_release(name, job_id, now_ms);
-            // A rank of this node that exited may be what fences the attempt's lost nodes.
-            self.release_lost_nodes_of(job_id, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
         if self.schedule_due {

@@ -161,6 +161,10 @@ impl Core {
             matches!(state, RankState::Exited { .. }) && !matches!(slot, Some(RankState::Exited { .. }));
         a.reported += slot.is_none() as u32;
         *slot = Some(state);
+        if newly_exited && !a.rank_exited {
+            a.rank_exited = true;
+            self.exit_fenced.push(job_id);
+        }
         self.dirty_jobs.insert(job_id);
         let all_reported = a.reported as usize == a.ranks.len();
         let ending = a.outcome.is_some();
@@ -381,21 +385,14 @@ impl Core {
     /// Whether a rank of attempt `a` on a node still heard from has exited: the attempt's ranks
     /// on lost nodes can then finish no step (every step needs every rank), so they are fenced.
     fn a_rank_exited_elsewhere(&self, a: &Attempt) -> bool {
-        let nproc = a.ranks.len() / a.nodes.len().max(1);
-        a.nodes.iter().enumerate().any(|(g, n)| {
-            self.nodes.get(n).is_some_and(|n| n.health == Health::Healthy)
-                && a.ranks[g * nproc..(g + 1) * nproc]
-                    .iter()
-                    .any(|r| matches!(r, Some(RankState::Exited { .. })))
-        })
+        a.rank_exited
     }
 
     /// Retries the release of `job_id`'s lost nodes (a rank elsewhere exited: they are fenced).
+    /// Once per attempt, when its first rank exits: at 12,500 nodes a pass per report would be
+    /// quadratic in a restart.
     pub(crate) fn release_lost_nodes_of(&mut self, job_id: JobId, now_ms: u64) {
         let Some(a) = self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref()) else { return };
-        if a.outcome.is_none() {
-            return;
-        }
         let lost: Vec<String> = a
             .nodes
             .iter()

@@ -277,6 +277,7 @@ impl Core {
             stragglers: BTreeSet::new(),
             straggler_checked_ms: now_ms,
             straggling_checks: BTreeMap::new(),
+            rank_exited: false,
         });
         job.placements.push(nodes.clone());
         if job.placements.len() > PLACEMENTS_KEPT {

@@ -154,6 +154,7 @@ impl<'a> Engine<'a> {
             heartbeat_interval_ms,
             launch_timeout_ms: ms(LAUNCH_TIMEOUT_S),
             tick_ms: TICK_MS,
+            fence_lease_heartbeats: cfg.fence_lease_heartbeats,
             ..CoreConfig::default()
         };
         let timeout_ms = (heartbeat_interval_ms * core_cfg.node_timeout_heartbeats as u64)

@@ -12,6 +12,7 @@ mod engine;
 pub mod rates;
 mod rng;
 
+use myriad_core::CoreConfig;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -64,6 +65,9 @@ pub struct Config {
     pub persist_stall_s: f64,
     /// Agent heartbeat interval; a node is lost after three silent ones.
     pub heartbeat_s: f64,
+    /// The controller's fencing lease in heartbeat intervals (`CoreConfig::fence_lease_heartbeats`;
+    /// 0: none, as in a replay of a run whose stack had no such lease).
+    pub fence_lease_heartbeats: u32,
     /// From a rank's crash to its agent's report.
     pub crash_detect_s: f64,
     /// A rank is hung after max(floor, factor × step time) without progress.
@@ -109,6 +113,7 @@ impl Default for Config {
             persist_every_steps: 100,
             persist_stall_s: 0.5,
             heartbeat_s: 1.0,
+            fence_lease_heartbeats: CoreConfig::default().fence_lease_heartbeats,
             crash_detect_s: 0.1,
             hang_floor_s: 4.0,
             hang_factor: 4.0,
@@ -145,6 +150,9 @@ impl Config {
             persist_every_steps: 50,
             persist_stall_s: 10.0,
             heartbeat_s: 60.0,
+            // Llama 3's stack found lost nodes through its collectives' timeouts; nothing
+            // waited a lease before moving their work.
+            fence_lease_heartbeats: 0,
             crash_detect_s: 60.0,
             hang_floor_s: 600.0,
             hang_factor: 0.0,
