@@ -109,11 +109,13 @@ class _RegisteringLoader(importlib.abc.Loader):
 
 
 _installed = False
+# The stack dump's file, open for the process's life (see install).
+_stack_out = None
 
 
 def install():
     """Called by the agent's sitecustomize; does nothing outside an agent or when done before."""
-    global _installed
+    global _installed, _stack_out
     if _installed or not _agent.link().active:
         return
     _installed = True
@@ -123,7 +125,6 @@ def install():
             # Kept open for the process's life: faulthandler writes to the descriptor from a
             # signal handler, where nothing may be opened.
             fd = os.open(stack_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            global _stack_out
             _stack_out = os.fdopen(fd, "w")
             faulthandler.register(signal.SIGUSR2, file=_stack_out, all_threads=True)
         except (OSError, ValueError, RuntimeError):
@@ -134,5 +135,3 @@ def install():
     else:
         sys.meta_path.insert(0, _WatchOptimizerImport())
 
-
-_stack_out = None

@@ -352,7 +352,7 @@ impl Core {
                 // come back (and the job moves on) once they are fenced.
                 if node.health == Health::Lost {
                     return now_ms >= node.last_heartbeat_ms + fenced_after_ms
-                        || current.is_some_and(|a| a.number == attempt && self.a_rank_exited_elsewhere(a));
+                        || current.is_some_and(|a| a.number == attempt && a.rank_exited);
                 }
                 let table_running = match (job, current) {
                     (Some(job), Some(a)) if a.number == attempt => {
@@ -380,12 +380,6 @@ impl Core {
             self.released(name, job_id, attempt);
             self.schedule_due = true;
         }
-    }
-
-    /// Whether a rank of attempt `a` on a node still heard from has exited: the attempt's ranks
-    /// on lost nodes can then finish no step (every step needs every rank), so they are fenced.
-    fn a_rank_exited_elsewhere(&self, a: &Attempt) -> bool {
-        a.rank_exited
     }
 
     /// Retries the release of `job_id`'s lost nodes (a rank elsewhere exited: they are fenced).
