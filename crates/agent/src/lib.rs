@@ -29,6 +29,7 @@ mod hang;
 mod heartbeat;
 pub mod loadgen;
 pub mod metrics;
+mod netif;
 mod progress;
 mod python;
 mod routes;
@@ -88,6 +89,8 @@ pub(crate) struct Agent {
     pub(crate) socket_path: PathBuf,
     /// The agent's Python package, first on every Python rank's path ([`python`]).
     pub(crate) python: PathBuf,
+    /// The interface holding `--addr`, for Gloo ([`netif`]).
+    pub(crate) interface: Option<String>,
     pub(crate) metrics: metrics::AgentMetrics,
     /// Rank slots this node offers (discovered or given).
     pub(crate) slots: u32,
@@ -194,6 +197,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     }
     private_dir("memory root", &cfg.memory_root)?;
     let python = python::install(&cfg.work_dir)?;
+    let interface = netif::interface_of(&cfg.addr);
     let agent = Arc::new(Agent {
         cfg,
         node: Mutex::new(state::Node::default()),
@@ -201,6 +205,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         silent_until: Mutex::new(None),
         socket_path,
         python,
+        interface,
         metrics: metrics::AgentMetrics::default(),
         slots,
         gpus: Mutex::new(gpus),

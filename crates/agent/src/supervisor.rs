@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::state::{Leader, Rank};
-use crate::{checkpoints, gpu, python, unix_ms, Agent};
+use crate::{checkpoints, gpu, netif, python, unix_ms, Agent};
 
 /// Under a job's memory directory: its ranks' live state slots (the trainer's `train::live`).
 const LIVE_DIR: &str = "live";
@@ -188,6 +188,8 @@ impl Agent {
             let stack_file = dir.join(format!("rank-{local_rank}.pystack"));
             let inherited = std::env::var(proto::env::PYTHONPATH).ok();
             env.extend(python::rank_env(&self.python, &spec.env, inherited, &stack_file));
+            let node_has_it = std::env::var_os(proto::env::GLOO_SOCKET_IFNAME).is_some();
+            env.extend(netif::rank_env(self.interface.as_deref(), &spec.env, node_has_it));
             let outcome = std::fs::create_dir_all(&dir)
                 .and_then(|_| std::fs::create_dir_all(&checkpoint_dir))
                 .map_err(|e| format!("cannot create {} or {}: {e}", dir.display(), checkpoint_dir.display()))

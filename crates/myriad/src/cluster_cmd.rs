@@ -243,7 +243,7 @@ pub fn default_memory_dir(name: &str, pid: u32, work_dir: &Path) -> PathBuf {
     }
 }
 
-fn absolute(p: &Path) -> Result<PathBuf, String> {
+pub fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }
 

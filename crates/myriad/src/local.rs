@@ -59,21 +59,13 @@ impl LocalCluster {
             controller_restarts: 0,
         };
         let deadline = Instant::now() + opts.startup_timeout;
-        cluster.url = loop {
-            if let Ok(url) = std::fs::read_to_string(&url_file) {
-                break url.trim().to_string();
-            }
-            if let Some(status) = cluster.controller.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                return Err(format!(
-                    "the controller exited ({status}); see {}",
-                    logs.join("controller.log").display()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("the controller did not start within {:?}", opts.startup_timeout));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let controller_log = logs.join("controller.log");
+        cluster.url = wait_for_url(
+            cluster.controller.as_mut().expect("started"),
+            &url_file,
+            deadline,
+            &controller_log,
+        )?;
         cluster.token = net::auth::read_token(&state.join(control::server::TOKEN_FILE))?;
         for i in 0..opts.nodes + opts.spares {
             let spare = i >= opts.nodes;
@@ -185,7 +177,7 @@ impl Drop for LocalCluster {
     }
 }
 
-fn spawn_controller(
+pub(crate) fn spawn_controller(
     exe: &Path,
     listen: &str,
     heartbeat_ms: u64,
@@ -212,9 +204,31 @@ fn spawn_controller(
         .map_err(|e| format!("cannot start the controller: {e}"))
 }
 
+/// The URL a starting controller writes to `url_file`, once it listens; an error if it exits or
+/// `deadline` passes first.
+pub(crate) fn wait_for_url(
+    controller: &mut Child,
+    url_file: &Path,
+    deadline: Instant,
+    log: &Path,
+) -> Result<String, String> {
+    loop {
+        if let Ok(url) = std::fs::read_to_string(url_file) {
+            return Ok(url.trim().to_string());
+        }
+        if let Ok(Some(status)) = controller.try_wait() {
+            return Err(format!("the controller exited ({status}); see {}", log.display()));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the controller did not start in time; see {}", log.display()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The cluster's processes get SIGTERM when the process that started them dies, however it dies,
 /// so a killed `myriad up` or `myriad run` leaves nothing behind (agents then stop their ranks).
-fn die_with_parent(mut cmd: Command) -> Command {
+pub(crate) fn die_with_parent(mut cmd: Command) -> Command {
     // Their own process group: a Ctrl-C at the terminal reaches only the launcher, which then
     // cancels jobs and stops the cluster in order.
     cmd.process_group(0);
@@ -230,7 +244,7 @@ fn die_with_parent(mut cmd: Command) -> Command {
     cmd
 }
 
-fn terminate(mut children: Vec<Child>, grace: Duration) {
+pub(crate) fn terminate(mut children: Vec<Child>, grace: Duration) {
     for c in &children {
         // SAFETY: signalling our own child by pid.
         unsafe {

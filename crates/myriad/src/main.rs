@@ -11,6 +11,7 @@ mod plan_cmd;
 mod progress;
 mod run_cmd;
 mod sim_cmd;
+mod slurm_cmd;
 mod train_cmd;
 
 use clap::{Parser, Subcommand};
@@ -34,6 +35,11 @@ enum Command {
     Bench(bench::BenchCommand),
     /// Run a job like torchrun does: `myriad run --nnodes 2 --nproc-per-node 2 train.py`.
     Run(run_cmd::RunArgs),
+    /// Run a job inside a Slurm allocation (from an sbatch script): controller, agents, spares.
+    Slurm(slurm_cmd::SlurmArgs),
+    /// One agent of `myriad slurm`'s srun step (started by `myriad slurm`).
+    #[command(hide = true)]
+    SlurmAgent(slurm_cmd::SlurmAgentArgs),
     /// Start a local cluster (controller and agents) in the foreground.
     Up(cluster_cmd::UpArgs),
     /// Submit a job (TOML file or flags) to a controller.
@@ -66,6 +72,8 @@ fn main() -> ExitCode {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Bench(cmd) => bench::run(cmd),
         Command::Run(args) => run_cmd::run(args),
+        Command::Slurm(args) => slurm_cmd::run(args),
+        Command::SlurmAgent(args) => slurm_cmd::agent(args),
         Command::Up(args) => cluster_cmd::up(args),
         Command::Submit(args) => cluster_cmd::submit(args),
         Command::Status(args) => cluster_cmd::status(args),

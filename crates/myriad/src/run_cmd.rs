@@ -18,12 +18,26 @@ use crate::local::{LocalCluster, LocalOptions};
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// Nodes: N, or MIN:MAX as torchrun takes it (Myriad gangs MAX nodes).
-    #[arg(long, alias = "nnodes", default_value = "1")]
-    nnodes: String,
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Submit to this controller instead of starting a local cluster.
+    #[arg(long, env = proto::env::MYRIAD_CONTROLLER)]
+    controller: Option<String>,
+    /// Token file for --controller (or set MYRIAD_TOKEN).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// torchrun's description of a job, shared by `myriad run` and `myriad slurm`.
+#[derive(Args)]
+pub struct JobArgs {
+    /// Nodes: N, or MIN:MAX as torchrun takes it (Myriad gangs MAX nodes). Default 1 (under
+    /// `myriad slurm`: every node of the allocation).
+    #[arg(long, alias = "nnodes")]
+    pub nnodes: Option<String>,
     /// Ranks per node.
     #[arg(long = "nproc-per-node", alias = "nproc_per_node", default_value_t = 1)]
-    nproc_per_node: u32,
+    pub nproc_per_node: u32,
     #[arg(long = "max-restarts", alias = "max_restarts", default_value_t = 0)]
     max_restarts: u32,
     /// TORCHELASTIC_RUN_ID.
@@ -52,18 +66,58 @@ pub struct RunArgs {
     node_rank: Option<String>,
     #[arg(long = "monitor-interval", alias = "monitor_interval", hide = true)]
     monitor_interval: Option<String>,
-    /// Submit to this controller instead of starting a local cluster.
-    #[arg(long, env = proto::env::MYRIAD_CONTROLLER)]
-    controller: Option<String>,
-    /// Token file for --controller (or set MYRIAD_TOKEN).
-    #[arg(long)]
-    token_file: Option<PathBuf>,
     /// Print the final job as JSON on stdout instead of the ranks' output.
     #[arg(long)]
-    json: bool,
+    pub json: bool,
     /// The training program and its arguments.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
     cmd: Vec<String>,
+}
+
+impl JobArgs {
+    /// The job spec for `nodes` nodes (from --nnodes, or the caller's default) of which the job
+    /// may replace `spares` with hot spares. Says which torchrun flags it ignores.
+    pub fn spec(&self, default_nodes: u32, spares: u32) -> Result<JobSpec, String> {
+        let nodes = self.nodes(default_nodes)?;
+        for (flag, value) in [
+            ("--rdzv-backend", &self.rdzv_backend),
+            ("--rdzv-endpoint", &self.rdzv_endpoint),
+            ("--master-addr", &self.master_addr),
+            ("--master-port", &self.master_port),
+            ("--node-rank", &self.node_rank),
+            ("--monitor-interval", &self.monitor_interval),
+        ] {
+            if value.is_some() {
+                eprintln!("myriad: {flag} ignored (the controller serves rendezvous and picks each attempt's store)");
+            }
+        }
+        let workdir = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
+        let spec = JobSpec {
+            name: crate::cluster_cmd::job_name_from(&self.cmd),
+            argv: program_argv(&self.cmd, self.module, self.no_python),
+            env: BTreeMap::new(),
+            nodes,
+            ranks_per_node: self.nproc_per_node,
+            spares,
+            max_restarts: self.max_restarts,
+            checkpoint_dir: None,
+            workdir: Some(workdir.to_str().ok_or("the current directory is not UTF-8")?.to_string()),
+            run_id: self.rdzv_id.clone(),
+            checkpoint_every: 50,
+            persist_every: 10,
+        };
+        spec.validate().map_err(|e| e.to_string())?;
+        Ok(spec)
+    }
+
+    /// The job's node count: --standalone, --nnodes, else `default_nodes`.
+    pub fn nodes(&self, default_nodes: u32) -> Result<u32, String> {
+        match (&self.nnodes, self.standalone) {
+            (_, true) => Ok(1),
+            (Some(text), false) => parse_nnodes(text),
+            (None, false) => Ok(default_nodes),
+        }
+    }
 }
 
 /// How often the job's state is polled while it runs.
@@ -75,37 +129,8 @@ const FOLLOW_ALL_UP_TO: u32 = 64;
 const UNREACHABLE_LIMIT: Duration = Duration::from_secs(60);
 
 pub fn run(a: RunArgs) -> Result<(), String> {
-    let nodes = parse_nnodes(&a.nnodes, a.standalone)?;
-    for (flag, value) in [
-        ("--rdzv-backend", &a.rdzv_backend),
-        ("--rdzv-endpoint", &a.rdzv_endpoint),
-        ("--master-addr", &a.master_addr),
-        ("--master-port", &a.master_port),
-        ("--node-rank", &a.node_rank),
-        ("--monitor-interval", &a.monitor_interval),
-    ] {
-        if value.is_some() {
-            eprintln!("myriad run: {flag} ignored (the controller serves rendezvous and picks each attempt's store)");
-        }
-    }
-    let argv = program_argv(&a.cmd, a.module, a.no_python);
-    let workdir = std::env::current_dir().map_err(|e| format!("current directory: {e}"))?;
-    let spec = JobSpec {
-        name: crate::cluster_cmd::job_name_from(&a.cmd),
-        argv,
-        env: BTreeMap::new(),
-        nodes,
-        ranks_per_node: a.nproc_per_node,
-        spares: 0,
-        max_restarts: a.max_restarts,
-        checkpoint_dir: None,
-        workdir: Some(workdir.to_str().ok_or("the current directory is not UTF-8")?.to_string()),
-        run_id: a.rdzv_id.clone(),
-        checkpoint_every: 50,
-        persist_every: 10,
-    };
-    spec.validate().map_err(|e| e.to_string())?;
-
+    let spec = a.job.spec(1, 0)?;
+    let nodes = spec.nodes;
     // Either a named controller, or a private local cluster sized for this job.
     let mut local = None;
     let client = match &a.controller {
@@ -117,7 +142,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
             let dir = net::auth::private_temp_dir(&std::env::temp_dir(), "myriad-run")?;
             let opts = LocalOptions {
                 nodes,
-                slots: a.nproc_per_node,
+                slots: a.job.nproc_per_node,
                 spares: 0,
                 listen: "127.0.0.1:0".into(),
                 heartbeat_ms: 200,
@@ -130,7 +155,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
             client
         }
     };
-    let result = block_on(follow(&client, &spec, a.json));
+    let result = block_on(follow(&client, &spec, a.job.json, "myriad run"));
     if let Some(mut cluster) = local {
         cluster.stop();
         let dir = cluster.dir.clone();
@@ -140,10 +165,7 @@ pub fn run(a: RunArgs) -> Result<(), String> {
     result
 }
 
-fn parse_nnodes(text: &str, standalone: bool) -> Result<u32, String> {
-    if standalone {
-        return Ok(1);
-    }
+fn parse_nnodes(text: &str) -> Result<u32, String> {
     let max = text.rsplit(':').next().unwrap_or(text);
     match max.trim().parse::<u32>() {
         Ok(n) if n > 0 => Ok(n),
@@ -164,19 +186,19 @@ fn program_argv(cmd: &[String], module: bool, no_python: bool) -> Vec<String> {
 }
 
 /// Submits, follows the job to its end (Ctrl-C cancels it), then prints every rank's output.
-async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), String> {
+pub async fn follow(client: &Client, spec: &JobSpec, json: bool, who: &str) -> Result<(), String> {
     let body = serde_json::to_vec(spec).expect("spec serialises");
     let bytes = client
         .call(Method::POST, "/v1/jobs", Some((body, "application/json")))
         .await
         .map_err(|e| format!("submit: {e}"))?;
     let id = serde_json::from_slice::<SubmitReply>(&bytes).map_err(|e| format!("submit: {e}"))?.id;
-    eprintln!("myriad run: job {id}, {} nodes × {} ranks", spec.nodes, spec.ranks_per_node);
+    eprintln!("{who}: job {id}, {} nodes × {} ranks", spec.nodes, spec.ranks_per_node);
     let world = spec.nodes * spec.ranks_per_node;
     let ranks: Vec<u32> = if world <= FOLLOW_ALL_UP_TO { (0..world).collect() } else { vec![0] };
     if world > FOLLOW_ALL_UP_TO {
         eprintln!(
-            "myriad run: showing rank 0's output ({world} ranks; `myriad logs {id} --rank N --follow` for others)"
+            "{who}: showing rank 0's output ({world} ranks; `myriad logs {id} --rank N --follow` for others)"
         );
     }
     let mut follower = Follower::new(id, ranks, vec![Stream::Stdout, Stream::Stderr], true);
@@ -196,13 +218,20 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
             if cancel_wanted {
                 return Err(format!("interrupted again; job {id} may still be stopping"));
             }
-            eprintln!("myriad run: interrupted, cancelling job {id} (interrupt again to leave at once)");
+            eprintln!("{who}: interrupted, cancelling job {id} (interrupt again to leave at once)");
             cancel_wanted = true;
         }
         if cancel_wanted && !cancel_sent {
             match client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await {
                 Ok(_) | Err(net::client::ClientError::Status { status: 409, .. }) => cancel_sent = true,
-                Err(e) => eprintln!("myriad run: cancel failed ({e}); retrying"),
+                // Nothing left to cancel or to wait for: under Slurm a scancel stops the
+                // controller at the same moment as this process.
+                Err(net::client::ClientError::Unreachable(e)) => {
+                    return Err(format!(
+                        "interrupted, and the controller is out of reach ({e}): job {id} was not cancelled"
+                    ));
+                }
+                Err(e) => eprintln!("{who}: cancel failed ({e}); retrying"),
             }
         }
         match client.get_json::<JobView>(&format!("/v1/jobs/{id}")).await {
@@ -212,7 +241,7 @@ async fn follow(client: &Client, spec: &JobSpec, json: bool) -> Result<(), Strin
                 let loss = job.loss.map(|l| format!(" loss {l:.4}")).unwrap_or_default();
                 let line = format!("job {id}: {} (attempt {}){step}{loss}", job.state, job.attempt);
                 if line != last_line {
-                    eprintln!("myriad run: {line}");
+                    eprintln!("{who}: {line}");
                     last_line = line;
                 }
                 let ended = matches!(job.state.as_str(), "succeeded" | "failed" | "cancelled");

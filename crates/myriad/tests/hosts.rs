@@ -9,121 +9,10 @@ mod support;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
-use support::{exe, scratch, wait_for, Guard};
-
-/// Network namespaces on one bridge: `hosts[0]` for the controller, the rest for agents.
-struct Net {
-    switch: String,
-    hosts: Vec<Host>,
-}
-
-struct Host {
-    ns: String,
-    ip: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
-    }
-}
-
-impl Net {
-    /// `hosts` namespaces, or None (with the reason printed) where this machine cannot make them.
-    fn new(tag: &str, hosts: usize) -> Option<Net> {
-        // Unique per process and test: several test binaries or runs may make hosts at once.
-        let id = format!("{}{tag}", std::process::id() % 100_000);
-        let subnet = 20 + std::process::id() % 200;
-        let mut net = Net { switch: format!("myr{id}sw"), hosts: Vec::new() };
-        let made = (|| -> Result<(), String> {
-            ip(&["netns", "add", &net.switch])?;
-            let sw = |args: &[&str]| {
-                let mut all = vec!["-n", net.switch.as_str()];
-                all.extend_from_slice(args);
-                ip(&all)
-            };
-            sw(&["link", "add", "br0", "type", "bridge"])?;
-            sw(&["link", "set", "br0", "up"])?;
-            for i in 0..hosts {
-                let host = Host { ns: format!("myr{id}h{i}"), ip: format!("10.77.{subnet}.{}", i + 1) };
-                ip(&["netns", "add", &host.ns])?;
-                let (inner, outer) = (format!("m{id}i{i}"), format!("m{id}o{i}"));
-                ip(&[
-                    "link",
-                    "add",
-                    &inner,
-                    "netns",
-                    &host.ns,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &outer,
-                    "netns",
-                    &net.switch,
-                ])?;
-                sw(&["link", "set", &outer, "master", "br0"])?;
-                sw(&["link", "set", &outer, "up"])?;
-                ip(&["-n", &host.ns, "addr", "add", &format!("{}/24", host.ip), "dev", &inner])?;
-                ip(&["-n", &host.ns, "link", "set", &inner, "up"])?;
-                ip(&["-n", &host.ns, "link", "set", "lo", "up"])?;
-                net.hosts.push(host);
-            }
-            Ok(())
-        })();
-        match made {
-            Ok(()) => Some(net),
-            Err(e) => {
-                drop(net);
-                assert!(
-                    std::env::var_os("MYRIAD_REQUIRE_NETNS").is_none(),
-                    "MYRIAD_REQUIRE_NETNS is set, but: {e}"
-                );
-                eprintln!(
-                    "cannot make network namespaces here (root and iproute2 are needed): {e}; skipping"
-                );
-                None
-            }
-        }
-    }
-
-    /// `program args` inside host `i`'s namespace.
-    fn command(&self, i: usize, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.hosts[i].ns, program]);
-        c
-    }
-
-    /// Cuts host `i` off from host `j` (both ways), and nobody else.
-    fn cut(&self, i: usize, j: usize) {
-        for (a, b) in [(i, j), (j, i)] {
-            ip(&["-n", &self.hosts[a].ns, "route", "add", "blackhole", &format!("{}/32", self.hosts[b].ip)])
-                .unwrap();
-        }
-    }
-
-    fn heal(&self, i: usize, j: usize) {
-        for (a, b) in [(i, j), (j, i)] {
-            ip(&["-n", &self.hosts[a].ns, "route", "del", "blackhole", &format!("{}/32", self.hosts[b].ip)])
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        // Deleting a namespace removes its end of each veth, and so the pair.
-        for h in &self.hosts {
-            let _ = ip(&["netns", "del", &h.ns]);
-        }
-        let _ = ip(&["netns", "del", &self.switch]);
-    }
-}
+use support::netns::Net;
+use support::{exe, final_state, pids_with_env, scratch, wait_for, Guard};
 
 /// A controller on host 0 and agents on hosts 1.. (the last `spares` of them hot spares), with
 /// 1 s heartbeats, as a real cluster has them: a node is lost after 2.8 s of silence (3 heartbeats
@@ -278,20 +167,6 @@ impl Cluster {
     }
 }
 
-/// The bytes of the final checkpoint's weights and optimizer state under `root`.
-fn final_state(root: &Path) -> Vec<Vec<u8>> {
-    let step = std::fs::read_dir(root)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("step_"))
-        .unwrap_or_else(|| panic!("no final checkpoint under {}", root.display()));
-    ["model.safetensors", "optimizer.safetensors"]
-        .iter()
-        .map(|f| std::fs::read(step.join(f)).unwrap())
-        .collect()
-}
-
 const STEPS: u32 = 300;
 
 #[test]
@@ -390,19 +265,7 @@ fn unix_ms() -> u64 {
 /// Pids of the running ranks of `job`'s attempt `attempt` on this machine (every namespace's
 /// processes are visible here), by their environment.
 fn rank_pids(job: u64, attempt: u32) -> Vec<u32> {
-    let (id, at) = (format!("MYRIAD_JOB_ID={job}"), format!("MYRIAD_ATTEMPT={attempt}"));
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-            let vars: Vec<&[u8]> = env.split(|&b| b == 0).collect();
-            !zombie && vars.contains(&id.as_bytes()) && vars.contains(&at.as_bytes())
-        })
-        .collect()
+    pids_with_env(&[&format!("MYRIAD_JOB_ID={job}"), &format!("MYRIAD_ATTEMPT={attempt}")])
 }
 
 #[test]

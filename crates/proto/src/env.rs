@@ -57,6 +57,8 @@ pub const CUDA_VISIBLE_DEVICES: &str = "CUDA_VISIBLE_DEVICES";
 pub const CUDA_DEVICE_ORDER: &str = "CUDA_DEVICE_ORDER";
 pub const TORCH_NCCL_ASYNC_ERROR_HANDLING: &str = "TORCH_NCCL_ASYNC_ERROR_HANDLING";
 pub const TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC: &str = "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC";
+/// The interface PyTorch's Gloo backend binds: the agent names the one holding its address.
+pub const GLOO_SOCKET_IFNAME: &str = "GLOO_SOCKET_IFNAME";
 
 // Knobs a job may set in its spec's `env`.
 /// Deadline of every collective, in seconds.

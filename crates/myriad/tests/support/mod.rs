@@ -4,6 +4,8 @@
 // Each test binary uses its own subset of these.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -148,4 +150,41 @@ pub fn get_status(addr: &str, path: &str, token: &str) -> (u16, String) {
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     (status, body.to_string())
+}
+
+/// The bytes of the final checkpoint's weights and optimizer state under `root`.
+pub fn final_state(root: &Path) -> Vec<Vec<u8>> {
+    let step = std::fs::read_dir(root)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("step_"))
+        .unwrap_or_else(|| panic!("no final checkpoint under {}", root.display()));
+    ["model.safetensors", "optimizer.safetensors"]
+        .iter()
+        .map(|f| std::fs::read(step.join(f)).unwrap())
+        .collect()
+}
+
+/// Pids of the live (not zombie) processes on this machine whose environment holds every one of
+/// `vars` (`NAME=value`); every namespace's processes are visible here.
+pub fn pids_with_env(vars: &[&str]) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let have: Vec<&[u8]> = env.split(|&b| b == 0).collect();
+            !zombie && vars.iter().all(|v| have.contains(&v.as_bytes()))
+        })
+        .collect()
+}
+
+/// A process's command line, its arguments joined by spaces ("" once it is gone).
+pub fn cmdline(pid: u32) -> String {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&raw).split('\0').collect::<Vec<_>>().join(" ").trim().to_string()
 }
