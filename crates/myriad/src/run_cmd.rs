@@ -253,6 +253,11 @@ pub async fn follow(client: &Client, spec: &JobSpec, json: bool, who: &str) -> R
                 }
             }
             Err(e) => {
+                // Interrupted, and the controller stopped too (under Slurm a scancel signals both
+                // at once): nothing is left to wait for.
+                if cancel_wanted {
+                    return Err(format!("interrupted, and the controller is out of reach ({e}): job {id} may still be stopping"));
+                }
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > UNREACHABLE_LIMIT {
                     return Err(format!("lost the controller for {UNREACHABLE_LIMIT:?}: {e}"));

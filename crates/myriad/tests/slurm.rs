@@ -250,6 +250,7 @@ SlurmdPidFile={d}/slurmd.%n.pid
 SlurmctldLogFile={d}/slurmctld.log
 SlurmdLogFile={d}/slurmd.%n.log
 MinJobAge=600
+KillWait=30
 ",
         ctl = net.hosts[0].ip,
         socket = munge_socket.display()
@@ -337,7 +338,8 @@ fn scancel_stops_the_controller_agents_and_ranks_leaving_no_process_behind() {
     let cancelled = Instant::now();
     let out = slurm.client("scancel", &[&id]);
     assert!(out.status.success(), "scancel: {}", String::from_utf8_lossy(&out.stderr));
-    let left = wait_for("every process of the job to end", Duration::from_secs(60), || {
+    // Within Slurm's KillWait (30 s): each process stops on SIGTERM, none waits for the SIGKILL.
+    let left = wait_for("every process of the job to end", Duration::from_secs(20), || {
         let left = slurm.job_pids(&id, &[]);
         left.is_empty().then_some(left)
     });
