@@ -246,7 +246,7 @@ fn validate(v: ValidateArgs) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:>4} {:<28} {:<15} {:>5} {:>6} {:>6} {:>6} {:>6}  {:<34} {:>6} {:>6}",
+        "{:>4} {:<28} {:<15} {:>5} {:>6} {:>6} {:>6} {:>6} {:>6}  {:<34} {:>6} {:>6}",
         "row",
         "model",
         "gpu",
@@ -255,6 +255,7 @@ fn validate(v: ValidateArgs) -> Result<(), String> {
         "publ.",
         "pred.",
         "error",
+        "LOSO",
         "layout (tp pp vp dp mb zero recompute)",
         "best",
         "fits"
@@ -273,7 +274,7 @@ fn validate(v: ValidateArgs) -> Result<(), String> {
         );
         let best = if r.best_mfu_pct.is_nan() { "-".to_string() } else { format!("{:.1}", r.best_mfu_pct) };
         println!(
-            "{:>4} {:<28} {:<15} {:>5} {:>6} {:>6.1} {:>6.1} {:>+6.1}  {:<34} {:>6} {:>6}",
+            "{:>4} {:<28} {:<15} {:>5} {:>6} {:>6.1} {:>6.1} {:>+6.1} {:>+6.1}  {:<34} {:>6} {:>6}",
             r.row,
             truncate(&r.model, 28),
             truncate(&r.gpu, 15),
@@ -282,12 +283,27 @@ fn validate(v: ValidateArgs) -> Result<(), String> {
             r.published_pct,
             r.predicted_pct,
             r.error_pts,
+            r.held_out_error_pts,
             layout,
             best,
             r.prediction.fits
         );
     }
-    println!("mean absolute error: {:.2} points over {} runs", report.mae_pts, report.runs.len());
+    println!(
+        "mean absolute error, in-sample: {:.2} points over {} runs (calibration fitted on all of them)",
+        report.mae_pts,
+        report.runs.len()
+    );
+    println!(
+        "mean absolute error, leave-one-source-out: {:.2} points (LOSO column: each of the {} sources' runs predicted with the calibration fitted on the other sources alone)",
+        report.held_out_mae_pts, report.sources
+    );
+    for f in &report.calibration {
+        println!(
+            "calibration {}: gemm_eff {:.2}, attn_eff {:.2} (fitted on {} runs, MAE {:.2})",
+            f.generation, f.gemm_eff, f.attn_eff, f.runs, f.mae_pts
+        );
+    }
     if !v.no_search {
         let ok = report.runs.iter().filter(|r| r.best_mfu_pct >= r.published_layout_mfu_pct - 1e-9).count();
         println!(

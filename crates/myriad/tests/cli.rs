@@ -292,9 +292,16 @@ fn plan_validate_prints_each_run_the_mae_and_the_skipped_rows() {
     let out = myriad(&["plan", "validate"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for needle in
-        ["mean absolute error:", "GPT-3 175B", "skipped:", "no MFU or HFU published", "rules applied"]
-    {
+    for needle in [
+        "mean absolute error, in-sample:",
+        "mean absolute error, leave-one-source-out:",
+        "LOSO",
+        "calibration H100:",
+        "GPT-3 175B",
+        "skipped:",
+        "no MFU or HFU published",
+        "rules applied",
+    ] {
         assert!(stdout.contains(needle), "stdout lacks {needle:?}:\n{stdout}");
     }
 }

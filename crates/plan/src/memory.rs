@@ -41,7 +41,8 @@ pub fn layer_activation_bytes(
     }
     // Replicated across the TP group unless sequence-parallel: two LayerNorm inputs (4sbh), the
     // inputs of QKV and of the MLP (2sbh each), two dropout masks (sbh each).
-    let rep = if m.dropout { 10.0 } else { 8.0 } * sbh;
+    // A parallel block has one norm, whose output feeds both branches: 4sbh fewer.
+    let rep = (if m.dropout { 10.0 } else { 8.0 } - if m.parallel_block { 4.0 } else { 0.0 }) * sbh;
     // Split across TP: Q, K, V, the output projection's input, the MLP's intermediates.
     let (qd, kvd) = (m.q_dim() as f64, m.kv_dim() as f64);
     let attn = s * b * (2.0 * qd + 4.0 * kvd + 2.0 * qd);
@@ -103,6 +104,48 @@ pub fn stage_params(m: &Model, l: &Layout) -> (f64, f64) {
     (dense, expert)
 }
 
+/// Layers per pipeline stage: `layers` over pp·vp chunks of ceil(layers/(pp·vp)); an uneven
+/// split takes the missing layers from the first and last stages (Megatron's
+/// `--decoder-first/last-pipeline-num-layers`, Llama 3's "one layer fewer on the first and the
+/// last stages").
+pub fn stage_layers(layers: u64, pp: u64, vp: u64) -> Vec<u64> {
+    let per_stage = vp * layers.div_ceil(pp * vp);
+    let mut stages = vec![per_stage; pp as usize];
+    let mut missing = per_stage * pp - layers.min(per_stage * pp);
+    let mut i = 0;
+    while missing > 0 {
+        // First, last, first, last, ... then inwards.
+        let at = if i % 2 == 0 { i / 2 } else { pp as usize - 1 - i / 2 };
+        let take = missing.min(stages[at] - 1);
+        stages[at] -= take;
+        missing -= take;
+        i += 1;
+    }
+    stages
+}
+
+/// The most layer-activations (layers × micro-batches held) any one stage keeps in flight under
+/// 1F1B: stage i holds min(mbs, pp − i) micro-batches; interleaved (vp > 1), it holds
+/// 2(pp − i − 1) + (vp − 1)·pp + 1 chunks of a micro-batch (Megatron's warm-up count, plus one),
+/// each chunk a vp-th of its layers. The first stage holds the most micro-batches, so an uneven
+/// split that thins it moves the peak to the second.
+pub fn peak_stage_layers_in_flight(layers: u64, l: &Layout, mbs: u64) -> f64 {
+    if l.pp == 1 {
+        return layers as f64;
+    }
+    let (pp, vp) = (l.pp, l.vp);
+    stage_layers(layers, pp, vp)
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let i = i as u64;
+            let chunks =
+                if vp == 1 { mbs.min(pp - i) } else { (mbs * vp).min(2 * (pp - i - 1) + (vp - 1) * pp + 1) };
+            chunks as f64 * n as f64 / vp as f64
+        })
+        .fold(0.0, f64::max)
+}
+
 pub fn memory(job: &Job, l: &Layout, sw: &Software) -> Memory {
     let m = &job.model;
     let (dense, expert) = stage_params(m, l);
@@ -131,26 +174,25 @@ pub fn memory(job: &Job, l: &Layout, sw: &Software) -> Memory {
     let s = job.seq as f64 / l.cp as f64;
     let b = l.micro_batch as f64;
     let t = l.tp as f64;
-    let layers = l.layers_per_stage(m.layers) as f64;
     let moe_frac = m.moe_layers() as f64 / m.layers as f64;
     let per_layer = |r| {
         (1.0 - moe_frac) * layer_activation_bytes(m, false, s, b, t, l.sp, r, sw.flash_attention)
             + moe_frac * layer_activation_bytes(m, true, s, b, t, l.sp, r, sw.flash_attention)
     };
     let mbs = l.microbatches(job.global_batch_seqs);
-    // 1F1B: the first stage holds pp micro-batches in flight; interleaving adds (pp-1)/(pp·vp).
-    let in_flight = if l.pp == 1 {
-        1.0
-    } else {
-        let p = l.pp as f64;
-        (mbs.min(l.pp) as f64) * if l.vp > 1 { 1.0 + (p - 1.0) / (p * l.vp as f64) } else { 1.0 }
-    };
-    let mut activations = layers * in_flight * per_layer(l.recompute);
+    let mut activations = peak_stage_layers_in_flight(m.layers, l, mbs) * per_layer(l.recompute);
     if l.recompute == Recompute::Full {
         // The layer being recomputed holds its full activations for the backward pass.
         activations += per_layer(Recompute::None);
     }
-    // Output layer: fp32 logits and their gradient for one micro-batch, split over TP.
-    activations += 2.0 * 4.0 * s * b * m.vocab as f64 / t;
+    // Output layer: fp32 logits and their gradient for one micro-batch, split over TP, on the last
+    // stage, which holds one micro-batch in flight: beside the peak stage's only without a pipeline.
+    let logits = 2.0 * 4.0 * s * b * m.vocab as f64 / t;
+    if l.pp == 1 {
+        activations += logits;
+    } else {
+        let last = *stage_layers(m.layers, l.pp, l.vp).last().expect("pp >= 1") as f64;
+        activations = activations.max(last * per_layer(l.recompute) + logits);
+    }
     Memory { weights, grads, optimizer, activations, buffers: RESERVED_BYTES }
 }

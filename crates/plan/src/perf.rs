@@ -131,8 +131,11 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     let rep_div = if l.sp { t } else { 1.0 };
     let act_bytes = |f: f64| if m.gated_mlp { 6.0 * f } else { 4.0 * f };
     let scores_bytes = if sw.flash_attention { 0.0 } else { 10.0 * m.heads as f64 * s };
-    let elem_dense =
-        n * (20.0 * h / rep_div + (act_bytes(m.ffn as f64) + scores_bytes) / t) / hbm + 6.0 * KERNEL_LAUNCH_S;
+    // Two norms (4h bytes a token each) and two residual adds (6h); a parallel block has one
+    // norm and one three-way add (8h).
+    let norm_residual_bytes = if m.parallel_block { 12.0 * h } else { 20.0 * h };
+    let elem_dense = n * (norm_residual_bytes / rep_div + (act_bytes(m.ffn as f64) + scores_bytes) / t) / hbm
+        + 6.0 * KERNEL_LAUNCH_S;
 
     // MoE MLP: local experts each take their share of the routed tokens of the EP group.
     let (moe_mlp, elem_moe, a2a) = match &m.moe {
@@ -152,7 +155,7 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
             };
             let router = gemm_s(hw, peak, n, h, moe.experts as f64);
             let elem = n
-                * (20.0 * h / rep_div
+                * (norm_residual_bytes / rep_div
                     + (moe.top_k as f64 * act_bytes(moe.expert_ffn as f64)
                         + moe.shared_experts as f64 * act_bytes(moe.shared_ffn as f64)
                         + scores_bytes)
@@ -172,9 +175,10 @@ pub fn predict(job: &Job, hw: &Hardware, l: &Layout, sw: &Software) -> Predictio
     let a2a_fwd = moe_frac * a2a;
 
     // Tensor parallelism: two all-reduces (or all-gather + reduce-scatter pairs with SP) of the
-    // layer's activations forward, two backward.
+    // layer's activations forward, two backward; one each with a parallel block.
     let act_msg = n * h * 2.0;
-    let tp_coll = if l.tp > 1 { 2.0 * allreduce_s(hw, act_msg, l.tp, 1, 1.0) } else { 0.0 };
+    let tp_reductions = if m.parallel_block { 1.0 } else { 2.0 };
+    let tp_coll = if l.tp > 1 { tp_reductions * allreduce_s(hw, act_msg, l.tp, 1, 1.0) } else { 0.0 };
     let tp_exposed = |gemm: f64| {
         if sw.tp_comm_overlap && l.sp {
             (tp_coll - gemm).max(0.0) + TP_OVERLAP_EXPOSED * tp_coll.min(gemm)

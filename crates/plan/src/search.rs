@@ -9,7 +9,8 @@ use crate::model::Recompute;
 use crate::perf::{predict, Prediction};
 
 pub const MICRO_BATCHES: [u64; 10] = [1, 2, 3, 4, 6, 8, 12, 14, 16, 32];
-const VIRTUAL: [u64; 6] = [1, 2, 3, 4, 6, 8];
+/// The virtual pipeline stages (interleaving) the search tries.
+pub const VIRTUAL: [u64; 6] = [1, 2, 3, 4, 6, 8];
 const CONTEXT: [u64; 5] = [1, 2, 4, 8, 16];
 /// The search keeps the optimizer step's batch within this fraction of the one asked for: rounding
 /// to whole micro-batches per data-parallel rank moves it, and a much larger batch is a different
