@@ -273,15 +273,19 @@ fn llama(
 
 /// Built-in models: those of the published runs (shapes from their papers and released configs).
 pub fn presets() -> Vec<Model> {
-    let mut mixtral = llama("mixtral-8x7b", 32, 4096, 32, 8, 14336, 32000, false);
-    mixtral.moe = Some(Moe {
-        experts: 8,
-        top_k: 2,
-        expert_ffn: 14336,
-        shared_experts: 0,
-        shared_ffn: 0,
-        dense_layers: 0,
-    });
+    // Mixtral: every MLP eight experts of the model's width, two of them per token.
+    let mixtral = |name: &str, l, h, a, f, v| {
+        let mut m = llama(name, l, h, a, 8, f, v, false);
+        m.moe = Some(Moe {
+            experts: 8,
+            top_k: 2,
+            expert_ffn: f,
+            shared_experts: 0,
+            shared_ffn: 0,
+            dense_layers: 0,
+        });
+        m
+    };
     // DeepSeek-V3: MLA is approximated as MHA with 128 heads of 128 (its q/kv LoRA ranks are not
     // modelled); 3 dense layers, then 256 routed experts (top-8) and 1 shared expert.
     let mut dsv3 = llama("deepseek-v3", 61, 7168, 128, 128, 18432, 129280, false);
@@ -305,15 +309,6 @@ pub fn presets() -> Vec<Model> {
         m.dropout = false;
         m
     };
-    let mut mixtral_large = llama("mixtral-8x22b", 56, 6144, 48, 8, 16384, 32768, false);
-    mixtral_large.moe = Some(Moe {
-        experts: 8,
-        top_k: 2,
-        expert_ffn: 16384,
-        shared_experts: 0,
-        shared_ffn: 0,
-        dense_layers: 0,
-    });
     // Qwen2.5 biases its Q, K and V projections.
     let qwen = |name: &str, l, h, a, kv, f| {
         let mut m = llama(name, l, h, a, kv, f, 152064, false);
@@ -329,8 +324,8 @@ pub fn presets() -> Vec<Model> {
         llama("llama2-70b", 80, 8192, 64, 8, 28672, 32000, false),
         qwen("qwen2.5-7b", 28, 3584, 28, 4, 18944),
         qwen("qwen2.5-72b", 80, 8192, 64, 8, 29568),
-        mixtral,
-        mixtral_large,
+        mixtral("mixtral-8x7b", 32, 4096, 32, 14336, 32000),
+        mixtral("mixtral-8x22b", 56, 6144, 48, 16384, 32768),
         dsv3,
         palm,
         bloom,
