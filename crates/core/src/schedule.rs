@@ -23,11 +23,14 @@ impl Core {
         job.step = Some(restore_step);
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");
+        // The attempt's secret, hashed once for all of its nodes (a SHA-256 per node was an
+        // eighth of a large simulated restart).
+        let secret = env::comm_secret(&self.cfg.comm_secret_key, job.id, a.number);
         let launches: Vec<(String, LaunchSpec)> = a
             .nodes
             .iter()
             .enumerate()
-            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32, restore.clone())))
+            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32, restore.clone(), &secret)))
             .collect();
         for (n, spec) in launches {
             if let Some(node) = self.nodes.get_mut(&n) {
@@ -51,6 +54,7 @@ impl Core {
         a: &Attempt,
         group: u32,
         restore: Option<RestoreSpec>,
+        comm_secret: &str,
     ) -> LaunchSpec {
         let spec = &job.spec;
         let nproc = spec.ranks_per_node;
@@ -87,7 +91,7 @@ impl Core {
             omp_num_threads: omp,
             job_id: job.id,
             attempt: a.number,
-            comm_secret: env::comm_secret(&self.cfg.comm_secret_key, job.id, a.number),
+            comm_secret: comm_secret.to_string(),
         };
         env.extend(node_env.vars());
         // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next
