@@ -170,25 +170,16 @@ impl ControllerProcess {
         let child = command.spawn().map_err(|e| format!("cannot start the controller: {e}"))?;
         let mut process = ControllerProcess { child, url: String::new(), token: String::new() };
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let url = std::fs::read_to_string(state.join(control::server::URL_FILE));
-            let token = std::fs::read_to_string(state.join(control::server::TOKEN_FILE));
-            if let (Ok(url), Ok(token)) = (url, token) {
-                process.url = url.trim().to_string();
-                process.token = token.trim().to_string();
-                return Ok(process);
-            }
-            if let Ok(Some(status)) = process.child.try_wait() {
-                return Err(format!(
-                    "the controller exited ({status}); its log: {}",
-                    dir.join("controller.log").display()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err("the controller did not start within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = dir.join("controller.log");
+        process.url = crate::local::wait_for_url(
+            &mut process.child,
+            &state.join(control::server::URL_FILE),
+            deadline,
+            &log,
+        )?;
+        // The controller writes its token before it listens.
+        process.token = net::auth::read_token(&state.join(control::server::TOKEN_FILE))?;
+        Ok(process)
     }
 
     fn pid(&self) -> u32 {

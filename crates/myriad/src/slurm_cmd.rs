@@ -261,11 +261,14 @@ pub fn run(a: SlurmArgs) -> Result<(), String> {
     result
 }
 
-/// A directory only this user can enter (it holds the token).
+/// The state directory, made only this user's where it is new (the token in it is 0600 anyway;
+/// an existing directory named with --state keeps its permissions).
 fn make_private_dir(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .map_err(|e| format!("{}: {e}", dir.display()))
 }
 
