@@ -8,8 +8,8 @@
 //!    GPT-named model ([`default_vocab`]).
 //! 3. Split: `tp`/`pp` columns (pp = 1 when only tp is given); a note "TP*PP=N" gives
 //!    tp = min(8, N), pp = N/tp; FSDP with no tp/pp means tp = pp = 1; otherwise skipped.
-//!    dp = gpus/(tp·pp·cp) when the dp column is not a plain number. cp, ep, vp, micro-batch
-//!    default to 1.
+//!    dp = gpus/(tp·pp·cp) when the dp column is not a plain number. cp, ep and micro-batch
+//!    default to 1 (vp: see 5).
 //! 4. Batch: `global_batch_seqs`, else tokens/seq, else one micro-batch per data-parallel rank.
 //! 5. ZeRO: "ZeRO-n" → n, "FSDP" → 3, a note "overlap-param-gather" (distributed optimizer) → 1.
 //!    Recompute: "selective" → selective; "full", "checkpointing", "rematerialization" → full.
@@ -46,7 +46,7 @@ pub const RULES: &[&str] = &[
     "target: mfu_pct when given, else hfu_pct (rows with neither are skipped)",
     "model: the built-in preset the `model` name means by family and size (Llama 2/3/3.1, GPT-3, MT-NLG, Mixtral, DeepSeek-V3, Qwen2.5, PaLM, BLOOM, MPT), else a GPT (MHA, 4h GELU) of the row's shape; heads = hidden/128 when absent; vocab from notes, else 51200 for GPT-named models (Megatron's padded GPT-2 BPE)",
     "split: tp/pp columns (pp = 1 when only tp given); note TP*PP=N gives tp = min(8, N), pp = N/tp; FSDP alone gives tp = pp = 1",
-    "dp = gpus/(tp*pp*cp) when not a plain number; cp, ep, vp, micro-batch default to 1",
+    "dp = gpus/(tp*pp*cp) when not a plain number; cp, ep, micro-batch default to 1",
     "batch: global_batch_seqs, else tokens/seq, else one micro-batch per data-parallel rank",
     "ZeRO-n -> n, FSDP -> 3, overlap-param-gather -> 1; recompute from the recompute column; SP when stated, with tp-comm-overlap, or with TP in a source dated 2023 or later",
     "vp not given with pp > 1: the interleaving (of the search's 1, 2, 3, 4, 6, 8) of the highest predicted MFU that fits, as a tuned run would use",
