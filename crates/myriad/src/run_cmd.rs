@@ -224,13 +224,6 @@ pub async fn follow(client: &Client, spec: &JobSpec, json: bool, who: &str) -> R
         if cancel_wanted && !cancel_sent {
             match client.call(Method::POST, &format!("/v1/jobs/{id}/cancel"), None).await {
                 Ok(_) | Err(net::client::ClientError::Status { status: 409, .. }) => cancel_sent = true,
-                // Nothing left to cancel or to wait for: under Slurm a scancel stops the
-                // controller at the same moment as this process.
-                Err(net::client::ClientError::Unreachable(e)) => {
-                    return Err(format!(
-                        "interrupted, and the controller is out of reach ({e}): job {id} was not cancelled"
-                    ));
-                }
                 Err(e) => eprintln!("{who}: cancel failed ({e}); retrying"),
             }
         }

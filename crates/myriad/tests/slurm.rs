@@ -217,6 +217,20 @@ impl Slurm {
         }
     }
 
+    /// SIGKILL to `node`'s agent of Slurm job `id`: it dies at once (its ranks with it), and
+    /// Slurm's step lives on on the other nodes.
+    fn kill_agent(&self, id: &str, node: &str) {
+        let agent = self
+            .job_pids(id, &[&format!("SLURMD_NODENAME={node}")])
+            .into_iter()
+            .find(|&pid| myriad_command(&cmdline(pid)) == Some("slurm-agent"))
+            .unwrap_or_else(|| panic!("{node}'s agent of Slurm job {id} is not running"));
+        // SAFETY: signalling a pid just read from /proc; at worst it has exited.
+        unsafe {
+            libc::kill(agent as i32, libc::SIGKILL);
+        }
+    }
+
     /// Every agent's log of Slurm job `id`, each under its path.
     fn agent_logs(&self, cwd: &Path, id: &str) -> String {
         std::fs::read_dir(cwd.join(format!("myriad-slurm-{id}/agents")))
@@ -328,16 +342,8 @@ fn an_sbatch_job_with_a_spare_swaps_in_the_spare_for_a_killed_agent_and_ends_bit
     let job = || slurm.myriad(&cwd, &faulty, &["status", "1", "--json"]);
     slurm.wait_step(&cwd, &faulty, 20);
     assert_eq!(job()["job"]["nodes"], serde_json::json!(["n1", "n2"]));
-    // n2's agent dies at once (its ranks die with it); Slurm's step lives on on the other nodes.
-    let agent = slurm
-        .job_pids(&faulty, &["SLURMD_NODENAME=n2"])
-        .into_iter()
-        .find(|&pid| myriad_command(&cmdline(pid)) == Some("slurm-agent"))
-        .expect("n2's agent runs");
     let killed = Instant::now();
-    unsafe {
-        libc::kill(agent as i32, libc::SIGKILL);
-    }
+    slurm.kill_agent(&faulty, "n2");
     let moved = wait_for("the job to move to the spare", Duration::from_secs(60), || {
         let s = job();
         (s["job"]["attempt"].as_u64()? >= 1 && s["job"]["state"] == "running").then_some(s)
@@ -479,14 +485,7 @@ fn an_unmodified_pytorch_ddp_script_runs_across_slurm_nodes_and_survives_a_kille
     .unwrap();
     let faulty = slurm.sbatch(&cwd, script.to_str().unwrap(), &[]);
     slurm.wait_step(&cwd, &faulty, 10);
-    let agent = slurm
-        .job_pids(&faulty, &["SLURMD_NODENAME=n2"])
-        .into_iter()
-        .find(|&pid| myriad_command(&cmdline(pid)) == Some("slurm-agent"))
-        .expect("n2's agent runs");
-    unsafe {
-        libc::kill(agent as i32, libc::SIGKILL);
-    }
+    slurm.kill_agent(&faulty, "n2");
     let (state, exit) = slurm.wait_done(&faulty, Duration::from_secs(180));
     let output = slurm.output(&cwd, &faulty);
     assert_eq!((state.as_str(), exit.as_str()), ("COMPLETED", "0:0"), "{output}");

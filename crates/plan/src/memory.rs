@@ -112,14 +112,13 @@ pub fn stage_layers(layers: u64, pp: u64, vp: u64) -> Vec<u64> {
     let per_stage = vp * layers.div_ceil(pp * vp);
     let mut stages = vec![per_stage; pp as usize];
     let mut missing = per_stage * pp - layers.min(per_stage * pp);
-    let mut i = 0;
-    while missing > 0 {
-        // First, last, first, last, ... then inwards.
+    // First, last, second, second to last, ...: each stage once, keeping at least one layer
+    // (a layout with fewer layers than stages is refused by `Layout::check` before this).
+    for i in 0..pp as usize {
         let at = if i % 2 == 0 { i / 2 } else { pp as usize - 1 - i / 2 };
         let take = missing.min(stages[at] - 1);
         stages[at] -= take;
         missing -= take;
-        i += 1;
     }
     stages
 }
