@@ -26,14 +26,16 @@ pub use model::*;
 pub use recovery::FaultKind;
 
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
+use std::sync::Arc;
 
 use proto::api::{
     Command, Event, GpuFinding, GpuInfo, HeartbeatReply, HeartbeatRequest, JobId, JobSeries, JobView,
     LaunchSpec, NodeView, PeerTable, RankReport, RankState, RegisterReply, RegisterRequest, RestoreSpec,
     SeqCommand, SeriesPoint, StepTime, Tier, TimeAccount,
 };
+use proto::env::NodeEnv;
 use proto::events::EventKind;
 use proto::spec::{validate_name, JobSpec, SpecError};
 
@@ -77,12 +79,20 @@ impl Changes {
 
 pub struct Core {
     cfg: CoreConfig,
-    nodes: BTreeMap<String, Node>,
+    /// Every node, by [`NodeId`].
+    nodes: Vec<Node>,
+    ids: HashMap<String, NodeId>,
+    /// Every node in name order: scheduling, restore sources and views go through the nodes
+    /// in this order, as they did when nodes were kept by name.
+    by_name: Vec<NodeId>,
     jobs: BTreeMap<JobId, Job>,
     next_job_id: u64,
     next_event_seq: u64,
     dirty_jobs: BTreeSet<JobId>,
-    dirty_nodes: BTreeSet<String>,
+    /// Nodes changed since the last take, in the order they changed, and the same as a flag per
+    /// node (so marking one is an index, not a set insert).
+    dirty_nodes: Vec<NodeId>,
+    node_dirty: Vec<bool>,
     events: Vec<Event>,
     /// Something happened that may let a queued job start (slots freed, a node back, a job
     /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
@@ -90,6 +100,8 @@ pub struct Core {
     schedule_due: bool,
     /// Jobs whose attempt just saw its first rank exit: their lost nodes are fenced now.
     exit_fenced: Vec<JobId>,
+    /// A heartbeat's jobs to move on, kept between heartbeats for its room.
+    touched: Vec<JobId>,
     /// Node losses are held back: too many nodes went silent at once.
     breaker_open: bool,
     /// Times the edge found the controller had not run (paused, stalled) and granted every node
@@ -112,13 +124,17 @@ impl Core {
         next_event_seq: u64,
         now_ms: u64,
     ) -> Core {
-        let nodes: BTreeMap<String, Node> = nodes
-            .into_iter()
-            .map(|mut n| {
-                n.last_heartbeat_ms = now_ms;
-                (n.name.clone(), n)
-            })
-            .collect();
+        let mut nodes = nodes;
+        // Rows come in any order; a node's id is its place in the table.
+        nodes.sort_by_key(|n| n.id);
+        for (i, n) in nodes.iter_mut().enumerate() {
+            n.last_heartbeat_ms = now_ms;
+            assert_eq!(n.id.index(), i, "node {} has id {} in a table of {} nodes", n.name, n.id.0, i);
+        }
+        let ids = nodes.iter().map(|n| (n.name.clone(), n.id)).collect();
+        let mut by_name: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
+        by_name.sort_by(|a, b| nodes[a.index()].name.cmp(&nodes[b.index()].name));
+        let node_dirty = vec![false; nodes.len()];
         let jobs = jobs
             .into_iter()
             .map(|mut j| {
@@ -131,14 +147,18 @@ impl Core {
         Core {
             cfg,
             nodes,
+            ids,
+            by_name,
             jobs,
             next_job_id,
             next_event_seq,
             dirty_jobs: BTreeSet::new(),
-            dirty_nodes: BTreeSet::new(),
+            dirty_nodes: Vec::new(),
+            node_dirty,
             events: Vec::new(),
             schedule_due: false,
             exit_fenced: Vec::new(),
+            touched: Vec::new(),
             breaker_open: false,
             stalls: 0,
         }
@@ -156,8 +176,7 @@ impl Core {
     pub fn take_changes(&mut self) -> Changes {
         let jobs =
             std::mem::take(&mut self.dirty_jobs).into_iter().map(|id| self.jobs[&id].clone()).collect();
-        let nodes =
-            std::mem::take(&mut self.dirty_nodes).into_iter().map(|n| self.nodes[&n].clone()).collect();
+        let nodes = self.take_dirty_nodes().into_iter().map(|n| self.nodes[n.index()].clone()).collect();
         Changes {
             jobs,
             nodes,
@@ -190,15 +209,40 @@ impl Core {
 
     /// For a caller that keeps no copy of the state (the simulator): which nodes changed since
     /// the last call (new commands among them), and the events, without cloning any row.
-    pub fn take_dirty(&mut self) -> (BTreeSet<String>, Vec<Event>) {
+    pub fn take_dirty(&mut self) -> (Vec<NodeId>, Vec<Event>) {
         self.dirty_jobs.clear();
-        (std::mem::take(&mut self.dirty_nodes), std::mem::take(&mut self.events))
+        (self.take_dirty_nodes(), std::mem::take(&mut self.events))
+    }
+
+    fn take_dirty_nodes(&mut self) -> Vec<NodeId> {
+        for n in &self.dirty_nodes {
+            self.node_dirty[n.index()] = false;
+        }
+        std::mem::take(&mut self.dirty_nodes)
     }
 
     /// Panics unless the derived indexes agree with the state they summarise. The tests and the
     /// simulator's checked mode call it after every step; it is too slow for every call of a
     /// large cluster's controller.
     pub fn check_invariants(&self) {
+        // The node tables: each node at its id, found by its name, once in name order.
+        assert_eq!(
+            (self.ids.len(), self.by_name.len(), self.node_dirty.len()),
+            (self.nodes.len(), self.nodes.len(), self.nodes.len()),
+            "node tables' sizes"
+        );
+        for (i, n) in self.nodes.iter().enumerate() {
+            assert_eq!(n.id.index(), i, "node {} at index {i}", n.name);
+            assert_eq!(self.ids.get(&n.name), Some(&n.id), "id of node {}", n.name);
+        }
+        let in_order = self.by_name.windows(2).all(|w| self.name(w[0]) < self.name(w[1]));
+        assert!(in_order, "nodes in name order");
+        let mut flagged: Vec<NodeId> =
+            (0..self.nodes.len() as u32).map(NodeId).filter(|n| self.node_dirty[n.index()]).collect();
+        let mut listed = self.dirty_nodes.clone();
+        listed.sort_unstable();
+        flagged.sort_unstable();
+        assert_eq!(listed, flagged, "changed nodes: the list and the flags");
         for job in self.jobs.values() {
             let Some(a) = job.attempt.as_ref() else { continue };
             let mut fresh = a.clone();
@@ -210,22 +254,59 @@ impl Core {
                 job.id,
                 a.number
             );
+            let mut distinct = a.nodes.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(
+                distinct.len(),
+                a.nodes.len(),
+                "job {} attempt {} names a node twice",
+                job.id,
+                a.number
+            );
+            assert!(a.nodes.iter().all(|n| n.index() < self.nodes.len()), "job {}: an unknown node", job.id);
         }
     }
 
-    /// Marks a node's row as changed (without allocating when it already is).
-    pub(crate) fn dirty_node(&mut self, name: &str) {
-        if !self.dirty_nodes.contains(name) {
-            self.dirty_nodes.insert(name.to_string());
+    /// Marks a node's row as changed.
+    pub(crate) fn dirty_node(&mut self, id: NodeId) {
+        let flag = &mut self.node_dirty[id.index()];
+        if !*flag {
+            *flag = true;
+            self.dirty_nodes.push(id);
         }
     }
 
-    pub(crate) fn push_once(&mut self, name: &str, command: Command) {
-        let node = self.nodes.get_mut(name).expect("caller checked the node");
+    pub(crate) fn push_once(&mut self, id: NodeId, command: Command) {
+        let node = &mut self.nodes[id.index()];
+        let command = Queued::Command(command);
         if !node.commands.iter().any(|c| c.command == command) {
-            node.push(command);
-            self.dirty_node(name);
+            node.push_queued(command);
+            self.dirty_node(id);
         }
+    }
+
+    /// An event about node `id`.
+    pub(crate) fn node_event(
+        &mut self,
+        now_ms: u64,
+        job_id: Option<JobId>,
+        id: NodeId,
+        kind: EventKind,
+        message: String,
+    ) {
+        let name = self.nodes[id.index()].name.clone();
+        self.event(now_ms, job_id, Some(&name), kind, message);
+    }
+
+    /// The node's name (for messages).
+    pub(crate) fn name(&self, id: NodeId) -> &str {
+        &self.nodes[id.index()].name
+    }
+
+    /// Every node in name order.
+    pub(crate) fn nodes_by_name(&self) -> impl Iterator<Item = &Node> {
+        self.by_name.iter().map(|id| &self.nodes[id.index()])
     }
 }
 

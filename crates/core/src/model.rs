@@ -85,6 +85,124 @@ impl Default for CoreConfig {
     }
 }
 
+/// A node's place in the core's tables: given at its first registration, in order, and never
+/// reused (nodes are not forgotten). Persisted with the node's row and in the jobs' rows, so a
+/// restarted controller finds every node where it was. Inside the core every per-node lookup is an
+/// index, not a string comparison: a restart of 12,500 nodes touches each node a few times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(pub u32);
+
+impl NodeId {
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// A command queued for a node. A launch is kept as its attempt's shared plan and the node's
+/// place in it until a reply is written: the 20-odd variables of torchrun's environment are built
+/// once per attempt, not once per node (at 12,500 nodes, 250,000 strings per restart).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Queued {
+    /// A command as the wire has it (every kind; a launch restored from a persisted row too).
+    Command(Command),
+    Launch {
+        plan: Arc<LaunchPlan>,
+        group: u32,
+        cores: u32,
+    },
+}
+
+/// A queued command and its sequence number. Persisted as the wire's [`SeqCommand`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "SeqCommand", from = "SeqCommand")]
+pub struct QueuedCommand {
+    pub seq: u64,
+    pub command: Queued,
+}
+
+impl QueuedCommand {
+    /// The command as an agent receives it.
+    pub fn to_wire(&self) -> SeqCommand {
+        let command = match &self.command {
+            Queued::Command(c) => c.clone(),
+            Queued::Launch { plan, group, cores } => Command::Launch(plan.spec(*group, *cores)),
+        };
+        SeqCommand { seq: self.seq, command }
+    }
+
+    /// The job and attempt a launch is for.
+    pub fn launch_of(&self) -> Option<(JobId, u32)> {
+        match &self.command {
+            Queued::Command(Command::Launch(l)) => Some((l.job_id, l.attempt)),
+            Queued::Launch { plan, .. } => Some((plan.job_id, plan.attempt)),
+            Queued::Command(_) => None,
+        }
+    }
+}
+
+impl From<QueuedCommand> for SeqCommand {
+    fn from(c: QueuedCommand) -> SeqCommand {
+        c.to_wire()
+    }
+}
+
+impl From<SeqCommand> for QueuedCommand {
+    fn from(c: SeqCommand) -> QueuedCommand {
+        QueuedCommand { seq: c.seq, command: Queued::Command(c.command) }
+    }
+}
+
+/// What every node of an attempt is launched with: all of [`LaunchSpec`] but the node's group
+/// rank and, when the job leaves it to torchrun's rule, its OMP_NUM_THREADS.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LaunchPlan {
+    pub job_id: JobId,
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    pub workdir: Option<String>,
+    pub checkpoint_dir: String,
+    pub ranks_per_node: u32,
+    /// The job's own variables (OMP_NUM_THREADS aside), before Myriad's.
+    pub job_env: Vec<(String, String)>,
+    /// Myriad's variables; `group_rank` and `omp_num_threads` are each node's.
+    pub node_env: NodeEnv,
+    /// OMP_NUM_THREADS for every node, when the job sets it or a node runs several ranks; else
+    /// each node's core count.
+    pub omp_num_threads: Option<String>,
+    pub restore: Option<RestoreSpec>,
+    /// The agent keeping a copy of the leader's (group 0's) in-memory checkpoints.
+    pub buddy: Option<String>,
+    pub checkpoint_every: u64,
+    pub persist_every: u64,
+}
+
+impl LaunchPlan {
+    /// The launch of group `group`, on a node with `cores` cores.
+    pub fn spec(&self, group: u32, cores: u32) -> LaunchSpec {
+        let mut node_env = self.node_env.clone();
+        node_env.group_rank = group;
+        node_env.omp_num_threads = self.omp_num_threads.clone().unwrap_or_else(|| cores.to_string());
+        let mut env = self.job_env.clone();
+        env.extend(node_env.vars());
+        LaunchSpec {
+            job_id: self.job_id,
+            attempt: self.attempt,
+            argv: self.argv.clone(),
+            workdir: self.workdir.clone(),
+            checkpoint_dir: self.checkpoint_dir.clone(),
+            group_rank: group,
+            ranks_per_node: self.ranks_per_node,
+            env,
+            restore: self.restore.clone(),
+            leader: group == 0,
+            buddy: if group == 0 { self.buddy.clone() } else { None },
+            checkpoint_every: self.checkpoint_every,
+            persist_every: self.persist_every,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
@@ -101,6 +219,7 @@ pub struct Allocation {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Node {
+    pub id: NodeId,
     pub name: String,
     pub slots: u32,
     pub cores: u32,
@@ -110,7 +229,7 @@ pub struct Node {
     pub health: Health,
     pub allocations: Vec<Allocation>,
     /// Commands not yet acknowledged, oldest first.
-    pub commands: VecDeque<SeqCommand>,
+    pub commands: VecDeque<QueuedCommand>,
     pub next_command_seq: u64,
     /// When failures were last blamed on this node (the newest few).
     #[serde(default)]
@@ -133,9 +252,10 @@ pub struct Node {
     /// Not persisted: a restarted controller gives every node a fresh grace period.
     #[serde(skip)]
     pub last_heartbeat_ms: u64,
-    /// Ranks still running per (job, attempt) in the node's last heartbeat.
+    /// Ranks still running per (job, attempt) in the node's last heartbeat (a list of a few:
+    /// refilled in place on every heartbeat).
     #[serde(skip)]
-    pub reported_running: BTreeMap<(JobId, u32), u32>,
+    pub reported_running: Vec<((JobId, u32), u32)>,
 }
 
 impl Node {
@@ -161,14 +281,21 @@ impl Node {
     }
 
     pub(crate) fn push(&mut self, command: Command) {
+        self.push_queued(Queued::Command(command));
+    }
+
+    pub(crate) fn push_queued(&mut self, command: Queued) {
         self.next_command_seq += 1;
-        self.commands.push_back(SeqCommand { seq: self.next_command_seq, command });
+        self.commands.push_back(QueuedCommand { seq: self.next_command_seq, command });
     }
 
     pub(crate) fn has_unacked_launch(&self, job_id: JobId, attempt: u32) -> bool {
-        self.commands
-            .iter()
-            .any(|c| matches!(&c.command, Command::Launch(l) if l.job_id == job_id && l.attempt == attempt))
+        self.commands.iter().any(|c| c.launch_of() == Some((job_id, attempt)))
+    }
+
+    /// Ranks still running of an attempt in the node's last heartbeat.
+    pub(crate) fn reported(&self, job_id: JobId, attempt: u32) -> u32 {
+        self.reported_running.iter().find(|(k, _)| *k == (job_id, attempt)).map_or(0, |&(_, n)| n)
     }
 }
 
@@ -216,7 +343,7 @@ pub enum Outcome {
 pub struct Attempt {
     pub number: u32,
     /// Nodes in group-rank order: `nodes[0]` hosts global rank 0.
-    pub nodes: Vec<String>,
+    pub nodes: Vec<NodeId>,
     pub master_port: Option<u16>,
     pub started_ms: u64,
     /// Last reported state of every global rank; None until its node reports it.
@@ -224,10 +351,11 @@ pub struct Attempt {
     /// Set when the attempt ends; the job moves on once every node released its slots.
     pub outcome: Option<Outcome>,
     /// Derived indexes (rebuilt on restore) that keep a heartbeat's work independent of the
-    /// job's size: each node's group rank, how many ranks have reported, how many of `nodes`
-    /// still hold slots for this attempt.
+    /// job's size: each node's group rank by [`NodeId`] ([`NOT_IN_ATTEMPT`] for the others, and
+    /// shorter than the node table when nodes joined later), how many ranks have reported, how
+    /// many of `nodes` still hold slots for this attempt.
     #[serde(skip)]
-    pub groups: HashMap<String, u32>,
+    pub groups: Vec<u32>,
     #[serde(skip)]
     pub reported: u32,
     #[serde(skip)]
@@ -263,7 +391,7 @@ pub struct Job {
     /// Nodes of the latest attempts (at most [`PLACEMENTS_KEPT`]), oldest first: logs of earlier
     /// attempts live there. A job restarted a thousand times on 1,250 nodes would otherwise carry
     /// every list in its row.
-    pub placements: Vec<Vec<String>>,
+    pub placements: Vec<Vec<NodeId>>,
     /// Attempt number of `placements[0]`.
     #[serde(default)]
     pub placements_from: u32,
@@ -289,32 +417,51 @@ pub struct Job {
     pub history: History,
     /// Nodes evicted from this job for straggling: its later attempts avoid them.
     #[serde(default)]
-    pub evicted: BTreeSet<String>,
+    pub evicted: BTreeSet<NodeId>,
 }
+
+impl Attempt {
+    /// The group rank of `node` in this attempt.
+    pub fn group_of(&self, node: NodeId) -> Option<u32> {
+        self.groups.get(node.index()).copied().filter(|&g| g != NOT_IN_ATTEMPT)
+    }
+}
+
+/// [`Attempt::groups`] of a node the attempt does not run on.
+pub const NOT_IN_ATTEMPT: u32 = u32::MAX;
 
 /// Placements kept per job (the newest attempts').
 pub const PLACEMENTS_KEPT: usize = 16;
 
 /// Rebuilds an attempt's derived indexes from its node list, rank table and the nodes' slots.
-pub(crate) fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &BTreeMap<String, Node>) {
+pub(crate) fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &[Node]) {
     a.groups = group_index(&a.nodes);
     a.reported = a.ranks.iter().filter(|r| r.is_some()).count() as u32;
-    a.holders =
-        a.nodes.iter().filter(|n| nodes.get(*n).is_some_and(|node| node.holds(job_id, a.number))).count()
-            as u32;
+    a.holders = a
+        .nodes
+        .iter()
+        .filter(|n| nodes.get(n.index()).is_some_and(|node| node.holds(job_id, a.number)))
+        .count() as u32;
 }
 
 /// Names for an event: all of a small job's nodes; the first few of a large one and a count (its
 /// full placement is in the job's view), so one event is not 15 KB at 1,250 nodes.
-pub(crate) fn node_list(nodes: &[String]) -> String {
+pub(crate) fn node_list(table: &[Node], nodes: &[NodeId]) -> String {
     const SHOWN: usize = 8;
+    let names =
+        |ids: &[NodeId]| ids.iter().map(|n| table[n.index()].name.as_str()).collect::<Vec<_>>().join(", ");
     if nodes.len() <= SHOWN {
-        return nodes.join(", ");
+        return names(nodes);
     }
-    format!("{}, … and {} more ({} nodes)", nodes[..SHOWN].join(", "), nodes.len() - SHOWN, nodes.len())
+    format!("{}, … and {} more ({} nodes)", names(&nodes[..SHOWN]), nodes.len() - SHOWN, nodes.len())
 }
 
-/// Each node's group rank: its position in the attempt's node list.
-pub(crate) fn group_index(nodes: &[String]) -> HashMap<String, u32> {
-    nodes.iter().enumerate().map(|(g, n)| (n.clone(), g as u32)).collect()
+/// Each node's group rank, by [`NodeId`]: its position in the attempt's node list.
+pub(crate) fn group_index(nodes: &[NodeId]) -> Vec<u32> {
+    let len = nodes.iter().map(|n| n.index() + 1).max().unwrap_or(0);
+    let mut groups = vec![NOT_IN_ATTEMPT; len];
+    for (g, n) in nodes.iter().enumerate() {
+        groups[n.index()] = g as u32;
+    }
+    groups
 }

@@ -5,21 +5,22 @@ use crate::*;
 
 impl Core {
     /// A failure is this node's fault; too many in the window and it is quarantined.
-    pub(crate) fn blame(&mut self, name: &str, now_ms: u64) {
+    pub(crate) fn blame(&mut self, id: NodeId, now_ms: u64) {
         let (after, window_ms) = (self.cfg.quarantine_after, self.cfg.quarantine_window_ms);
-        let Some(node) = self.nodes.get_mut(name) else { return };
+        let node = &mut self.nodes[id.index()];
         node.failures_ms.retain(|&t| now_ms.saturating_sub(t) < window_ms);
         node.failures_ms.push(now_ms);
-        self.dirty_nodes.insert(name.to_string());
         if node.failures_ms.len() >= after && !node.quarantined {
             node.quarantined = true;
             let message = format!(
-                "node {name} quarantined after {} failures within {} s: it needs a person (restart its agent to release it)",
+                "node {} quarantined after {} failures within {} s: it needs a person (restart its agent to release it)",
+                node.name,
                 node.failures_ms.len(),
                 window_ms / 1000
             );
-            self.event(now_ms, None, Some(name), EventKind::NodeQuarantined, message);
+            self.node_event(now_ms, None, id, EventKind::NodeQuarantined, message);
         }
+        self.dirty_node(id);
     }
 
     /// A node's agent (re)starts. An agent that restarts has lost its ranks: any attempt still
@@ -33,8 +34,9 @@ impl Core {
             }));
         }
         let name = req.name.clone();
-        match self.nodes.get_mut(&name) {
-            Some(node) => {
+        match self.ids.get(&name).copied() {
+            Some(id) => {
+                let node = &mut self.nodes[id.index()];
                 node.slots = req.slots;
                 node.cores = req.cores.max(1);
                 node.addr = req.addr;
@@ -51,7 +53,7 @@ impl Core {
                 let held: Vec<(JobId, u32)> =
                     node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
                 node.allocations.clear();
-                self.dirty_nodes.insert(name.clone());
+                self.dirty_node(id);
                 self.event(
                     now_ms,
                     None,
@@ -60,7 +62,7 @@ impl Core {
                     format!("node {name} re-registered"),
                 );
                 for (job_id, attempt) in held {
-                    self.released(&name, job_id, attempt);
+                    self.released(id, job_id, attempt);
                     let reason = format!("the agent on node {name} restarted and lost its ranks");
                     let kind = FaultKind::AgentRestart;
                     self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms, now_ms);
@@ -68,7 +70,9 @@ impl Core {
                 }
             }
             None => {
+                let id = NodeId(self.nodes.len() as u32);
                 let node = Node {
+                    id,
                     name: name.clone(),
                     slots: req.slots,
                     cores: req.cores.max(1),
@@ -86,7 +90,7 @@ impl Core {
                     driver: req.driver,
                     gpu_findings: Vec::new(),
                     last_heartbeat_ms: now_ms,
-                    reported_running: BTreeMap::new(),
+                    reported_running: Vec::new(),
                 };
                 let what = if node.spare { "spare node" } else { "node" };
                 let gpus = match (node.gpus.first(), node.gpus.len()) {
@@ -96,8 +100,12 @@ impl Core {
                     (None, _) => String::new(),
                 };
                 let message = format!("{what} {name} joined with {} slots{gpus}", node.slots);
-                self.nodes.insert(name.clone(), node);
-                self.dirty_nodes.insert(name.clone());
+                self.nodes.push(node);
+                self.node_dirty.push(false);
+                let at = self.by_name.partition_point(|n| self.nodes[n.index()].name < name);
+                self.by_name.insert(at, id);
+                self.ids.insert(name.clone(), id);
+                self.dirty_node(id);
                 self.event(now_ms, None, Some(&name), EventKind::NodeRegistered, message);
             }
         }
@@ -114,14 +122,17 @@ impl Core {
         req: HeartbeatRequest,
         now_ms: u64,
     ) -> Result<HeartbeatReply, CoreError> {
-        self.report(name, req, now_ms)?;
-        Ok(HeartbeatReply { commands: self.nodes[name].commands.iter().cloned().collect() })
+        let id = self.node_id(name).ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
+        self.report(id, &req, now_ms);
+        Ok(HeartbeatReply {
+            commands: self.nodes[id.index()].commands.iter().map(QueuedCommand::to_wire).collect(),
+        })
     }
 
     /// A heartbeat without the reply: the caller reads the node's queued commands itself
-    /// ([`Core::node`]), as the simulator does for thousands of nodes.
-    pub fn report(&mut self, name: &str, req: HeartbeatRequest, now_ms: u64) -> Result<(), CoreError> {
-        let node = self.nodes.get_mut(name).ok_or_else(|| CoreError::UnknownNode(name.to_string()))?;
+    /// ([`Core::node_by_id`]), as the simulator does for thousands of nodes.
+    pub fn report(&mut self, id: NodeId, req: &HeartbeatRequest, now_ms: u64) {
+        let node = &mut self.nodes[id.index()];
         node.last_heartbeat_ms = now_ms;
         let before = node.commands.len();
         node.commands.retain(|c| c.seq > req.acked_command_seq);
@@ -137,73 +148,83 @@ impl Core {
             self.schedule_due = true;
         }
         if dirty {
-            self.dirty_node(name);
+            self.dirty_node(id);
         }
         if returned {
-            self.event(
-                now_ms,
-                None,
-                Some(name),
-                EventKind::NodeReturned,
-                format!("node {name} is heartbeating again"),
-            );
+            let message = format!("node {} is heartbeating again", self.name(id));
+            self.node_event(now_ms, None, id, EventKind::NodeReturned, message);
         }
 
         // A failed GPU takes the node out before anything it reports can restart a job onto it.
-        self.gpu_reports(name, &req.gpu_findings, now_ms);
-        self.checkpoint_reports(name, &req, now_ms);
+        self.gpu_reports(id, &req.gpu_findings, now_ms);
+        self.checkpoint_reports(id, req, now_ms);
         for port in &req.ports {
-            self.port_reserved(name, port.job_id, port.attempt, port.port, now_ms);
+            self.port_reserved(id, port.job_id, port.attempt, port.port, now_ms);
         }
 
-        // Ranks still running per attempt, as this node sees them.
-        let mut reported: BTreeMap<(JobId, u32), u32> = BTreeMap::new();
+        // Ranks still running per attempt, as this node sees them: refilled in the node's own
+        // list, which keeps its room from the last heartbeat (a node runs one attempt or two).
+        let mut reported = std::mem::take(&mut self.nodes[id.index()].reported_running);
+        reported.clear();
         for r in &req.ranks {
-            *reported.entry((r.job_id, r.attempt)).or_default() += r.state.is_running() as u32;
-            self.rank_report(name, r, now_ms);
+            let key = (r.job_id, r.attempt);
+            let running = r.state.is_running() as u32;
+            match reported.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, n)) => *n += running,
+                None => reported.push((key, running)),
+            }
+            self.rank_report(id, r, now_ms);
         }
-        for (&(job_id, attempt), &running) in &reported {
-            if self.nodes[name].holds(job_id, attempt) {
+        for &((job_id, attempt), running) in &reported {
+            if self.nodes[id.index()].holds(job_id, attempt) {
                 continue;
             }
             // Ranks of an attempt this node holds no slots for: a leftover of an attempt that
             // ended while the node was cut off, or of a job this controller never saw. Running
             // ones keep their slots occupied until they are gone.
-            let node = self.nodes.get_mut(name).expect("checked above");
+            let node = &mut self.nodes[id.index()];
             if running > 0 {
                 node.allocations.push(Allocation { job_id, attempt, slots: running });
                 node.push(Command::Stop { job_id, attempt });
-                self.dirty_node(name);
-                self.acquired(name, job_id, attempt);
+                self.dirty_node(id);
+                self.acquired(id, job_id, attempt);
                 let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
-                self.event(now_ms, Some(job_id), Some(name), EventKind::LeftoverRanks, message);
+                self.node_event(now_ms, Some(job_id), id, EventKind::LeftoverRanks, message);
             } else {
-                self.push_once(name, Command::Forget { job_id, attempt });
+                self.push_once(id, Command::Forget { job_id, attempt });
             }
         }
-        self.nodes.get_mut(name).expect("checked above").reported_running = reported.clone();
-        let mut touched: BTreeSet<JobId> = self.nodes[name].allocations.iter().map(|a| a.job_id).collect();
-        touched.extend(reported.keys().map(|&(job_id, _)| job_id));
-        // An attempt's first rank to exit fences its ranks on lost nodes.
+        // The jobs this report may move on: those the node holds slots for or reported ranks of,
+        // and those whose attempt's first rank to exit fences its ranks on lost nodes. A few at
+        // most, so a list (kept by the core between reports) rather than a set.
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
+        let node = &self.nodes[id.index()];
+        touched.extend(node.allocations.iter().map(|a| a.job_id));
+        touched.extend(reported.iter().map(|&((job_id, _), _)| job_id));
+        self.nodes[id.index()].reported_running = reported;
         for job_id in std::mem::take(&mut self.exit_fenced) {
             self.release_lost_nodes_of(job_id, now_ms);
-            touched.insert(job_id);
+            touched.push(job_id);
         }
-        for job_id in touched {
-            self.try_release(name, job_id, now_ms);
+        touched.sort_unstable();
+        touched.dedup();
+        for &job_id in &touched {
+            self.try_release(id, job_id, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
+        self.touched = touched;
         if self.schedule_due {
             self.schedule(now_ms);
         }
-        Ok(())
     }
 
-    /// Every healthy node not in `silent` heartbeats at `now_ms` with nothing new to say. For
-    /// the simulator, which stands in for thousands of agents whose reports have not changed.
-    pub fn alive_all(&mut self, now_ms: u64, silent: &HashSet<String>) {
-        for node in self.nodes.values_mut() {
-            if node.health == Health::Healthy && !silent.contains(&node.name) {
+    /// Every healthy node for which `silent` is false heartbeats at `now_ms` with nothing new to
+    /// say. For the simulator, which stands in for thousands of agents whose reports have not
+    /// changed.
+    pub fn alive_all(&mut self, now_ms: u64, silent: impl Fn(NodeId) -> bool) {
+        for node in &mut self.nodes {
+            if node.health == Health::Healthy && !silent(node.id) {
                 node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
             }
         }
@@ -212,8 +233,8 @@ impl Core {
     /// The node's GPU health as its agent now finds it. A new fatal finding fails every attempt
     /// the node holds (a restart finds a spare: the node has no room while a GPU fails) and is
     /// blamed on the node; a new warning is an event; all checks passing again returns the node.
-    pub(crate) fn gpu_reports(&mut self, name: &str, findings: &[GpuFinding], now_ms: u64) {
-        let node = &self.nodes[name];
+    pub(crate) fn gpu_reports(&mut self, id: NodeId, findings: &[GpuFinding], now_ms: u64) {
+        let node = &self.nodes[id.index()];
         if node.gpu_findings == findings {
             return;
         }
@@ -221,13 +242,14 @@ impl Core {
         let new: Vec<GpuFinding> =
             findings.iter().filter(|f| !node.gpu_findings.contains(f)).cloned().collect();
         let held: Vec<(JobId, u32)> = node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
-        let node = self.nodes.get_mut(name).expect("looked up above");
+        let node = &mut self.nodes[id.index()];
         node.gpu_findings = findings.to_vec();
         let failed = node.gpu_failed();
-        self.dirty_node(name);
+        let name = node.name.clone();
+        self.dirty_node(id);
         for f in new.iter().filter(|f| !f.fatal) {
             let message = format!("GPU {} ({}) on node {name}: {}", f.index, f.uuid, f.reason);
-            self.event(now_ms, None, Some(name), EventKind::GpuWarning, message);
+            self.node_event(now_ms, None, id, EventKind::GpuWarning, message);
         }
         let fatal: Vec<&GpuFinding> = new.iter().filter(|f| f.fatal).collect();
         if let Some(first) = fatal.first() {
@@ -239,8 +261,8 @@ impl Core {
             };
             let message =
                 format!("{what}{more}; the node is out of scheduling until its GPUs pass their checks");
-            self.event(now_ms, None, Some(name), EventKind::GpuFailed, message);
-            self.blame(name, now_ms);
+            self.node_event(now_ms, None, id, EventKind::GpuFailed, message);
+            self.blame(id, now_ms);
             for (job_id, attempt) in held {
                 let reason = format!("{what}{more}");
                 self.end_attempt(job_id, attempt, Outcome::Restart, (FaultKind::Gpu, reason), now_ms, now_ms);
@@ -250,7 +272,7 @@ impl Core {
         if was_failed && !failed {
             self.schedule_due = true;
             let message = format!("every GPU of node {name} passes its checks again: it is scheduled again");
-            self.event(now_ms, None, Some(name), EventKind::GpuRecovered, message);
+            self.node_event(now_ms, None, id, EventKind::GpuRecovered, message);
         }
     }
 
@@ -259,7 +281,7 @@ impl Core {
     /// and is taken off every healthy node's. (Only that time: a controller that is merely slow,
     /// stalling a little every tick, still finds dead nodes, later.)
     pub fn controller_stalled(&mut self, now_ms: u64, stalled_ms: u64) {
-        for node in self.nodes.values_mut().filter(|n| n.health == Health::Healthy) {
+        for node in self.nodes.iter_mut().filter(|n| n.health == Health::Healthy) {
             node.last_heartbeat_ms =
                 (node.last_heartbeat_ms + stalled_ms).min(now_ms.max(node.last_heartbeat_ms));
         }
@@ -297,14 +319,15 @@ impl Core {
         let (mut healthy, mut approaching, mut silent) = (0usize, 0usize, Vec::new());
         // Lost nodes still holding an ended attempt's slots whose lease has just run out.
         let fenced_after_ms = self.cfg.fenced_after_ms();
-        let mut fenced: Vec<(String, JobId)> = Vec::new();
-        for n in self.nodes.values() {
+        let mut fenced: Vec<(NodeId, JobId)> = Vec::new();
+        // In name order, as events and restarts have always come.
+        for n in self.nodes_by_name() {
             if n.health != Health::Healthy {
                 if n.health == Health::Lost
                     && !n.allocations.is_empty()
                     && now_ms >= n.last_heartbeat_ms + fenced_after_ms
                 {
-                    fenced.extend(n.allocations.iter().map(|a| (n.name.clone(), a.job_id)));
+                    fenced.extend(n.allocations.iter().map(|a| (n.id, a.job_id)));
                 }
                 continue;
             }
@@ -312,7 +335,7 @@ impl Core {
             let age_ms = now_ms.saturating_sub(n.last_heartbeat_ms);
             approaching += (age_ms > approaching_ms) as usize;
             if age_ms > timeout_ms {
-                silent.push(n.name.clone());
+                silent.push(n.id);
             }
         }
         let mass = !silent.is_empty()
@@ -330,7 +353,7 @@ impl Core {
                 // The nodes still silent were silent under the breaker: their timeout starts now,
                 // or the last of them to heartbeat again would be declared lost for the
                 // partition's whole length.
-                for node in self.nodes.values_mut().filter(|n| n.health == Health::Healthy) {
+                for node in self.nodes.iter_mut().filter(|n| n.health == Health::Healthy) {
                     node.last_heartbeat_ms = node.last_heartbeat_ms.max(now_ms);
                 }
                 let message =
@@ -340,12 +363,13 @@ impl Core {
             self.event(now_ms, None, None, kind, message);
         }
         let silent = if mass || was_open { Vec::new() } else { silent };
-        for name in silent {
-            let node = self.nodes.get_mut(&name).expect("listed above");
+        for id in silent {
+            let node = &mut self.nodes[id.index()];
             node.health = Health::Lost;
             let age_ms = now_ms - node.last_heartbeat_ms;
             let held: Vec<(JobId, u32)> = node.allocations.iter().map(|a| (a.job_id, a.attempt)).collect();
-            self.dirty_nodes.insert(name.clone());
+            let name = node.name.clone();
+            self.dirty_node(id);
             self.event(
                 now_ms,
                 None,
@@ -353,17 +377,17 @@ impl Core {
                 EventKind::NodeLost,
                 format!("node {name}: no heartbeat for {age_ms} ms"),
             );
-            self.blame(&name, now_ms);
+            self.blame(id, now_ms);
             for (job_id, attempt) in held {
                 let reason = format!("node {name} was lost (no heartbeat for {age_ms} ms)");
                 let kind = FaultKind::NodeLost;
                 self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), now_ms - age_ms, now_ms);
-                self.try_release(&name, job_id, now_ms);
+                self.try_release(id, job_id, now_ms);
                 self.maybe_finish_attempt(job_id, now_ms);
             }
         }
-        for (name, job_id) in fenced {
-            self.try_release(&name, job_id, now_ms);
+        for (id, job_id) in fenced {
+            self.try_release(id, job_id, now_ms);
             self.maybe_finish_attempt(job_id, now_ms);
         }
         let late: Vec<(JobId, u32)> = self

@@ -43,7 +43,7 @@ impl FaultKind {
 impl Core {
     /// Records which checkpoints the node holds, which failed to verify, and purges the
     /// in-memory checkpoints of jobs that have ended.
-    pub(crate) fn checkpoint_reports(&mut self, name: &str, req: &HeartbeatRequest, now_ms: u64) {
+    pub(crate) fn checkpoint_reports(&mut self, id: NodeId, req: &HeartbeatRequest, now_ms: u64) {
         let mut memory: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
         let mut persisted: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
         for c in &req.checkpoints {
@@ -56,12 +56,12 @@ impl Core {
             .filter(|id| self.jobs.get(id).is_none_or(|j| j.state.is_final()))
             .collect();
         for job_id in ended {
-            self.push_once(name, Command::Purge { job_id });
+            self.push_once(id, Command::Purge { job_id });
         }
-        let node = self.nodes.get_mut(name).expect("caller checked the node");
+        let node = &mut self.nodes[id.index()];
         if node.checkpoints != memory {
             node.checkpoints = memory;
-            self.dirty_node(name);
+            self.dirty_node(id);
         }
         for (job_id, steps) in persisted {
             if let Some(job) = self.jobs.get_mut(&job_id) {
@@ -79,7 +79,7 @@ impl Core {
                     "checkpoint of step {} failed verification; falling back to an older one",
                     bad.step
                 );
-                self.event(now_ms, Some(bad.job_id), Some(name), EventKind::CheckpointCorrupt, message);
+                self.node_event(now_ms, Some(bad.job_id), id, EventKind::CheckpointCorrupt, message);
             }
         }
     }
@@ -89,15 +89,14 @@ impl Core {
     pub(crate) fn restore_point(&self, job: &Job) -> Option<RestoreSpec> {
         let in_memory = self
             .nodes
-            .values()
+            .iter()
             .filter(|n| n.health == Health::Healthy)
             .filter_map(|n| n.checkpoints.get(&job.id))
             .flat_map(|steps| steps.iter().copied());
         let step =
             in_memory.chain(job.persisted.iter().copied()).filter(|s| !job.bad_steps.contains(s)).max()?;
         let sources = self
-            .nodes
-            .values()
+            .nodes_by_name()
             .filter(|n| n.health == Health::Healthy)
             .filter(|n| n.checkpoints.get(&job.id).is_some_and(|s| s.contains(&step)))
             .map(|n| format!("http://{}:{}", n.addr, n.http_port))
@@ -105,7 +104,7 @@ impl Core {
         Some(RestoreSpec { step, sources, persisted: job.persisted.contains(&step) })
     }
 
-    pub(crate) fn rank_report(&mut self, node: &str, r: &RankReport, now_ms: u64) {
+    pub(crate) fn rank_report(&mut self, id: NodeId, r: &RankReport, now_ms: u64) {
         let (job_id, attempt, local_rank, state) = (r.job_id, r.attempt, r.local_rank, r.state);
         let (step, loss) = (r.step, r.loss);
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
@@ -114,7 +113,7 @@ impl Core {
         if a.number != attempt || local_rank >= nproc {
             return;
         }
-        let Some(&group) = a.groups.get(node) else { return };
+        let Some(group) = a.group_of(id) else { return };
         let rank = group * nproc + local_rank;
         if rank == 0 && (step.is_some() && step != job.step || loss.is_some() && loss != job.loss) {
             job.step = step.or(job.step);
@@ -194,7 +193,7 @@ impl Core {
                 h.stalled_ms as f64 / 1e3,
                 h.threshold_ms as f64 / 1e3
             );
-            self.event(now_ms, Some(job_id), Some(node), EventKind::RankHung, message);
+            self.node_event(now_ms, Some(job_id), id, EventKind::RankHung, message);
             let data = serde_json::json!({"stalled_ms": h.stalled_ms, "phase": h.phase, "stack": h.stack});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }
@@ -208,7 +207,7 @@ impl Core {
             let job = self.jobs.get_mut(&job_id).expect("checked above");
             if let Some(p) = job.account.pending.as_mut().filter(|p| p.attempt == attempt) {
                 if exited_ms < p.fault_ms && !state.succeeded() {
-                    p.cause = format!("rank {rank} on node {node} {how}");
+                    p.cause = format!("rank {rank} on node {} {how}", self.nodes[id.index()].name);
                     p.kind = FaultKind::RankExit.as_str().to_string();
                     p.fault_ms = exited_ms;
                     job.reason = Some(p.cause.clone());
@@ -216,8 +215,9 @@ impl Core {
             }
             return;
         }
-        self.event(now_ms, Some(job_id), Some(node), EventKind::RankExited, format!("rank {rank} {how}"));
+        self.node_event(now_ms, Some(job_id), id, EventKind::RankExited, format!("rank {rank} {how}"));
         if !state.succeeded() {
+            let node = self.name(id);
             let reason = match &r.hang {
                 Some(h) => format!(
                     "rank {rank} on node {node} hung: no progress for {:.1} s{}",
@@ -231,7 +231,7 @@ impl Core {
             // Hangs are unambiguous (the stopped or spinning rank is found first) and count
             // towards quarantine; a crash is not blamed, as its peers fail a moment later too.
             if r.hang.is_some() {
-                self.blame(node, now_ms);
+                self.blame(id, now_ms);
             }
             let kind = if r.hang.is_some() { FaultKind::Hang } else { FaultKind::RankExit };
             self.end_attempt(job_id, attempt, Outcome::Restart, (kind, reason), fault_ms, now_ms);
@@ -314,18 +314,18 @@ impl Core {
             self.events.last_mut().expect("just pushed").data =
                 Some(serde_json::json!({"cause": kind.as_str()}));
         }
-        for n in nodes {
-            let Some(node) = self.nodes.get_mut(&n) else { continue };
+        for &n in &nodes {
+            let node = &self.nodes[n.index()];
             if !node.holds(job_id, attempt) {
                 continue;
             }
             // A launch already sent may be carried out before its acknowledgement arrives: it stays
             // queued, the Stop follows it, and the slots wait for the ranks to be reported gone.
             if outcome != Outcome::Succeed && node.health == Health::Healthy {
-                self.push_once(&n, Command::Stop { job_id, attempt });
+                self.push_once(n, Command::Stop { job_id, attempt });
             }
-            self.dirty_node(&n);
-            self.try_release(&n, job_id, now_ms);
+            self.dirty_node(n);
+            self.try_release(n, job_id, now_ms);
         }
         self.maybe_finish_attempt(job_id, now_ms);
     }
@@ -333,11 +333,13 @@ impl Core {
     /// Returns a node's slots for an ended attempt once none of its ranks can still be running:
     /// the node is lost, or its last report shows none running, its rank table shows none running,
     /// and no launch for the attempt waits undelivered.
-    pub(crate) fn try_release(&mut self, name: &str, job_id: JobId, now_ms: u64) {
+    pub(crate) fn try_release(&mut self, id: NodeId, job_id: JobId, now_ms: u64) {
         let job = self.jobs.get(&job_id);
         let current = job.and_then(|j| j.attempt.as_ref());
-        let node = &self.nodes[name];
+        let node = &self.nodes[id.index()];
         let fenced_after_ms = self.cfg.fenced_after_ms();
+        // An attempt or two at most: a list on the stack would do, but one rarely allocates here
+        // (only a node that holds slots of an ended attempt).
         let releasable: Vec<u32> = node
             .allocations
             .iter()
@@ -357,7 +359,7 @@ impl Core {
                 let table_running = match (job, current) {
                     (Some(job), Some(a)) if a.number == attempt => {
                         let nproc = job.spec.ranks_per_node as usize;
-                        a.groups.get(name).is_some_and(|&g| {
+                        a.group_of(id).is_some_and(|g| {
                             let g = g as usize;
                             a.ranks[g * nproc..(g + 1) * nproc]
                                 .iter()
@@ -366,18 +368,18 @@ impl Core {
                     }
                     _ => false,
                 };
-                let reported = node.reported_running.get(&(job_id, attempt)).copied().unwrap_or(0);
+                let reported = node.reported(job_id, attempt);
                 !table_running && reported == 0 && !node.has_unacked_launch(job_id, attempt)
             })
             .collect();
         for attempt in releasable {
-            let node = self.nodes.get_mut(name).expect("exists");
+            let node = &mut self.nodes[id.index()];
             node.allocations.retain(|al| !(al.job_id == job_id && al.attempt == attempt));
             if node.health == Health::Healthy {
                 node.push(Command::Forget { job_id, attempt });
             }
-            self.dirty_node(name);
-            self.released(name, job_id, attempt);
+            self.dirty_node(id);
+            self.released(id, job_id, attempt);
             self.schedule_due = true;
         }
     }
@@ -387,29 +389,25 @@ impl Core {
     /// quadratic in a restart.
     pub(crate) fn release_lost_nodes_of(&mut self, job_id: JobId, now_ms: u64) {
         let Some(a) = self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref()) else { return };
-        let lost: Vec<String> = a
-            .nodes
-            .iter()
-            .filter(|n| self.nodes.get(*n).is_some_and(|n| n.health == Health::Lost))
-            .cloned()
-            .collect();
+        let lost: Vec<NodeId> =
+            a.nodes.iter().copied().filter(|n| self.nodes[n.index()].health == Health::Lost).collect();
         for n in lost {
-            self.try_release(&n, job_id, now_ms);
+            self.try_release(n, job_id, now_ms);
         }
     }
 
     /// Counts a node of `job_id`'s current attempt giving up its slots.
-    pub(crate) fn released(&mut self, name: &str, job_id: JobId, attempt: u32) {
+    pub(crate) fn released(&mut self, id: NodeId, job_id: JobId, attempt: u32) {
         let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
-        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+        if let Some(a) = a.filter(|a| a.number == attempt && a.group_of(id).is_some()) {
             a.holders -= 1;
         }
     }
 
     /// Counts a node of `job_id`'s current attempt taking slots again (leftover ranks).
-    pub(crate) fn acquired(&mut self, name: &str, job_id: JobId, attempt: u32) {
+    pub(crate) fn acquired(&mut self, id: NodeId, job_id: JobId, attempt: u32) {
         let a = self.jobs.get_mut(&job_id).and_then(|j| j.attempt.as_mut());
-        if let Some(a) = a.filter(|a| a.number == attempt && a.groups.contains_key(name)) {
+        if let Some(a) = a.filter(|a| a.number == attempt && a.group_of(id).is_some()) {
             a.holders += 1;
         }
     }

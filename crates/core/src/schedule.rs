@@ -6,7 +6,14 @@ use crate::*;
 use proto::env::{self, NodeEnv};
 
 impl Core {
-    pub(crate) fn port_reserved(&mut self, node: &str, job_id: JobId, attempt: u32, port: u16, now_ms: u64) {
+    pub(crate) fn port_reserved(
+        &mut self,
+        node: NodeId,
+        job_id: JobId,
+        attempt: u32,
+        port: u16,
+        now_ms: u64,
+    ) {
         let Some(job) = self.jobs.get_mut(&job_id) else { return };
         let Some(a) = job.attempt.as_mut() else { return };
         if a.number != attempt || a.outcome.is_some() || a.master_port.is_some() || a.nodes[0] != node {
@@ -23,53 +30,40 @@ impl Core {
         job.step = Some(restore_step);
         let job = &self.jobs[&job_id];
         let a = job.attempt.as_ref().expect("checked above");
-        // The attempt's secret, hashed once for all of its nodes (a SHA-256 per node was an
-        // eighth of a large simulated restart).
-        let secret = env::comm_secret(&self.cfg.comm_secret_key, job.id, a.number);
-        let launches: Vec<(String, LaunchSpec)> = a
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(group, n)| (n.clone(), self.launch_spec(job, a, group as u32, restore.clone(), &secret)))
-            .collect();
-        for (n, spec) in launches {
-            if let Some(node) = self.nodes.get_mut(&n) {
-                node.push(Command::Launch(spec));
-                self.dirty_nodes.insert(n);
-            }
+        // One plan for every node of the attempt: each node's queue holds it and its group rank.
+        let plan = Arc::new(self.launch_plan(job, a, restore));
+        let nodes = a.nodes.clone();
+        for (group, &n) in nodes.iter().enumerate() {
+            let node = &mut self.nodes[n.index()];
+            let cores = node.cores;
+            node.push_queued(Queued::Launch { plan: plan.clone(), group: group as u32, cores });
+            self.dirty_node(n);
         }
-        self.event(
+        self.node_event(
             now_ms,
             Some(job_id),
-            Some(node),
+            node,
             EventKind::Launching,
             format!("attempt {attempt}: MASTER_PORT {port}, launching ranks"),
         );
     }
 
-    /// torchrun's environment for every rank of group (node) `group`, plus Myriad's own.
-    pub(crate) fn launch_spec(
-        &self,
-        job: &Job,
-        a: &Attempt,
-        group: u32,
-        restore: Option<RestoreSpec>,
-        comm_secret: &str,
-    ) -> LaunchSpec {
+    /// torchrun's environment for every rank of the attempt, plus Myriad's own: all of it but
+    /// each node's group rank (and core count), which [`LaunchPlan::spec`] fills in.
+    pub(crate) fn launch_plan(&self, job: &Job, a: &Attempt, restore: Option<RestoreSpec>) -> LaunchPlan {
         let spec = &job.spec;
         let nproc = spec.ranks_per_node;
         let world = spec.world_size();
-        let master = &self.nodes[&a.nodes[0]];
-        let here = &self.nodes[&a.nodes[group as usize]];
+        let master = &self.nodes[a.nodes[0].index()];
         let omp = match spec.env.get(env::OMP_NUM_THREADS) {
-            Some(v) => v.clone(),
+            Some(v) => Some(v.clone()),
             // torchrun's rule: one thread per rank when a node runs several; else the node's cores.
-            None if nproc > 1 => "1".into(),
-            None => here.cores.to_string(),
+            None if nproc > 1 => Some("1".into()),
+            None => None,
         };
         // The job's own variables first, then Myriad's (a spec cannot name a reserved one).
         // RANK, LOCAL_RANK and ROLE_RANK, the only per-rank ones, come from LaunchSpec::rank_env.
-        let mut env: Vec<(String, String)> = spec
+        let job_env: Vec<(String, String)> = spec
             .env
             .iter()
             .filter(|(k, _)| *k != env::OMP_NUM_THREADS)
@@ -78,7 +72,7 @@ impl Core {
         let node_env = NodeEnv {
             world_size: world,
             local_world_size: nproc,
-            group_rank: group,
+            group_rank: 0,
             group_world_size: spec.nodes,
             role_name: "default".into(),
             master_addr: master.addr.clone(),
@@ -88,34 +82,32 @@ impl Core {
             run_id: spec.run_id.clone().unwrap_or_else(|| format!("myriad-{}", job.id)),
             // Rank 0 hosts the store itself on MASTER_PORT; the agent does not speak its protocol.
             use_agent_store: false,
-            omp_num_threads: omp,
+            // Each node's, in LaunchPlan::spec.
+            omp_num_threads: String::new(),
             job_id: job.id,
             attempt: a.number,
-            comm_secret: comm_secret.to_string(),
+            // Hashed once for all of the attempt's nodes.
+            comm_secret: env::comm_secret(&self.cfg.comm_secret_key, job.id, a.number),
         };
-        env.extend(node_env.vars());
         // The buddy keeps a copy of the leader's in-memory checkpoints on another node: the next
         // node of the job, or for a one-node job any other healthy node.
-        let buddy = if group == 0 {
-            let other = a.nodes.get(1).and_then(|n| self.nodes.get(n)).or_else(|| {
-                self.nodes.values().find(|n| n.health == Health::Healthy && n.name != a.nodes[0])
-            });
-            other.map(|n| format!("http://{}:{}", n.addr, n.http_port))
-        } else {
-            None
-        };
-        LaunchSpec {
+        let other = a
+            .nodes
+            .get(1)
+            .map(|n| &self.nodes[n.index()])
+            .or_else(|| self.nodes_by_name().find(|n| n.health == Health::Healthy && n.id != a.nodes[0]));
+        LaunchPlan {
             job_id: job.id,
             attempt: a.number,
             argv: spec.argv.clone(),
             workdir: spec.workdir.clone(),
             checkpoint_dir: spec.checkpoint_dir.clone().unwrap_or_else(|| format!("job-{}", job.id)),
-            group_rank: group,
             ranks_per_node: nproc,
-            env,
+            job_env,
+            node_env,
+            omp_num_threads: omp,
             restore,
-            leader: group == 0,
-            buddy,
+            buddy: other.map(|n| format!("http://{}:{}", n.addr, n.http_port)),
             checkpoint_every: spec.checkpoint_every,
             persist_every: spec.persist_every,
         }
@@ -125,9 +117,9 @@ impl Core {
     pub fn submit(&mut self, spec: JobSpec, now_ms: u64) -> Result<JobId, CoreError> {
         spec.validate().map_err(CoreError::Spec)?;
         let fits = |n: &&Node| n.slots >= spec.ranks_per_node;
-        let regular = self.nodes.values().filter(|n| !n.spare).filter(fits).count() as u64;
-        let spares = self.nodes.values().filter(|n| n.spare).filter(fits).count() as u64;
-        let max_slots = self.nodes.values().map(|n| n.slots).max().unwrap_or(0);
+        let regular = self.nodes.iter().filter(|n| !n.spare).filter(fits).count() as u64;
+        let spares = self.nodes.iter().filter(|n| n.spare).filter(fits).count() as u64;
+        let max_slots = self.nodes.iter().map(|n| n.slots).max().unwrap_or(0);
         if spec.ranks_per_node > max_slots {
             let message =
                 format!("{} ranks per node, but the largest node has {max_slots} slots", spec.ranks_per_node);
@@ -204,13 +196,13 @@ impl Core {
     pub(crate) fn spare_for(&self, job_id: JobId) -> bool {
         let Some(job) = self.jobs.get(&job_id) else { return false };
         let Some(a) = job.attempt.as_ref() else { return false };
-        let spares_used = a.nodes.iter().filter(|n| self.nodes.get(*n).is_some_and(|n| n.spare)).count();
+        let spares_used = a.nodes.iter().filter(|n| self.nodes[n.index()].spare).count();
         job.restarts < job.spec.max_restarts
             && spares_used < job.spec.spares as usize
             && self
                 .nodes
-                .values()
-                .any(|n| n.spare && n.has_room(job.spec.ranks_per_node) && !job.evicted.contains(&n.name))
+                .iter()
+                .any(|n| n.spare && n.has_room(job.spec.ranks_per_node) && !job.evicted.contains(&n.id))
     }
 
     /// Gang scheduling, first come first served: the oldest queued job starts when enough healthy
@@ -227,41 +219,45 @@ impl Core {
             let free = |n: &Node| n.has_room(per_node);
             // A restart goes back to the nodes it ran on (their memory holds its checkpoints), each
             // in its old group rank; only the missing ones are replaced, regular nodes first.
-            let mut slots: Vec<Option<String>> = vec![None; need];
+            let mut slots: Vec<Option<NodeId>> = vec![None; need];
+            // Nodes already given a group of this attempt, by id.
+            let mut taken = vec![false; self.nodes.len()];
             if let Some(previous) = job.placements.last() {
-                for (slot, name) in slots.iter_mut().zip(previous) {
-                    let back =
-                        |n: &&Node| free(n) && (!n.spare || spares_left > 0) && !job.evicted.contains(name);
-                    if let Some(n) = self.nodes.get(name).filter(back) {
+                for (slot, &id) in slots.iter_mut().zip(previous) {
+                    let n = &self.nodes[id.index()];
+                    if free(n) && (!n.spare || spares_left > 0) && !job.evicted.contains(&id) {
                         spares_left -= n.spare as usize;
-                        *slot = Some(n.name.clone());
+                        *slot = Some(id);
+                        taken[id.index()] = true;
                     }
                 }
             }
-            let mut taken: HashSet<String> = slots.iter().flatten().cloned().collect();
             let mut holes = (0..need).filter(|&i| slots[i].is_none()).collect::<Vec<usize>>().into_iter();
             let mut hole = holes.next();
             // Regular nodes, then spares; nodes evicted from this job for straggling only when
-            // nothing else is free (slow beats stuck in the queue).
+            // nothing else is free (slow beats stuck in the queue). In name order.
             for (spare, evicted) in [(false, false), (true, false), (false, true), (true, true)] {
+                if hole.is_none() {
+                    break;
+                }
                 let candidate =
-                    |n: &&Node| n.spare == spare && free(n) && job.evicted.contains(&n.name) == evicted;
-                for n in self.nodes.values().filter(candidate) {
+                    |n: &&Node| n.spare == spare && free(n) && job.evicted.contains(&n.id) == evicted;
+                for n in self.nodes_by_name().filter(candidate) {
                     let Some(i) = hole else { break };
-                    if !taken.contains(&n.name) && (!spare || spares_left > 0) {
+                    if !taken[n.id.index()] && (!spare || spares_left > 0) {
                         spares_left -= spare as usize;
-                        taken.insert(n.name.clone());
-                        slots[i] = Some(n.name.clone());
+                        taken[n.id.index()] = true;
+                        slots[i] = Some(n.id);
                         hole = holes.next();
                     }
                 }
             }
-            let Some(chosen) = slots.into_iter().collect::<Option<Vec<String>>>() else { return };
+            let Some(chosen) = slots.into_iter().collect::<Option<Vec<NodeId>>>() else { return };
             self.start_attempt(job_id, chosen, now_ms);
         }
     }
 
-    pub(crate) fn start_attempt(&mut self, job_id: JobId, nodes: Vec<String>, now_ms: u64) {
+    pub(crate) fn start_attempt(&mut self, job_id: JobId, nodes: Vec<NodeId>, now_ms: u64) {
         let job = self.jobs.get_mut(&job_id).expect("queued job exists");
         let number = job.restarts;
         let per_node = job.spec.ranks_per_node;
@@ -289,19 +285,13 @@ impl Core {
             job.placements_from += 1;
         }
         self.dirty_jobs.insert(job_id);
-        for n in &nodes {
-            let node = self.nodes.get_mut(n).expect("chosen from the map");
-            node.allocations.push(Allocation { job_id, attempt: number, slots: per_node });
+        for &n in &nodes {
+            self.nodes[n.index()].allocations.push(Allocation { job_id, attempt: number, slots: per_node });
             self.dirty_node(n);
         }
-        self.nodes.get_mut(&nodes[0]).expect("chosen").push(Command::ReservePort { job_id, attempt: number });
-        self.event(
-            now_ms,
-            Some(job_id),
-            None,
-            EventKind::Scheduled,
-            format!("attempt {number} on {}", node_list(&nodes)),
-        );
+        self.nodes[nodes[0].index()].push(Command::ReservePort { job_id, attempt: number });
+        let message = format!("attempt {number} on {}", node_list(&self.nodes, &nodes));
+        self.event(now_ms, Some(job_id), None, EventKind::Scheduled, message);
     }
 
     /// Where every rank of a launched attempt runs. Only the current attempt has one, and only
@@ -320,8 +310,7 @@ impl Core {
                 "attempt {attempt} of job {job_id} is not launched yet (no MASTER_PORT)"
             )));
         };
-        let hosts: Vec<String> =
-            a.nodes.iter().map(|n| self.nodes.get(n).map_or_else(String::new, |n| n.addr.clone())).collect();
+        let hosts: Vec<String> = a.nodes.iter().map(|n| self.nodes[n.index()].addr.clone()).collect();
         Ok(PeerTable {
             job_id,
             attempt,

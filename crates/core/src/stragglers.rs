@@ -12,8 +12,8 @@ impl Core {
     pub(crate) fn find_stragglers(&mut self, now_ms: u64) {
         let (margin, every_ms) = (self.cfg.straggler_margin, self.cfg.straggler_check_ms);
         let evict_after = self.cfg.straggler_evict_checks;
-        let mut found: Vec<(JobId, u32, String, f64, f64)> = Vec::new();
-        let mut persistent: Vec<(JobId, u32, u32, String, f64, f64)> = Vec::new();
+        let mut found: Vec<(JobId, u32, NodeId, f64, f64)> = Vec::new();
+        let mut persistent: Vec<(JobId, u32, u32, NodeId, f64, f64)> = Vec::new();
         for job in self.jobs.values_mut().filter(|j| j.state == JobState::Running) {
             let Some(a) = job.attempt.as_mut() else { continue };
             if now_ms.saturating_sub(a.straggler_checked_ms) < every_ms {
@@ -36,11 +36,11 @@ impl Core {
                     continue;
                 }
                 let rank = rank as u32;
-                let node = a.nodes[rank as usize / nproc].clone();
+                let node = a.nodes[rank as usize / nproc];
                 let n = a.straggling_checks.get(&rank).map_or(1, |n| n + 1);
                 checks.insert(rank, n);
                 if a.stragglers.insert(rank) {
-                    found.push((job.id, rank, node.clone(), ms, median));
+                    found.push((job.id, rank, node, ms, median));
                 }
                 if evict_after > 0 && n >= evict_after {
                     persistent.push((job.id, a.number, rank, node, ms, median));
@@ -49,17 +49,18 @@ impl Core {
             // A rank back within the margin starts counting afresh.
             a.straggling_checks = checks;
         }
-        for (job_id, rank, node, ms, median) in found {
+        for (job_id, rank, id, ms, median) in found {
             self.dirty_jobs.insert(job_id);
             let message = format!(
-                "rank {rank} on node {node} straggles: {ms:.0} ms of compute per step against the job's median {median:.0} ms (+{:.0}%)",
+                "rank {rank} on node {} straggles: {ms:.0} ms of compute per step against the job's median {median:.0} ms (+{:.0}%)",
+                self.name(id),
                 (ms / median - 1.0) * 100.0
             );
-            self.event(now_ms, Some(job_id), Some(&node), EventKind::Straggler, message);
+            self.node_event(now_ms, Some(job_id), id, EventKind::Straggler, message);
             let data = serde_json::json!({"rank": rank, "compute_ms": ms, "median_ms": median});
             self.events.last_mut().expect("just pushed").data = Some(data);
         }
-        for (job_id, attempt, rank, node, ms, median) in persistent {
+        for (job_id, attempt, rank, id, ms, median) in persistent {
             if !self.spare_for(job_id) {
                 continue;
             }
@@ -67,10 +68,11 @@ impl Core {
             if job.attempt.as_ref().is_none_or(|a| a.outcome.is_some() || a.number != attempt) {
                 continue; // one eviction per attempt
             }
-            job.evicted.insert(node.clone());
+            job.evicted.insert(id);
             let reason = format!(
-                "rank {rank} on node {node} straggled at {evict_after} checks in a row, {} s apart ({ms:.0} ms of \
+                "rank {rank} on node {} straggled at {evict_after} checks in a row, {} s apart ({ms:.0} ms of \
                  compute per step against {median:.0} ms): node evicted for a spare",
+                self.nodes[id.index()].name,
                 every_ms / 1000
             );
             self.end_attempt(

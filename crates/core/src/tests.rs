@@ -28,6 +28,11 @@ struct World {
 }
 
 impl World {
+    /// The names of the nodes of job `id`'s current attempt, in group order.
+    fn nodes_of(&self, id: JobId) -> Vec<String> {
+        self.core.names(&self.core.job(id).unwrap().attempt.as_ref().unwrap().nodes)
+    }
+
     fn new(nodes: &[(&str, u32, bool)]) -> World {
         let mut w =
             World { core: Core::new(CoreConfig::default()), now_ms: 1_000_000, agents: BTreeMap::new() };
@@ -258,7 +263,7 @@ fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
     for _ in 0..3 {
         w.round();
     }
-    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a", "b"]);
+    assert_eq!(w.nodes_of(id), ["a", "b"]);
     // b goes silent: its agent stops heartbeating (and its ranks die with it).
     let dead = w.agents.remove("b").unwrap();
     let mut lost_after_ms = None;
@@ -275,7 +280,7 @@ fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
     }
     let job = w.core.job(id).unwrap();
     assert_eq!(job.state, JobState::Running);
-    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"]);
+    assert_eq!(w.core.names(&job.attempt.as_ref().unwrap().nodes), ["a", "s"]);
     // b comes back still reporting its old rank as running: it is told to stop it.
     w.agents.insert("b".into(), dead);
     w.beat("b");
@@ -291,7 +296,7 @@ fn a_lost_nodes_single_node_job_moves_only_once_the_nodes_lease_has_fenced_its_r
     for _ in 0..3 {
         w.round();
     }
-    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a"]);
+    assert_eq!(w.nodes_of(id), ["a"]);
     // a is cut off from the controller: its rank may train on, alone, with nobody to stop it.
     let last_heartbeat_ms = w.core.node("a").unwrap().last_heartbeat_ms;
     let cut = w.agents.remove("a").unwrap();
@@ -301,7 +306,7 @@ fn a_lost_nodes_single_node_job_moves_only_once_the_nodes_lease_has_fenced_its_r
     for _ in 0..30 {
         w.round();
         let job = w.core.job(id).unwrap();
-        if job.attempt.as_ref().unwrap().nodes == ["s"] {
+        if w.core.names(&job.attempt.as_ref().unwrap().nodes) == ["s"] {
             moved_ms.get_or_insert(w.now_ms);
         }
         if moved_ms.is_none() {
@@ -330,7 +335,7 @@ fn a_lost_nodes_share_of_a_multi_node_job_is_fenced_by_its_peers_exit_without_wa
     }
     // a's rank was stopped and reported gone: b's rank cannot finish a step without it.
     let job = w.core.job(id).unwrap();
-    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"]);
+    assert_eq!(w.core.names(&job.attempt.as_ref().unwrap().nodes), ["a", "s"]);
     assert!(w.now_ms < last_heartbeat_ms + w.core.config().lease_ms(), "moved before the lease ran out");
 }
 
@@ -366,7 +371,7 @@ fn a_failed_gpu_fails_the_nodes_attempt_and_keeps_it_out_until_its_checks_pass()
     }
     let job = w.core.job(id).unwrap();
     assert_eq!(
-        (job.state, job.attempt.as_ref().unwrap().nodes.clone()),
+        (job.state, w.core.names(&job.attempt.as_ref().unwrap().nodes)),
         (JobState::Running, vec!["a".into(), "s".into()])
     );
     let b = w.core.node_views(w.now_ms).into_iter().find(|n| n.name == "b").unwrap();
@@ -381,7 +386,7 @@ fn a_failed_gpu_fails_the_nodes_attempt_and_keeps_it_out_until_its_checks_pass()
     for _ in 0..3 {
         w.round();
     }
-    assert_eq!(w.core.job(other).unwrap().attempt.as_ref().unwrap().nodes, ["b"]);
+    assert_eq!(w.nodes_of(other), ["b"]);
 }
 
 #[test]
@@ -579,7 +584,11 @@ fn a_restart_starts_from_the_newest_good_checkpoint_on_its_old_nodes_with_a_spar
         w.round();
     }
     let job = w.core.job(id).unwrap();
-    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s", "c"], "same nodes, same group order");
+    assert_eq!(
+        w.core.names(&job.attempt.as_ref().unwrap().nodes),
+        ["a", "s", "c"],
+        "same nodes, same group order"
+    );
     let restore = w.agents["s"].launched[0].restore.clone().unwrap();
     assert_eq!(restore.step, 5);
     assert_eq!(restore.sources, ["http://10.0.0.1:7000"], "only healthy holders are sources");
@@ -758,7 +767,11 @@ fn a_node_that_keeps_failing_is_quarantined_and_the_job_moves_on_without_it() {
         }
         let job = w.core.job(id).unwrap();
         assert_eq!(job.attempt.as_ref().unwrap().number, attempt);
-        assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "b"], "restarts stay on their nodes");
+        assert_eq!(
+            w.core.names(&job.attempt.as_ref().unwrap().nodes),
+            ["a", "b"],
+            "restarts stay on their nodes"
+        );
         // b's agent reports its rank hung (and killed).
         let hang = HangReport { stalled_ms: 5000, threshold_ms: 4000, phase: None, stack: String::new() };
         w.exit("b", id, attempt, 0, 137);
@@ -775,7 +788,7 @@ fn a_node_that_keeps_failing_is_quarantined_and_the_job_moves_on_without_it() {
         w.round();
     }
     let job = w.core.job(id).unwrap();
-    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "c"], "c takes b's place");
+    assert_eq!(w.core.names(&job.attempt.as_ref().unwrap().nodes), ["a", "c"], "c takes b's place");
     // Restarting b's agent releases it.
     let req = RegisterRequest {
         name: "b".into(),
@@ -885,14 +898,14 @@ fn a_node_that_keeps_straggling_is_swapped_for_a_spare() {
     }
     let job = w.core.job(id).unwrap();
     assert_eq!(job.state, JobState::Running);
-    assert_eq!(job.attempt.as_ref().unwrap().nodes, ["a", "s"], "the spare takes b's place");
+    assert_eq!(w.core.names(&job.attempt.as_ref().unwrap().nodes), ["a", "s"], "the spare takes b's place");
     assert_eq!((job.restarts, job.account.faults), (1, 1));
     // b stays out of this job's later attempts while anything else is free.
     w.exit("a", id, 1, 0, 1);
     for _ in 0..5 {
         w.round();
     }
-    assert_eq!(w.core.job(id).unwrap().attempt.as_ref().unwrap().nodes, ["a", "s"]);
+    assert_eq!(w.nodes_of(id), ["a", "s"]);
 }
 
 #[test]
@@ -956,7 +969,13 @@ fn rank_zeros_reports_fill_the_jobs_series() {
 
 #[test]
 fn events_name_a_small_jobs_nodes_and_count_a_large_ones() {
-    let names = |n: usize| (0..n).map(|i| format!("n{i}")).collect::<Vec<_>>();
-    assert_eq!(node_list(&names(2)), "n0, n1");
-    assert_eq!(node_list(&names(1250)), "n0, n1, n2, n3, n4, n5, n6, n7, … and 1242 more (1250 nodes)");
+    let names: Vec<(String, u32, bool)> = (0..1250).map(|i| (format!("n{i}"), 1, false)).collect();
+    let names: Vec<(&str, u32, bool)> = names.iter().map(|(n, s, b)| (n.as_str(), *s, *b)).collect();
+    let w = World::new(&names);
+    let ids = |n: u32| (0..n).map(NodeId).collect::<Vec<_>>();
+    assert_eq!(node_list(&w.core.nodes, &ids(2)), "n0, n1");
+    assert_eq!(
+        node_list(&w.core.nodes, &ids(1250)),
+        "n0, n1, n2, n3, n4, n5, n6, n7, … and 1242 more (1250 nodes)"
+    );
 }

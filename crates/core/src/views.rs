@@ -12,7 +12,21 @@ impl Core {
     }
 
     pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(name)
+        self.node_id(name).map(|id| &self.nodes[id.index()])
+    }
+
+    pub fn node_id(&self, name: &str) -> Option<NodeId> {
+        self.ids.get(name).copied()
+    }
+
+    /// Node `id`, which the core gave out: panics for one it did not.
+    pub fn node_by_id(&self, id: NodeId) -> &Node {
+        &self.nodes[id.index()]
+    }
+
+    /// The names of `nodes` (an attempt's, a placement), in their order.
+    pub fn names(&self, nodes: &[NodeId]) -> Vec<String> {
+        nodes.iter().map(|n| self.nodes[n.index()].name.clone()).collect()
     }
 
     pub fn job_series(&self, id: JobId) -> Option<JobSeries> {
@@ -33,7 +47,7 @@ impl Core {
             spec: job.spec.clone(),
             attempt: a.map_or(0, |a| a.number),
             restarts: job.restarts,
-            nodes: a.map(|a| a.nodes.clone()).unwrap_or_default(),
+            nodes: a.map(|a| self.names(&a.nodes)).unwrap_or_default(),
             world_size: job.spec.world_size(),
             ranks_running: count(RankState::is_running),
             ranks_exited: count(|s| !s.is_running()),
@@ -59,8 +73,7 @@ impl Core {
     }
 
     pub fn node_views(&self, now_ms: u64) -> Vec<NodeView> {
-        self.nodes
-            .values()
+        self.nodes_by_name()
             .map(|n| NodeView {
                 name: n.name.clone(),
                 health: match n.health {
@@ -115,8 +128,7 @@ impl Core {
                 "job {id}: attempt {number} is too old; the controller keeps the nodes of the last {PLACEMENTS_KEPT} attempts"
             )));
         };
-        let name = &placement[group];
-        let node = self.nodes.get(name).ok_or_else(|| CoreError::UnknownNode(name.clone()))?;
+        let node = &self.nodes[placement[group].index()];
         Ok((node, number, rank % job.spec.ranks_per_node))
     }
 }

@@ -52,9 +52,10 @@ fn heartbeat_all(
 ) {
     for i in 0..NODES {
         let n = name(i);
-        let node = core.node(&n).expect("registered");
+        let id = core.node_id(&n).expect("registered");
+        let node = core.node_by_id(id);
         let acked = node.commands.back().map_or(0, |c| c.seq);
-        let commands: Vec<Command> = node.commands.iter().map(|c| c.command.clone()).collect();
+        let commands: Vec<Command> = node.commands.iter().map(|c| c.to_wire().command).collect();
         let held = &mut ranks[i as usize];
         for c in commands {
             match c {
@@ -84,7 +85,7 @@ fn heartbeat_all(
             ports: ports.iter().filter(|(p, _)| *p == i).map(|(_, p)| p.clone()).collect(),
             ..HeartbeatRequest::default()
         };
-        core.report(&n, req, now_ms).expect("known node");
+        core.report(id, &req, now_ms);
     }
     // A report is state: a port once reported need not be repeated after its launch.
     ports.clear();
@@ -155,7 +156,7 @@ fn the_cores_state_per_node_and_per_rank_is_small_and_restarts_do_not_grow_it() 
         let mut crashed = rank(id, restart, 0, RankState::Exited { code: Some(1), signal: None });
         crashed.exited_at_ms = Some(now_ms);
         req.ranks.push(crashed);
-        core.report(&name(0), req, now_ms).unwrap();
+        core.report(core.node_id(&name(0)).unwrap(), &req, now_ms);
         running(&mut core, &mut now_ms, &mut ranks, &mut ports);
         core.tick(now_ms);
         running(&mut core, &mut now_ms, &mut ranks, &mut ports);

@@ -52,6 +52,10 @@ pub struct SimulateArgs {
     /// Run once per value: `checkpoint-every=1,2,4,8` or `spares=0,8,16`.
     #[arg(long)]
     sweep: Option<String>,
+    /// Check the controller core's invariants after every one of its decisions (slower: a pass
+    /// over its tables each time).
+    #[arg(long)]
+    checked: bool,
     #[arg(long)]
     json: bool,
 }
@@ -85,6 +89,7 @@ fn config(args: &SimulateArgs) -> Result<Config, String> {
     cfg.persist_every_steps = args.persist_every.unwrap_or(cfg.persist_every_steps);
     cfg.persist_stall_s = args.persist_stall_s.unwrap_or(cfg.persist_stall_s);
     cfg.repair_h = args.repair_h.unwrap_or(cfg.repair_h);
+    cfg.checked = args.checked;
     cfg.validate().map_err(|e| {
         let flag = match e.field.as_str() {
             "spare_nodes" => "spares",

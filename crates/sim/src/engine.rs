@@ -6,11 +6,12 @@
 //! of idle heartbeats.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
-use myriad_core::{Core, CoreConfig, JobState};
+use myriad_core::{Core, CoreConfig, JobState, NodeId, Queued};
 use proto::api::{
-    CheckpointReport, Command, HangReport, JobId, RankReport, RankState, RegisterRequest, StepTime, Tier,
+    CheckpointReport, Command, HangReport, JobId, RankReport, RankState, RegisterRequest, RestoreSpec,
+    StepTime, Tier,
 };
 use proto::events::EventKind;
 use proto::node::{NodeState, RankEntry, RankKey};
@@ -93,6 +94,8 @@ impl RankEntry for SimRank {
 
 struct Agent {
     name: String,
+    /// The core's id for the node, from its first registration.
+    id: NodeId,
     spare: bool,
     /// False while a hardware fault has the node out.
     up: bool,
@@ -128,7 +131,10 @@ pub struct Engine<'a> {
     rng: Rng,
     agents: Vec<Agent>,
     index: HashMap<String, usize>,
-    silent: HashSet<String>,
+    /// The agent of each of the core's node ids.
+    agent_of: Vec<usize>,
+    /// Agents whose node is down (they do not heartbeat), by agent.
+    silent: Vec<bool>,
     queue: BinaryHeap<Item>,
     seq: u64,
     spec: JobSpec,
@@ -164,6 +170,7 @@ impl<'a> Engine<'a> {
             .map(|i| Agent {
                 name: if i < regular { format!("n{i:05}") } else { format!("s{:05}", i - regular) },
                 spare: i >= regular,
+                id: NodeId(u32::MAX),
                 up: true,
                 quarantined: false,
                 node: NodeState::default(),
@@ -189,9 +196,10 @@ impl<'a> Engine<'a> {
             cfg,
             core: Core::new(core_cfg),
             rng: Rng::new(cfg.seed),
+            silent: vec![false; agents.len()],
             agents,
             index,
-            silent: HashSet::new(),
+            agent_of: Vec::new(),
             queue: BinaryHeap::new(),
             seq: 0,
             spec,
@@ -246,7 +254,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 Ev::Tick => {
-                    self.core.alive_all(now, &self.silent);
+                    self.alive_all(now);
                     self.core.tick(now);
                     self.after(now);
                 }
@@ -281,6 +289,18 @@ impl<'a> Engine<'a> {
             driver: None,
         };
         self.core.register(req, now).expect("simulated node names are valid");
+        let id = self.core.node_id(&self.agents[i].name).expect("just registered");
+        self.agents[i].id = id;
+        if self.agent_of.len() <= id.index() {
+            self.agent_of.resize(id.index() + 1, usize::MAX);
+        }
+        self.agent_of[id.index()] = i;
+    }
+
+    /// Every agent up heartbeats at `now` with nothing new.
+    fn alive_all(&mut self, now: u64) {
+        let (silent, agent_of) = (&self.silent, &self.agent_of);
+        self.core.alive_all(now, |id| silent[agent_of[id.index()]]);
     }
 
     fn schedule_fault(&mut self, now: u64) {
@@ -335,16 +355,16 @@ impl<'a> Engine<'a> {
                 // The node's last heartbeat fell somewhere in the interval before the fault.
                 let interval_ms = ms(self.cfg.heartbeat_s).max(1);
                 let last_ms = now.saturating_sub(self.rng.below(interval_ms));
-                self.core.alive_all(last_ms, &self.silent);
+                self.alive_all(last_ms);
                 let a = &mut self.agents[i];
                 a.up = false;
                 a.node.ranks.clear();
                 a.node.ports.clear();
                 a.memory.clear();
-                self.silent.insert(a.name.clone());
+                self.silent[i] = true;
                 // The controller checks every tick; the first after the silence passes its limit.
                 // (Its last heartbeat may be the one that just reported its steps.)
-                let last_ms = self.core.node(&self.agents[i].name).map_or(last_ms, |n| n.last_heartbeat_ms);
+                let last_ms = self.core.node_by_id(self.agents[i].id).last_heartbeat_ms;
                 let detect_ms = ((last_ms + self.timeout_ms) / TICK_MS + 1) * TICK_MS;
                 self.at(detect_ms, Ev::Tick);
                 self.at(now + ms(self.cfg.repair_h * 3600.0), Ev::Repaired(i));
@@ -371,7 +391,7 @@ impl<'a> Engine<'a> {
         if a.up && !a.quarantined {
             return;
         }
-        if a.up && self.core.node(&a.name).is_some_and(|n| !n.allocations.is_empty()) {
+        if a.up && !self.core.node_by_id(a.id).allocations.is_empty() {
             // A person restarts a quarantined agent only once its job has moved off it.
             self.at(now + 3_600_000, Ev::Repaired(i));
             return;
@@ -381,7 +401,7 @@ impl<'a> Engine<'a> {
         a.quarantined = false;
         a.node = NodeState::default();
         a.memory.clear();
-        self.silent.remove(&a.name);
+        self.silent[i] = false;
         self.register(i, now);
         self.after(now);
     }
@@ -499,8 +519,8 @@ impl<'a> Engine<'a> {
             });
             req.checkpoints.extend(persisted);
         }
-        let name = a.name.clone();
-        self.core.report(&name, req, now).expect("simulated nodes are registered");
+        let id = a.id;
+        self.core.report(id, &req, now);
     }
 
     /// Carries out what the controller decided: events, and the commands it queued for nodes.
@@ -537,8 +557,8 @@ impl<'a> Engine<'a> {
                 _ => {}
             }
         }
-        for name in dirty {
-            let i = self.index[&name];
+        for id in dirty {
+            let i = self.agent_of[id.index()];
             if self.agents[i].up {
                 self.carry_out(i, now);
             }
@@ -566,24 +586,33 @@ impl<'a> Engine<'a> {
             Forget(JobId, u32),
             Purge(JobId),
         }
-        let node = self.core.node(&self.agents[i].name).expect("registered");
-        let mut newest = self.agents[i].node.acked_command_seq;
-        let acts: Vec<Act> = self.agents[i]
-            .node
-            .pending(&node.commands)
+        let node = self.core.node_by_id(self.agents[i].id);
+        let acked = self.agents[i].node.acked_command_seq;
+        let mut newest = acked;
+        let restore = |r: &Option<RestoreSpec>| r.as_ref().map(|r| (r.step, !r.sources.is_empty()));
+        let acts: Vec<Act> = node
+            .commands
+            .iter()
+            .filter(|c| c.seq > acked)
             .map(|c| {
                 newest = newest.max(c.seq);
                 match &c.command {
-                    Command::ReservePort { job_id, attempt } => Act::Port(*job_id, *attempt),
-                    Command::Launch(l) => Act::Launch {
+                    Queued::Launch { plan, group, .. } => Act::Launch {
+                        job_id: plan.job_id,
+                        attempt: plan.attempt,
+                        leader: *group == 0,
+                        restore: restore(&plan.restore),
+                    },
+                    Queued::Command(Command::Launch(l)) => Act::Launch {
                         job_id: l.job_id,
                         attempt: l.attempt,
                         leader: l.leader,
-                        restore: l.restore.as_ref().map(|r| (r.step, !r.sources.is_empty())),
+                        restore: restore(&l.restore),
                     },
-                    Command::Stop { job_id, attempt } => Act::Stop(*job_id, *attempt),
-                    Command::Forget { job_id, attempt } => Act::Forget(*job_id, *attempt),
-                    Command::Purge { job_id } => Act::Purge(*job_id),
+                    Queued::Command(Command::ReservePort { job_id, attempt }) => Act::Port(*job_id, *attempt),
+                    Queued::Command(Command::Stop { job_id, attempt }) => Act::Stop(*job_id, *attempt),
+                    Queued::Command(Command::Forget { job_id, attempt }) => Act::Forget(*job_id, *attempt),
+                    Queued::Command(Command::Purge { job_id }) => Act::Purge(*job_id),
                 }
             })
             .collect();
@@ -633,7 +662,7 @@ impl<'a> Engine<'a> {
             .core
             .job(job_id)
             .and_then(|j| j.attempt.as_ref())
-            .map(|a| a.nodes.iter().map(|n| self.index[n]).collect())
+            .map(|a| a.nodes.iter().map(|n| self.agent_of[n.index()]).collect())
             .unwrap_or_default();
         let live = nodes.iter().all(|&n| self.agents[n].up);
         let restore_ms = match restore {
