@@ -261,9 +261,10 @@ fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<
 /// Nodes with new commands are told to heartbeat now instead of at their next interval: a
 /// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
 fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &myriad_core::Changes) {
-    for node in
-        changes.nodes.iter().filter(|n| !n.commands.is_empty() && n.health == myriad_core::Health::Healthy)
-    {
+    let commanded: std::collections::HashSet<myriad_core::NodeId> =
+        changes.commanded.iter().copied().collect();
+    let news = |n: &&myriad_core::Node| commanded.contains(&n.id) && n.health == myriad_core::Health::Healthy;
+    for node in changes.nodes.iter().filter(news) {
         let base = format!("http://{}:{}", node.addr, node.http_port);
         let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT).map(Client::unpooled) else { continue };
         runtime.spawn(async move {

@@ -66,6 +66,8 @@ impl std::error::Error for CoreError {}
 pub struct Changes {
     pub jobs: Vec<Job>,
     pub nodes: Vec<Node>,
+    /// The nodes among `nodes` given new commands.
+    pub commanded: Vec<NodeId>,
     pub events: Vec<Event>,
     pub next_job_id: u64,
     pub next_event_seq: u64,
@@ -93,6 +95,10 @@ pub struct Core {
     /// node (so marking one is an index, not a set insert).
     dirty_nodes: Vec<NodeId>,
     node_dirty: Vec<bool>,
+    /// Nodes given new commands since the last take (a subset of the changed ones): the edge
+    /// rings their doorbells, the simulator's agents carry them out.
+    commanded: Vec<NodeId>,
+    node_commanded: Vec<bool>,
     events: Vec<Event>,
     /// Something happened that may let a queued job start (slots freed, a node back, a job
     /// requeued). Heartbeats schedule only then: with a job waiting, a scan of every node on
@@ -134,7 +140,7 @@ impl Core {
         let ids = nodes.iter().map(|n| (n.name.clone(), n.id)).collect();
         let mut by_name: Vec<NodeId> = nodes.iter().map(|n| n.id).collect();
         by_name.sort_by(|a, b| nodes[a.index()].name.cmp(&nodes[b.index()].name));
-        let node_dirty = vec![false; nodes.len()];
+        let (node_dirty, node_commanded) = (vec![false; nodes.len()], vec![false; nodes.len()]);
         let jobs = jobs
             .into_iter()
             .map(|mut j| {
@@ -155,6 +161,8 @@ impl Core {
             dirty_jobs: BTreeSet::new(),
             dirty_nodes: Vec::new(),
             node_dirty,
+            commanded: Vec::new(),
+            node_commanded,
             events: Vec::new(),
             schedule_due: false,
             exit_fenced: Vec::new(),
@@ -180,6 +188,7 @@ impl Core {
         Changes {
             jobs,
             nodes,
+            commanded: self.take_commanded_nodes(),
             events: std::mem::take(&mut self.events),
             next_job_id: self.next_job_id,
             next_event_seq: self.next_event_seq,
@@ -207,11 +216,12 @@ impl Core {
         self.next_event_seq += 1;
     }
 
-    /// For a caller that keeps no copy of the state (the simulator): which nodes changed since
-    /// the last call (new commands among them), and the events, without cloning any row.
-    pub fn take_dirty(&mut self) -> (Vec<NodeId>, Vec<Event>) {
+    /// For a caller that keeps no copy of the state (the simulator): which nodes were given new
+    /// commands since the last call, and the events, without cloning any row.
+    pub fn take_commanded(&mut self) -> (Vec<NodeId>, Vec<Event>) {
         self.dirty_jobs.clear();
-        (self.take_dirty_nodes(), std::mem::take(&mut self.events))
+        self.take_dirty_nodes();
+        (self.take_commanded_nodes(), std::mem::take(&mut self.events))
     }
 
     fn take_dirty_nodes(&mut self) -> Vec<NodeId> {
@@ -219,6 +229,13 @@ impl Core {
             self.node_dirty[n.index()] = false;
         }
         std::mem::take(&mut self.dirty_nodes)
+    }
+
+    fn take_commanded_nodes(&mut self) -> Vec<NodeId> {
+        for n in &self.commanded {
+            self.node_commanded[n.index()] = false;
+        }
+        std::mem::take(&mut self.commanded)
     }
 
     /// Panics unless the derived indexes agree with the state they summarise. The tests and the
@@ -243,6 +260,13 @@ impl Core {
         listed.sort_unstable();
         flagged.sort_unstable();
         assert_eq!(listed, flagged, "changed nodes: the list and the flags");
+        let mut flagged: Vec<NodeId> =
+            (0..self.nodes.len() as u32).map(NodeId).filter(|n| self.node_commanded[n.index()]).collect();
+        let mut listed = self.commanded.clone();
+        listed.sort_unstable();
+        flagged.sort_unstable();
+        assert_eq!(listed, flagged, "commanded nodes: the list and the flags");
+        assert!(listed.iter().all(|n| self.node_dirty[n.index()]), "a commanded node's row changed too");
         for job in self.jobs.values() {
             let Some(a) = job.attempt.as_ref() else { continue };
             let mut fresh = a.clone();
@@ -278,11 +302,20 @@ impl Core {
     }
 
     pub(crate) fn push_once(&mut self, id: NodeId, command: Command) {
-        let node = &mut self.nodes[id.index()];
         let command = Queued::Command(command);
-        if !node.commands.iter().any(|c| c.command == command) {
-            node.push_queued(command);
-            self.dirty_node(id);
+        if !self.nodes[id.index()].commands.iter().any(|c| c.command == command) {
+            self.command(id, command);
+        }
+    }
+
+    /// Queues a command for node `id`: its row changed, and it has news to be told of.
+    pub(crate) fn command(&mut self, id: NodeId, command: Queued) {
+        self.nodes[id.index()].push(command);
+        self.dirty_node(id);
+        let flag = &mut self.node_commanded[id.index()];
+        if !*flag {
+            *flag = true;
+            self.commanded.push(id);
         }
     }
 

@@ -126,7 +126,7 @@ impl QueuedCommand {
     pub fn to_wire(&self) -> SeqCommand {
         let command = match &self.command {
             Queued::Command(c) => c.clone(),
-            Queued::Launch { plan, group, cores } => Command::Launch(plan.spec(*group, *cores)),
+            Queued::Launch { plan, group, cores } => Command::Launch(Box::new(plan.spec(*group, *cores))),
         };
         SeqCommand { seq: self.seq, command }
     }
@@ -280,11 +280,8 @@ impl Node {
         self.allocations.iter().any(|a| a.job_id == job_id && a.attempt == attempt)
     }
 
-    pub(crate) fn push(&mut self, command: Command) {
-        self.push_queued(Queued::Command(command));
-    }
-
-    pub(crate) fn push_queued(&mut self, command: Queued) {
+    /// Queues a command; [`Core::command`] is the one caller, so the core knows who has news.
+    pub(crate) fn push(&mut self, command: Queued) {
         self.next_command_seq += 1;
         self.commands.push_back(QueuedCommand { seq: self.next_command_seq, command });
     }

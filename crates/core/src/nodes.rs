@@ -3,6 +3,9 @@
 
 use crate::*;
 
+/// Commands an emptied queue keeps room for.
+const QUEUE_ROOM_KEPT: usize = 4;
+
 impl Core {
     /// A failure is this node's fault; too many in the window and it is quarantined.
     pub(crate) fn blame(&mut self, id: NodeId, now_ms: u64) {
@@ -102,6 +105,7 @@ impl Core {
                 let message = format!("{what} {name} joined with {} slots{gpus}", node.slots);
                 self.nodes.push(node);
                 self.node_dirty.push(false);
+                self.node_commanded.push(false);
                 let at = self.by_name.partition_point(|n| self.nodes[n.index()].name < name);
                 self.by_name.insert(at, id);
                 self.ids.insert(name.clone(), id);
@@ -136,9 +140,10 @@ impl Core {
         node.last_heartbeat_ms = now_ms;
         let before = node.commands.len();
         node.commands.retain(|c| c.seq > req.acked_command_seq);
-        if node.commands.is_empty() {
-            // An emptied queue keeps room for the launch specs it held: 1 KB per idle node.
-            node.commands.shrink_to_fit();
+        if node.commands.is_empty() && node.commands.capacity() > QUEUE_ROOM_KEPT {
+            // An emptied queue keeps room for the few commands of a restart (a stop, a forget, a
+            // launch), not for a backlog: a queue refilled every restart is not reallocated.
+            node.commands.shrink_to(QUEUE_ROOM_KEPT);
         }
         let mut dirty = node.commands.len() != before;
         let returned = node.health == Health::Lost;
@@ -185,8 +190,7 @@ impl Core {
             let node = &mut self.nodes[id.index()];
             if running > 0 {
                 node.allocations.push(Allocation { job_id, attempt, slots: running });
-                node.push(Command::Stop { job_id, attempt });
-                self.dirty_node(id);
+                self.command(id, Queued::Command(Command::Stop { job_id, attempt }));
                 self.acquired(id, job_id, attempt);
                 let message = format!("stopping {running} leftover ranks of job {job_id} attempt {attempt}");
                 self.node_event(now_ms, Some(job_id), id, EventKind::LeftoverRanks, message);

@@ -182,7 +182,8 @@ impl Core {
             return;
         }
         let RankState::Exited { code, signal } = state else { unreachable!() };
-        let how = match (code, signal) {
+        // Written only where it is said: every rank of a stopped attempt exits here.
+        let how = || match (code, signal) {
             (_, Some(sig)) => format!("was killed by signal {sig}"),
             (Some(c), None) => format!("exited with code {c}"),
             (None, None) => "exited".to_string(),
@@ -207,7 +208,7 @@ impl Core {
             let job = self.jobs.get_mut(&job_id).expect("checked above");
             if let Some(p) = job.account.pending.as_mut().filter(|p| p.attempt == attempt) {
                 if exited_ms < p.fault_ms && !state.succeeded() {
-                    p.cause = format!("rank {rank} on node {} {how}", self.nodes[id.index()].name);
+                    p.cause = format!("rank {rank} on node {} {}", self.nodes[id.index()].name, how());
                     p.kind = FaultKind::RankExit.as_str().to_string();
                     p.fault_ms = exited_ms;
                     job.reason = Some(p.cause.clone());
@@ -215,7 +216,7 @@ impl Core {
             }
             return;
         }
-        self.node_event(now_ms, Some(job_id), id, EventKind::RankExited, format!("rank {rank} {how}"));
+        self.node_event(now_ms, Some(job_id), id, EventKind::RankExited, format!("rank {rank} {}", how()));
         if !state.succeeded() {
             let node = self.name(id);
             let reason = match &r.hang {
@@ -224,7 +225,7 @@ impl Core {
                     h.stalled_ms as f64 / 1e3,
                     h.phase.as_deref().map(|p| format!(" (in {p})")).unwrap_or_default()
                 ),
-                None => format!("rank {rank} on node {node} {how}"),
+                None => format!("rank {rank} on node {node} {}", how()),
             };
             let exited_ms = r.exited_at_ms.unwrap_or(now_ms);
             let fault_ms = r.hang.as_ref().map_or(exited_ms, |h| exited_ms.saturating_sub(h.stalled_ms));
@@ -334,54 +335,51 @@ impl Core {
     /// the node is lost, or its last report shows none running, its rank table shows none running,
     /// and no launch for the attempt waits undelivered.
     pub(crate) fn try_release(&mut self, id: NodeId, job_id: JobId, now_ms: u64) {
+        // One attempt at a time, the allocations searched again after each (a node holds a job's
+        // slots for an attempt or two): no list of them is made on this path of every heartbeat.
+        while let Some(attempt) = self.releasable(id, job_id, now_ms) {
+            let node = &mut self.nodes[id.index()];
+            node.allocations.retain(|al| !(al.job_id == job_id && al.attempt == attempt));
+            let healthy = node.health == Health::Healthy;
+            self.dirty_node(id);
+            if healthy {
+                self.command(id, Queued::Command(Command::Forget { job_id, attempt }));
+            }
+            self.released(id, job_id, attempt);
+            self.schedule_due = true;
+        }
+    }
+
+    /// An attempt of `job_id` whose slots node `id` may give back now.
+    fn releasable(&self, id: NodeId, job_id: JobId, now_ms: u64) -> Option<u32> {
         let job = self.jobs.get(&job_id);
         let current = job.and_then(|j| j.attempt.as_ref());
         let node = &self.nodes[id.index()];
         let fenced_after_ms = self.cfg.fenced_after_ms();
-        // An attempt or two at most: a list on the stack would do, but one rarely allocates here
-        // (only a node that holds slots of an ended attempt).
-        let releasable: Vec<u32> = node
-            .allocations
-            .iter()
-            .filter(|al| al.job_id == job_id)
-            .map(|al| al.attempt)
-            .filter(|&attempt| {
-                let active = current.is_some_and(|a| a.number == attempt && a.outcome.is_none());
-                if active {
-                    return false;
-                }
-                // A lost node's ranks may still run, cut off from the controller alone: its slots
-                // come back (and the job moves on) once they are fenced.
-                if node.health == Health::Lost {
-                    return now_ms >= node.last_heartbeat_ms + fenced_after_ms
-                        || current.is_some_and(|a| a.number == attempt && a.rank_exited);
-                }
-                let table_running = match (job, current) {
-                    (Some(job), Some(a)) if a.number == attempt => {
-                        let nproc = job.spec.ranks_per_node as usize;
-                        a.group_of(id).is_some_and(|g| {
-                            let g = g as usize;
-                            a.ranks[g * nproc..(g + 1) * nproc]
-                                .iter()
-                                .any(|r| r.is_some_and(|s| s.is_running()))
-                        })
-                    }
-                    _ => false,
-                };
-                let reported = node.reported(job_id, attempt);
-                !table_running && reported == 0 && !node.has_unacked_launch(job_id, attempt)
-            })
-            .collect();
-        for attempt in releasable {
-            let node = &mut self.nodes[id.index()];
-            node.allocations.retain(|al| !(al.job_id == job_id && al.attempt == attempt));
-            if node.health == Health::Healthy {
-                node.push(Command::Forget { job_id, attempt });
+        node.allocations.iter().filter(|al| al.job_id == job_id).map(|al| al.attempt).find(|&attempt| {
+            let active = current.is_some_and(|a| a.number == attempt && a.outcome.is_none());
+            if active {
+                return false;
             }
-            self.dirty_node(id);
-            self.released(id, job_id, attempt);
-            self.schedule_due = true;
-        }
+            // A lost node's ranks may still run, cut off from the controller alone: its slots
+            // come back (and the job moves on) once they are fenced.
+            if node.health == Health::Lost {
+                return now_ms >= node.last_heartbeat_ms + fenced_after_ms
+                    || current.is_some_and(|a| a.number == attempt && a.rank_exited);
+            }
+            let table_running = match (job, current) {
+                (Some(job), Some(a)) if a.number == attempt => {
+                    let nproc = job.spec.ranks_per_node as usize;
+                    a.group_of(id).is_some_and(|g| {
+                        let g = g as usize;
+                        a.ranks[g * nproc..(g + 1) * nproc].iter().any(|r| r.is_some_and(|s| s.is_running()))
+                    })
+                }
+                _ => false,
+            };
+            let reported = node.reported(job_id, attempt);
+            !table_running && reported == 0 && !node.has_unacked_launch(job_id, attempt)
+        })
     }
 
     /// Retries the release of `job_id`'s lost nodes (a rank elsewhere exited: they are fenced).

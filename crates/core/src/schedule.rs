@@ -34,10 +34,8 @@ impl Core {
         let plan = Arc::new(self.launch_plan(job, a, restore));
         let nodes = a.nodes.clone();
         for (group, &n) in nodes.iter().enumerate() {
-            let node = &mut self.nodes[n.index()];
-            let cores = node.cores;
-            node.push_queued(Queued::Launch { plan: plan.clone(), group: group as u32, cores });
-            self.dirty_node(n);
+            let cores = self.nodes[n.index()].cores;
+            self.command(n, Queued::Launch { plan: plan.clone(), group: group as u32, cores });
         }
         self.node_event(
             now_ms,
@@ -289,7 +287,7 @@ impl Core {
             self.nodes[n.index()].allocations.push(Allocation { job_id, attempt: number, slots: per_node });
             self.dirty_node(n);
         }
-        self.nodes[nodes[0].index()].push(Command::ReservePort { job_id, attempt: number });
+        self.command(nodes[0], Queued::Command(Command::ReservePort { job_id, attempt: number }));
         let message = format!("attempt {number} on {}", node_list(&self.nodes, &nodes));
         self.event(now_ms, Some(job_id), None, EventKind::Scheduled, message);
     }

@@ -204,7 +204,7 @@ pub enum Command {
     /// Find a free TCP port for rank 0's store and report it (MASTER_PORT of this attempt).
     ReservePort { job_id: JobId, attempt: u32 },
     /// Start these local ranks (skipped for ranks already started).
-    Launch(LaunchSpec),
+    Launch(Box<LaunchSpec>),
     /// Stop every rank of this attempt (SIGTERM, then SIGKILL after a grace period).
     Stop { job_id: JobId, attempt: u32 },
     /// The job has ended: drop its in-memory checkpoints.

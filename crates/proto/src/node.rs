@@ -186,7 +186,7 @@ mod tests {
     use super::*;
 
     fn launch(job_id: JobId, attempt: u32, ranks_per_node: u32) -> Command {
-        Command::Launch(LaunchSpec {
+        Command::Launch(Box::new(LaunchSpec {
             job_id,
             attempt,
             argv: vec!["train".into()],
@@ -200,7 +200,7 @@ mod tests {
             buddy: None,
             checkpoint_every: 1,
             persist_every: 1,
-        })
+        }))
     }
 
     #[test]
