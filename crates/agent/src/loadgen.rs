@@ -1,9 +1,11 @@
 //! The agent protocol at cluster scale, without ranks: a whole cluster of simulated agents in one
 //! process, each an async task that speaks the real protocol over the network with the cluster
-//! token. It registers, heartbeats the state of its ranks (`proto::node`, as the agent does),
-//! answers the controller's doorbell on its own HTTP listener, carries out commands (reserve a
-//! port, launch, stop, forget) and fetches its attempt's rendezvous table. Only the ranks are
-//! imaginary. [`measure`] drives a controller through registration, steady heartbeat latency and
+//! token. It registers, heartbeats the state of its ranks (`proto::node`, as the agent does) over
+//! its own connection, answers the controller's doorbell, carries out commands (reserve a port,
+//! launch, stop, forget) and fetches its attempt's rendezvous table. Only the ranks are imaginary.
+//! The agents share one doorbell listener, which finds the agent by the node the doorbell names:
+//! a listener each would be 12,500 more open files at 12,500 nodes, past the 20,000 a process may
+//! hold here, and costs the controller nothing it would not spend on real agents. [`measure`] drives a controller through registration, steady heartbeat latency and
 //! its CPU and memory with a job on every node, API latency, the time from submitting a job until
 //! every node holds its rendezvous table, and the time to find a silent node and relaunch the job
 //! with a spare in its place (`myriad bench control-plane` starts the controller and prints the
@@ -11,8 +13,8 @@
 
 use net::client::{Client, Method};
 use proto::api::{
-    Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, PeerTable, RankReport, RankState,
-    RegisterReply, RegisterRequest, StepTime, SubmitReply,
+    Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, RankReport, RankState, RegisterReply,
+    RegisterRequest, StepTime, SubmitReply,
 };
 use proto::events::EventKind;
 use proto::node::{NodeState, RankEntry, RankKey, Todo};
@@ -279,6 +281,14 @@ impl SimAgent {
     }
 }
 
+/// The parts of a [`proto::api::PeerTable`] the simulated ranks check.
+#[derive(serde::Deserialize)]
+struct TableView<'a> {
+    ranks_per_node: u32,
+    #[serde(borrow)]
+    hosts: Vec<&'a str>,
+}
+
 /// A node's ranks read their attempt's rendezvous table from the controller, before the agent's
 /// next heartbeat (as a real agent finishes a launch first): one connection per node.
 async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_node: u32) {
@@ -287,7 +297,10 @@ async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_no
     while Instant::now() < deadline {
         match client.call(Method::GET, &path, None).await {
             Ok(bytes) => {
-                let Ok(table) = serde_json::from_slice::<PeerTable>(&bytes) else { return };
+                // Read whole, as an agent does, but its hosts borrowed from the bytes: 12,500
+                // nodes' tables of 12,500 hosts are 156 million strings otherwise, on the cores
+                // the controller needs (a real agent parses its one table on its own host).
+                let Ok(table) = serde_json::from_slice::<TableView>(&bytes) else { return };
                 if table.ranks_per_node != ranks_per_node || table.hosts.is_empty() {
                     return;
                 }
@@ -306,17 +319,26 @@ async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_no
     }
 }
 
-async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Result<(), String> {
+#[derive(serde::Deserialize)]
+struct Wake {
+    node: String,
+}
+
+/// Every simulated agent's doorbell on one listener: the controller names the node it rings.
+/// Returns the listener's port.
+async fn serve_doorbells(token: &str, agents: &[Arc<SimAgent>]) -> Result<u16, String> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| e.to_string())?;
     let http_port = listener.local_addr().map_err(|e| e.to_string())?.port();
-    let token: Arc<str> = hub.token.clone().into();
-    let woken = agent.clone();
+    let by_name: Arc<HashMap<String, Arc<SimAgent>>> =
+        Arc::new(agents.iter().map(|a| (a.name.clone(), a.clone())).collect());
+    let token: Arc<str> = token.into();
     let doorbell = axum::Router::new()
         .route(
             "/v1/wake",
-            axum::routing::post(move || {
-                let agent = woken.clone();
+            axum::routing::post(move |axum::extract::Query(wake): axum::extract::Query<Wake>| {
+                let agent = by_name.get(&wake.node).cloned();
                 async move {
+                    let Some(agent) = agent else { return axum::http::StatusCode::NOT_FOUND };
                     if !agent.silent.load(Ordering::Relaxed) {
                         agent.wake.notify_one();
                     }
@@ -326,7 +348,15 @@ async fn agent_loop(hub: Arc<Hub>, agent: Arc<SimAgent>, offset_ms: u64) -> Resu
         )
         .layer(axum::middleware::from_fn_with_state(token, net::http::require_token));
     tokio::spawn(async move { axum::serve(listener, doorbell).await });
+    Ok(http_port)
+}
 
+async fn agent_loop(
+    hub: Arc<Hub>,
+    agent: Arc<SimAgent>,
+    http_port: u16,
+    offset_ms: u64,
+) -> Result<(), String> {
     let client = Client::new(&hub.url, &hub.token, CALL_TIMEOUT)?;
     let register = RegisterRequest {
         name: agent.name.clone(),
@@ -446,13 +476,14 @@ pub async fn measure(args: &Load, ctl: &Target) -> Result<Report, String> {
             })
         })
         .collect();
+    let http_port = serve_doorbells(&ctl.token, &agents).await?;
     let registering = Instant::now();
     let mut tasks = Vec::new();
     for (i, agent) in agents.iter().enumerate() {
         let offset_ms = hub.heartbeat_ms * i as u64 / total as u64;
         let (hub, agent) = (hub.clone(), agent.clone());
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = agent_loop(hub, agent, offset_ms).await {
+            if let Err(e) = agent_loop(hub, agent, http_port, offset_ms).await {
                 say!("simulated agent: {e}");
             }
         }));
@@ -612,6 +643,24 @@ async fn steady_window(
 
 /// One node of the job stops dead; the controller must find it and restart the job with the
 /// spare in its place.
+/// The first event that `wanted` picks, read page by page (12,500 nodes' registrations alone are
+/// more than one page).
+async fn find_event(
+    client: &Client,
+    wanted: impl Fn(&proto::api::Event) -> bool,
+) -> Result<Option<proto::api::Event>, String> {
+    let mut after = 0;
+    loop {
+        let page: Vec<proto::api::Event> =
+            client.get_json(&format!("/v1/events?after={after}")).await.map_err(|e| e.to_string())?;
+        let Some(last) = page.last().map(|e| e.seq) else { return Ok(None) };
+        if let Some(e) = page.into_iter().find(&wanted) {
+            return Ok(Some(e));
+        }
+        after = last;
+    }
+}
+
 async fn silence_one_node(
     args: &Load,
     hub: &Arc<Hub>,
@@ -632,10 +681,8 @@ async fn silence_one_node(
     .await?;
     // The heartbeat loop may have been mid-call when silenced: its last answered one counts.
     let last_ms = victim.last_heartbeat_ms.load(Ordering::Relaxed);
-    let events: Vec<proto::api::Event> = client.get_json("/v1/events").await.map_err(|e| e.to_string())?;
-    let lost = events
-        .iter()
-        .find(|e| e.is(EventKind::NodeLost) && e.node.as_deref() == Some(victim_name.as_str()))
+    let lost = find_event(client, |e| e.is(EventKind::NodeLost) && e.node.as_deref() == Some(&victim_name))
+        .await?
         .ok_or_else(|| format!("no node_lost event for {victim_name}"))?;
     let view: JobView = client.get_json(&format!("/v1/jobs/{job}")).await.map_err(|e| e.to_string())?;
     let spare_used = view

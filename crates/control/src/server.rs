@@ -94,6 +94,10 @@ pub const PID_FILE: &str = "controller.pid";
 const DB_FILE: &str = "state.db";
 /// Deadline for a doorbell to an agent.
 const DOORBELL_TIMEOUT: Duration = Duration::from_secs(1);
+/// Doorbells rung at once. A restart of 12,500 nodes rings every one of them: one connection
+/// each, on top of a connection per agent's heartbeats, would pass the 20,000 open files a
+/// controller may be limited to. The rest wait their turn (each for at most its deadline).
+const DOORBELLS_AT_ONCE: usize = 512;
 /// Deadline for the controller's calls to agents (log fetches).
 const AGENT_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -233,6 +237,7 @@ impl FlushSignal {
 /// The writer thread: takes the core's changes in one batch, commits them in one transaction
 /// outside the core's lock, publishes the generation it made durable, then rings doorbells.
 fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<tokio::runtime::Handle>) {
+    let ringing = Arc::new(tokio::sync::Semaphore::new(DOORBELLS_AT_ONCE));
     loop {
         let requested = flush.wait();
         let Some(ctl) = ctl.upgrade() else { return };
@@ -253,22 +258,32 @@ fn write_loop(ctl: Weak<Controller>, flush: Arc<FlushSignal>, doorbells: Option<
         ctl.durable.send_replace(generation);
         ctl.metrics.observe_events(&changes.events);
         if let Some(runtime) = &doorbells {
-            ring_doorbells(runtime, &ctl.token, &changes);
+            ring_doorbells(runtime, &ringing, &ctl.token, &changes);
         }
     }
 }
 
 /// Nodes with new commands are told to heartbeat now instead of at their next interval: a
-/// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes.
-fn ring_doorbells(runtime: &tokio::runtime::Handle, token: &str, changes: &myriad_core::Changes) {
+/// restart then waits on no one's heartbeat period. Best effort; the heartbeat still comes. The
+/// doorbell names the node (`?node=`): agents sharing one address and port (the control-plane
+/// bench's simulated ones) know whose it is; an agent of its own ignores it.
+fn ring_doorbells(
+    runtime: &tokio::runtime::Handle,
+    ringing: &Arc<tokio::sync::Semaphore>,
+    token: &str,
+    changes: &myriad_core::Changes,
+) {
     let commanded: std::collections::HashSet<myriad_core::NodeId> =
         changes.commanded.iter().copied().collect();
     let news = |n: &&myriad_core::Node| commanded.contains(&n.id) && n.health == myriad_core::Health::Healthy;
     for node in changes.nodes.iter().filter(news) {
         let base = format!("http://{}:{}", node.addr, node.http_port);
         let Ok(client) = Client::new(&base, token, DOORBELL_TIMEOUT).map(Client::unpooled) else { continue };
+        let path = format!("/v1/wake?node={}", node.name);
+        let ringing = ringing.clone();
         runtime.spawn(async move {
-            let _ = client.call(Method::POST, "/v1/wake", None).await;
+            let Ok(_turn) = ringing.acquire_owned().await else { return };
+            let _ = client.call(Method::POST, &path, None).await;
         });
     }
 }

@@ -184,6 +184,36 @@ async fn the_rendezvous_table_is_served_once_the_attempt_is_launched() {
     assert_eq!(f.call("GET", "/v1/jobs/1/attempts/x/peers", "").await.0, StatusCode::BAD_REQUEST);
 }
 
+#[tokio::test]
+async fn a_node_given_a_command_has_its_doorbell_rung_naming_it() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = Fixture::new("doorbell");
+    // The node's agent is this listener: it reads the doorbell's request line and answers 204.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let body = format!(r#"{{"name":"n1","slots":1,"cores":2,"addr":"127.0.0.1","http_port":{port}}}"#);
+    assert_eq!(f.call("POST", "/v1/agents/register", &body).await.0, StatusCode::OK);
+    let (status, body) = f.call("POST", "/v1/jobs", "name = \"j\"\nargv = [\"true\"]\nnodes = 1\n").await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    // The job's port reservation is a new command for n1: the writer rings its doorbell.
+    let rung = tokio::time::timeout(Duration::from_secs(10), async {
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the doorbell closed before its headers ended");
+            request.extend_from_slice(&buf[..n]);
+        }
+        conn.write_all(b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        String::from_utf8_lossy(&request).into_owned()
+    })
+    .await
+    .expect("no doorbell within 10 s");
+    assert!(rung.starts_with("POST /v1/wake?node=n1 HTTP/1.1\r\n"), "{rung}");
+    assert!(rung.contains(&format!("authorization: Bearer {}", f.ctl.token())), "{rung}");
+}
+
 /// Routes as the router declares them: `(METHOD, path)` from every `.route("path", get(..).post(..))`
 /// in server.rs.
 fn declared_routes() -> std::collections::BTreeSet<(String, String)> {

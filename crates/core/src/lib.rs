@@ -145,7 +145,7 @@ impl Core {
             .into_iter()
             .map(|mut j| {
                 if let Some(a) = j.attempt.as_mut() {
-                    index_attempt(a, j.id, &nodes);
+                    index_attempt(a, j.id, j.spec.world_size(), &nodes);
                 }
                 (j.id, j)
             })
@@ -270,7 +270,7 @@ impl Core {
         for job in self.jobs.values() {
             let Some(a) = job.attempt.as_ref() else { continue };
             let mut fresh = a.clone();
-            index_attempt(&mut fresh, job.id, &self.nodes);
+            index_attempt(&mut fresh, job.id, job.spec.world_size(), &self.nodes);
             assert_eq!(
                 (&fresh.groups, fresh.reported, fresh.holders),
                 (&a.groups, a.reported, a.holders),

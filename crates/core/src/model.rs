@@ -343,7 +343,11 @@ pub struct Attempt {
     pub nodes: Vec<NodeId>,
     pub master_port: Option<u16>,
     pub started_ms: u64,
-    /// Last reported state of every global rank; None until its node reports it.
+    /// Last reported state of every global rank; None until its node reports it. Not persisted:
+    /// every agent reports all of its ranks again to a restarted controller, and at 100,000
+    /// ranks the table was 2.4 MB of JSON in the job's row, rewritten with every step rank 0
+    /// reported.
+    #[serde(skip_serializing, default)]
     pub ranks: Vec<Option<RankState>>,
     /// Set when the attempt ends; the job moves on once every node released its slots.
     pub outcome: Option<Outcome>,
@@ -431,7 +435,8 @@ pub const NOT_IN_ATTEMPT: u32 = u32::MAX;
 pub const PLACEMENTS_KEPT: usize = 16;
 
 /// Rebuilds an attempt's derived indexes from its node list, rank table and the nodes' slots.
-pub(crate) fn index_attempt(a: &mut Attempt, job_id: JobId, nodes: &[Node]) {
+pub(crate) fn index_attempt(a: &mut Attempt, job_id: JobId, world_size: u32, nodes: &[Node]) {
+    a.ranks.resize(world_size as usize, None);
     a.groups = group_index(&a.nodes);
     a.reported = a.ranks.iter().filter(|r| r.is_some()).count() as u32;
     a.holders = a

@@ -48,7 +48,7 @@ pub fn run(args: ControlPlaneArgs) -> Result<(), String> {
     if args.threads == 0 {
         return Err("--threads must be at least 1".into());
     }
-    raise_open_file_limit();
+    raise_open_file_limit(args.nodes + args.spares);
     let dir = net::auth::private_temp_dir(&std::env::temp_dir(), "myriad-bench-cp")?;
     let controller = ControllerProcess::start(&dir, args.heartbeat_ms);
     let result = controller.and_then(|c| {
@@ -127,11 +127,21 @@ fn print_report(r: &Report) {
 }
 
 /// Each simulated agent holds a listener and a connection: more than the default 1,024 files.
-fn raise_open_file_limit() {
+/// Every simulated agent holds a connection to the controller and a listener for its doorbell,
+/// and the controller (a child: it inherits the limit) one connection per agent and one per
+/// doorbell it rings: 12,500 nodes need more than the 20,000 descriptors a shell often gets. The
+/// limit is raised to what the bench needs where this process may raise it (root may), and else
+/// as far as its hard limit allows.
+fn raise_open_file_limit(nodes: u32) {
+    let want = (nodes as libc::rlim_t + 1_000) * 3;
     // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
     unsafe {
         let mut limit: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= want {
+            return;
+        }
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: limit.rlim_max.max(want) };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
             limit.rlim_cur = limit.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
         }
