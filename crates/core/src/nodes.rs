@@ -158,6 +158,7 @@ impl Core {
         if returned {
             let message = format!("node {} is heartbeating again", self.name(id));
             self.node_event(now_ms, None, id, EventKind::NodeReturned, message);
+            self.stop_ended_attempts(id);
         }
 
         // A failed GPU takes the node out before anything it reports can restart a job onto it.
@@ -220,6 +221,24 @@ impl Core {
         self.touched = touched;
         if self.schedule_due {
             self.schedule(now_ms);
+        }
+    }
+
+    /// A node back from being lost still holds the slots of attempts that ended while it was
+    /// silent: those that ended as it was lost told it nothing (a lost node is sent no stop), so
+    /// its ranks would run on and the attempt would never finish. It is told to stop them now.
+    fn stop_ended_attempts(&mut self, id: NodeId) {
+        let ended: Vec<(JobId, u32)> = self.nodes[id.index()]
+            .allocations
+            .iter()
+            .map(|al| (al.job_id, al.attempt))
+            .filter(|&(job_id, attempt)| {
+                let current = self.jobs.get(&job_id).and_then(|j| j.attempt.as_ref());
+                !current.is_some_and(|a| a.number == attempt && a.outcome.is_none())
+            })
+            .collect();
+        for (job_id, attempt) in ended {
+            self.push_once(id, Command::Stop { job_id, attempt });
         }
     }
 

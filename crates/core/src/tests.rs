@@ -637,6 +637,37 @@ fn a_node_cut_off_during_a_job_has_its_leftover_ranks_stopped_when_it_returns() 
 }
 
 #[test]
+fn a_node_lost_as_its_attempt_ends_and_back_before_its_slots_are_released_is_told_to_stop() {
+    // Found at 12,500 nodes: a few agents, busy, missed their heartbeats for three intervals,
+    // ending the attempt, and were back within a second. The node whose loss ended it was sent
+    // no stop (it was lost), held its slots on return, and its ranks ran on: the job stayed
+    // stopping for good.
+    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+    let mut spec = World::spec(2, 1, 2);
+    spec.spares = 1;
+    let id = w.core.submit(spec, w.now_ms).unwrap();
+    for _ in 0..3 {
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Running);
+    let busy = w.agents.remove("b").unwrap();
+    while w.core.node("b").unwrap().health != Health::Lost {
+        assert!(w.now_ms < 1_000_000 + 20_000, "b is never declared lost");
+        w.round();
+    }
+    assert_eq!(w.state(id), JobState::Stopping);
+    // b is back before any rank of the attempt was reported gone, its rank still running.
+    w.agents.insert("b".into(), busy);
+    w.beat("b");
+    assert!(w.agents["b"].node.ranks.values().all(|s| !s.is_running()), "b's rank is stopped");
+    for _ in 0..6 {
+        w.round();
+    }
+    let job = w.core.job(id).unwrap();
+    assert_eq!((job.state, job.attempt.as_ref().unwrap().number), (JobState::Running, 1));
+}
+
+#[test]
 fn a_restart_waits_for_ranks_launched_by_a_command_not_yet_acknowledged() {
     let mut w = World::new(&[("a", 1, false), ("b", 1, false)]);
     let id = w.core.submit(World::spec(2, 1, 1), w.now_ms).unwrap();
