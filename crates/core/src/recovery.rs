@@ -164,12 +164,15 @@ impl Core {
             a.rank_exited = true;
             self.exit_fenced.push(job_id);
         }
-        self.dirty_jobs.insert(job_id);
+        // The rank table is not stored (agents report it again to a restarted controller), so a
+        // rank's new state costs the job's row a write only where it changes what is stored: at
+        // 100,000 ranks a start or a stop otherwise rewrites that row with every group commit.
         let all_reported = a.reported as usize == a.ranks.len();
         let ending = a.outcome.is_some();
         // Every rank has been seen (a fast one may be seen only once it has already exited).
         if all_reported && job.state == JobState::Starting && !ending {
             job.state = JobState::Running;
+            self.dirty_jobs.insert(job_id);
             self.event(
                 now_ms,
                 Some(job_id),
@@ -212,6 +215,7 @@ impl Core {
                     p.kind = FaultKind::RankExit.as_str().to_string();
                     p.fault_ms = exited_ms;
                     job.reason = Some(p.cause.clone());
+                    self.dirty_jobs.insert(job_id);
                 }
             }
             return;
