@@ -44,6 +44,13 @@ impl Core {
     /// Records which checkpoints the node holds, which failed to verify, and purges the
     /// in-memory checkpoints of jobs that have ended.
     pub(crate) fn checkpoint_reports(&mut self, id: NodeId, req: &HeartbeatRequest, now_ms: u64) {
+        // Most nodes hold no checkpoint and report none: nothing to record, purge or compare.
+        if req.checkpoints.is_empty()
+            && req.bad_checkpoints.is_empty()
+            && self.nodes[id.index()].checkpoints.is_empty()
+        {
+            return;
+        }
         let mut memory: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
         let mut persisted: BTreeMap<JobId, BTreeSet<u64>> = BTreeMap::new();
         for c in &req.checkpoints {

@@ -14,3 +14,4 @@ pub mod events;
 pub mod node;
 pub mod progress;
 pub mod spec;
+pub mod vec_map;

@@ -5,11 +5,10 @@
 //! protocol: commands are carried out once, in order, idempotently, and acknowledged by sequence
 //! number; reports are full state, never deltas.
 
-use std::collections::BTreeMap;
-
 use crate::api::{
     Command, HeartbeatRequest, JobId, LaunchSpec, PortReport, RankReport, RankState, SeqCommand,
 };
+use crate::vec_map::VecMap;
 
 /// One rank on a node: job, attempt, local rank.
 pub type RankKey = (JobId, u32, u32);
@@ -58,16 +57,16 @@ pub enum Todo<'a> {
 
 #[derive(Debug)]
 pub struct NodeState<R> {
-    pub ranks: BTreeMap<RankKey, R>,
+    pub ranks: VecMap<RankKey, R>,
     /// The store port reserved for each attempt.
-    pub ports: BTreeMap<(JobId, u32), u16>,
+    pub ports: VecMap<(JobId, u32), u16>,
     /// Every command up to this sequence number has been carried out.
     pub acked_command_seq: u64,
 }
 
 impl<R> Default for NodeState<R> {
     fn default() -> Self {
-        NodeState { ranks: BTreeMap::new(), ports: BTreeMap::new(), acked_command_seq: 0 }
+        NodeState { ranks: VecMap::default(), ports: VecMap::default(), acked_command_seq: 0 }
     }
 }
 
@@ -126,7 +125,7 @@ impl<R: RankEntry> NodeState<R> {
 
     /// The ranks of one attempt.
     pub fn ranks_of(&self, job_id: JobId, attempt: u32) -> impl Iterator<Item = (&RankKey, &R)> {
-        self.ranks.range((job_id, attempt, 0)..=(job_id, attempt, u32::MAX))
+        self.ranks.range((job_id, attempt, 0), (job_id, attempt, u32::MAX))
     }
 
     /// The controller has recorded how this attempt's ranks ended: drop them (a rank still
@@ -146,28 +145,33 @@ impl<R: RankEntry> NodeState<R> {
 
     /// Records a reservation [`Todo::ReservePort`] asked for; a repeated one keeps the first port.
     pub fn reserve(&mut self, job_id: JobId, attempt: u32, port: u16) {
-        self.ports.entry((job_id, attempt)).or_insert(port);
+        self.ports.insert_if_absent((job_id, attempt), port);
     }
 
     /// Records a rank [`Todo::Launch`] asked for; a rank already held stays as it is.
     pub fn insert(&mut self, key: RankKey, rank: R) {
-        self.ranks.entry(key).or_insert(rank);
+        self.ranks.insert_if_absent(key, rank);
     }
 
     /// The heartbeat's full state. Checkpoints are the holder's to add.
     pub fn report(&self) -> HeartbeatRequest {
-        HeartbeatRequest {
-            acked_command_seq: self.acked_command_seq,
-            ranks: self.ranks.iter().map(|(&k, r)| r.report(k)).collect(),
-            ports: self
-                .ports
-                .iter()
-                .map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port })
-                .collect(),
-            checkpoints: Vec::new(),
-            bad_checkpoints: Vec::new(),
-            gpu_findings: Vec::new(),
-        }
+        let mut req = HeartbeatRequest::default();
+        self.report_into(&mut req);
+        req
+    }
+
+    /// [`NodeState::report`] written over `req`, whose lists keep their room: the simulator
+    /// stands in for 12,500 agents and reports for them from one request.
+    pub fn report_into(&self, req: &mut HeartbeatRequest) {
+        req.acked_command_seq = self.acked_command_seq;
+        req.ranks.clear();
+        req.ranks.extend(self.ranks.iter().map(|(&k, r)| r.report(k)));
+        req.ports.clear();
+        let ports = self.ports.iter().map(|(&(job_id, attempt), &port)| PortReport { job_id, attempt, port });
+        req.ports.extend(ports);
+        req.checkpoints.clear();
+        req.bad_checkpoints.clear();
+        req.gpu_findings.clear();
     }
 }
 

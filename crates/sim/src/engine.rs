@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use myriad_core::{Core, CoreConfig, JobState, NodeId, Queued};
 use proto::api::{
-    CheckpointReport, Command, HangReport, JobId, RankReport, RankState, RegisterRequest, RestoreSpec,
-    StepTime, Tier,
+    CheckpointReport, Command, HangReport, HeartbeatRequest, JobId, RankReport, RankState, RegisterRequest,
+    RestoreSpec, StepTime, Tier,
 };
 use proto::events::EventKind;
 use proto::node::{NodeState, RankEntry, RankKey};
@@ -150,6 +150,8 @@ pub struct Engine<'a> {
     queue: Queue,
     /// [`Engine::carry_out`]'s list of what to do, kept for its room.
     acts: Vec<Act>,
+    /// [`Engine::report`]'s heartbeat, written over for each node's report, kept for its room.
+    req: HeartbeatRequest,
     spec: JobSpec,
     jobs: Vec<JobId>,
     training: Option<Training>,
@@ -215,6 +217,7 @@ impl<'a> Engine<'a> {
             agent_of: Vec::new(),
             queue: Queue::default(),
             acts: Vec::new(),
+            req: HeartbeatRequest::default(),
             spec,
             jobs: Vec::new(),
             training: None,
@@ -511,7 +514,8 @@ impl<'a> Engine<'a> {
         }
         let leads = self.training.as_ref().filter(|t| t.leader == i).map(|t| (t.job_id, t.attempt));
         let a = &self.agents[i];
-        let mut req = a.node.report();
+        let mut req = std::mem::take(&mut self.req);
+        a.node.report_into(&mut req);
         if let Some(key) = leads {
             let t = self.training.as_mut().expect("leads");
             if let Some(report) = req.ranks.iter_mut().find(|r| (r.job_id, r.attempt) == key) {
@@ -519,11 +523,9 @@ impl<'a> Engine<'a> {
                 report.step = (t.last_step > 0).then_some(t.last_step);
             }
         }
-        req.checkpoints = a
-            .memory
-            .iter()
-            .map(|&(job_id, step)| CheckpointReport { job_id, step, tier: Tier::Memory })
-            .collect();
+        let held =
+            a.memory.iter().map(|&(job_id, step)| CheckpointReport { job_id, step, tier: Tier::Memory });
+        req.checkpoints.extend(held);
         if let Some(t) = self.training.as_ref().filter(|t| t.leader == i) {
             let persisted = t.persisted.iter().map(|&step| CheckpointReport {
                 job_id: t.job_id,
@@ -534,6 +536,7 @@ impl<'a> Engine<'a> {
         }
         let id = a.id;
         self.core.report(id, &req, now);
+        self.req = req;
     }
 
     /// Carries out what the controller decided: events, and the commands it queued for nodes.
