@@ -1,16 +1,25 @@
 //! The agent protocol at cluster scale, without ranks: a whole cluster of simulated agents in one
 //! process, each an async task that speaks the real protocol over the network with the cluster
 //! token. It registers, heartbeats the state of its ranks (`proto::node`, as the agent does) over
-//! its own connection, answers the controller's doorbell, carries out commands (reserve a port,
-//! launch, stop, forget) and fetches its attempt's rendezvous table. Only the ranks are imaginary.
-//! The agents share one doorbell listener, which finds the agent by the node the doorbell names:
-//! a listener each would be 12,500 more open files at 12,500 nodes, past the 20,000 a process may
-//! hold here, and costs the controller nothing it would not spend on real agents. [`measure`] drives a controller through registration, steady heartbeat latency and
-//! its CPU and memory with a job on every node, API latency, the time from submitting a job until
-//! every node holds its rendezvous table, and the time to find a silent node and relaunch the job
-//! with a spare in its place (`myriad bench control-plane` starts the controller and prints the
+//! its own connection, answers the controller's doorbell and carries out commands (reserve a
+//! port, launch, stop, forget); its launched ranks fetch their attempt's rendezvous table in a
+//! task of their own. Only the ranks are imaginary.
+//!
+//! Where one host stands in for 12,500, the load generator shares what real nodes would each
+//! have: one doorbell listener, which finds the agent by the node the doorbell names (a
+//! listener each would be 12,500 more open files, past the 20,000 a process may hold here), and
+//! 64 connections the ranks of all nodes fetch their tables over, in turn. Neither spares the
+//! controller any work: it still rings every doorbell and serves every node its table. Only the
+//! generator's own work is cut: a table byte-identical to one already parsed and checked is not
+//! parsed again.
+//!
+//! [`measure`] drives a controller through registration, steady heartbeat latency and its CPU
+//! and memory with a job on every node, API latency, the time from submitting a job until every
+//! node holds its rendezvous table, and the time to find a silent node and relaunch the job with
+//! a spare in its place (`myriad bench control-plane` starts the controller and prints the
 //! report).
 
+use hyper::body::Bytes;
 use net::client::{Client, Method};
 use proto::api::{
     Command, HeartbeatReply, HeartbeatRequest, JobId, JobView, RankReport, RankState, RegisterReply,
@@ -54,6 +63,9 @@ pub struct Target {
 const PHASE_DEADLINE: Duration = Duration::from_secs(120);
 /// Deadline of one simulated agent's call.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the simulated ranks fetch their tables over, shared by all nodes (a connection
+/// per node's ranks would be 12,500 more files on each side, past this host's 20,000).
+const TABLE_CONNECTIONS: usize = 64;
 /// Simulated step time, and how many recent steps the leader repeats (as real agents do).
 const STEP_MS: u64 = 1000;
 const RECENT_STEPS: u64 = 4;
@@ -178,6 +190,8 @@ struct SimRank {
 }
 
 struct SimAgent {
+    /// Its place in the cluster; picks the connection its ranks fetch tables over.
+    index: usize,
     name: String,
     spare: bool,
     state: Mutex<SimState>,
@@ -206,6 +220,11 @@ struct Hub {
     heartbeat_latencies_ms: Mutex<Vec<f64>>,
     heartbeat_errors: AtomicU64,
     tables: Mutex<HashMap<(JobId, u32), Tables>>,
+    /// Per attempt, the first table that parsed and checked: a later node's copy counts when its
+    /// bytes are the same, so 12,500 copies cost a comparison each, not a parse.
+    checked_tables: Mutex<HashMap<(JobId, u32), Bytes>>,
+    /// What the simulated ranks fetch their tables over ([`TABLE_CONNECTIONS`]).
+    table_clients: Vec<Client>,
     /// Rung when an agent registers or a node gets a table: what the phases wait on.
     progress: Notify,
 }
@@ -289,20 +308,27 @@ struct TableView<'a> {
     hosts: Vec<&'a str>,
 }
 
-/// A node's ranks read their attempt's rendezvous table from the controller, before the agent's
-/// next heartbeat (as a real agent finishes a launch first): one connection per node.
-async fn fetch_table(hub: &Hub, client: &Client, key: (JobId, u32), ranks_per_node: u32) {
+/// A node's ranks read their attempt's rendezvous table from the controller once they are
+/// launched, while their agent goes on heartbeating (ranks and agent are separate processes).
+/// Waiting for the table in the agent's own loop silenced hundreds of agents for more than the
+/// three intervals that make a node lost, as 12,500 nodes' tables shared one host's links.
+async fn fetch_table(hub: Arc<Hub>, index: usize, key: (JobId, u32), ranks_per_node: u32) {
+    let client = &hub.table_clients[index % hub.table_clients.len()];
     let path = format!("/v1/jobs/{}/attempts/{}/peers", key.0, key.1);
     let deadline = Instant::now() + PHASE_DEADLINE;
     while Instant::now() < deadline {
         match client.call(Method::GET, &path, None).await {
             Ok(bytes) => {
-                // Read whole, as an agent does, but its hosts borrowed from the bytes: 12,500
-                // nodes' tables of 12,500 hosts are 156 million strings otherwise, on the cores
-                // the controller needs (a real agent parses its one table on its own host).
-                let Ok(table) = serde_json::from_slice::<TableView>(&bytes) else { return };
-                if table.ranks_per_node != ranks_per_node || table.hosts.is_empty() {
-                    return;
+                // Read whole, as an agent does. A real agent parses its one table on its own
+                // host; here 12,500 nodes' parses would take the cores the controller needs, so
+                // a copy identical to one already checked is not parsed again.
+                let same = hub.checked_tables.lock().expect("checked tables").get(&key) == Some(&bytes);
+                if !same {
+                    let Ok(table) = serde_json::from_slice::<TableView>(&bytes) else { return };
+                    if table.ranks_per_node != ranks_per_node || table.hosts.is_empty() {
+                        return;
+                    }
+                    hub.checked_tables.lock().expect("checked tables").insert(key, bytes.clone());
                 }
                 let mut tables = hub.tables.lock().expect("tables");
                 let entry = tables.entry(key).or_insert(Tables { nodes: 0, last_ms: 0, bytes: bytes.len() });
@@ -397,7 +423,8 @@ async fn agent_loop(
                     let (tell, launched) = agent.execute(&c.command, now_ms);
                     news |= tell;
                     if let Some((job_id, attempt, ranks_per_node)) = launched {
-                        fetch_table(&hub, &client, (job_id, attempt), ranks_per_node).await;
+                        let key = (job_id, attempt);
+                        tokio::spawn(fetch_table(hub.clone(), agent.index, key, ranks_per_node));
                     }
                     agent.state.lock().expect("sim state").ack(c.seq);
                 }
@@ -458,6 +485,10 @@ pub async fn measure(args: &Load, ctl: &Target) -> Result<Report, String> {
         heartbeat_latencies_ms: Mutex::new(Vec::new()),
         heartbeat_errors: AtomicU64::new(0),
         tables: Mutex::new(HashMap::new()),
+        checked_tables: Mutex::new(HashMap::new()),
+        table_clients: (0..TABLE_CONNECTIONS)
+            .map(|_| Client::new(&ctl.url, &ctl.token, CALL_TIMEOUT).map(Client::dedicated))
+            .collect::<Result<_, _>>()?,
         progress: Notify::new(),
     });
     let total = (args.nodes + args.spares) as usize;
@@ -467,6 +498,7 @@ pub async fn measure(args: &Load, ctl: &Target) -> Result<Report, String> {
             let name =
                 if spare { format!("spare-{:05}", i - args.nodes as usize) } else { format!("node-{i:05}") };
             Arc::new(SimAgent {
+                index: i,
                 name,
                 spare,
                 state: Mutex::new(SimState::default()),
@@ -518,15 +550,27 @@ pub async fn measure(args: &Load, ctl: &Target) -> Result<Report, String> {
     )
     .await?;
     let mut running_s = None;
+    let mut last_seen = String::new();
     while running_s.is_none() && submitted.elapsed() < PHASE_DEADLINE {
         let job: JobView = client.get_json(&format!("/v1/jobs/{id}")).await.map_err(|e| e.to_string())?;
         if job.state == "running" {
             running_s = Some(submitted.elapsed().as_secs_f64());
         } else {
+            last_seen = format!(
+                "{} in attempt {} with {} of {} ranks running, {} exited{}",
+                job.state,
+                job.attempt,
+                job.ranks_running,
+                job.world_size,
+                job.ranks_exited,
+                job.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let running_s = running_s.ok_or("the job did not reach running")?;
+    let running_s = running_s.ok_or_else(|| {
+        format!("the job did not reach running within {} s: it was {last_seen}", PHASE_DEADLINE.as_secs())
+    })?;
     let job_start = JobStart {
         submit_to_peer_tables_s: (tables_ms - submitted_ms) as f64 / 1e3,
         submit_to_running_s: running_s,
