@@ -30,10 +30,7 @@ pub fn report(memory_root: &Path, persisted: &[(JobId, PathBuf)]) -> Vec<Checkpo
     let mut out = Vec::new();
     if let Ok(entries) = std::fs::read_dir(memory_root) {
         for e in entries.flatten() {
-            let Some(job_id) = e.file_name().to_str().and_then(|n| n.strip_prefix("job-")?.parse().ok())
-            else {
-                continue;
-            };
+            let Some(job_id) = crate::memory_job(&e.file_name()) else { continue };
             out.extend(
                 complete_steps(&e.path()).unwrap_or_default().into_iter().map(|step| CheckpointReport {
                     job_id,

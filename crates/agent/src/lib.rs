@@ -108,6 +108,21 @@ impl Agent {
     }
 }
 
+/// The job whose memory tier an entry of the memory root is ([`Agent::job_memory`]'s names).
+pub(crate) fn memory_job(entry: &std::ffi::OsStr) -> Option<JobId> {
+    entry.to_str()?.strip_prefix("job-")?.parse().ok()
+}
+
+/// Removes every job's memory tier under `root`: the only entries the agent makes there, and the
+/// only ones it removes (the directory may be one the user named and shares).
+fn clear_memory(root: &std::path::Path) {
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        if memory_job(&entry.file_name()).is_some() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// Deadline of every call to the controller.
 const CONTROLLER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -196,6 +211,11 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
         );
     }
     private_dir("memory root", &cfg.memory_root)?;
+    // An agent's memory never outlives it: whatever the root holds at start is a dead agent's (one
+    // killed before it could remove it, under this name and pid, now reused). Its checkpoints
+    // would be reported as this node's, and its live slots taken up by this node's first launch
+    // of a job of the same number: a rank of a fresh attempt 0 exited at once on such slots.
+    clear_memory(&cfg.memory_root);
     let python = python::install(&cfg.work_dir)?;
     let interface = netif::interface_of(&cfg.addr);
     let agent = Arc::new(Agent {
@@ -230,8 +250,9 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     };
     agent.stop_everything().await;
     let _ = std::fs::remove_file(&agent.socket_path);
-    // A node that goes away takes its memory with it.
-    let _ = std::fs::remove_dir_all(&agent.cfg.memory_root);
+    // A node that goes away takes its memory with it (the root itself only where it is empty).
+    clear_memory(&agent.cfg.memory_root);
+    let _ = std::fs::remove_dir(&agent.cfg.memory_root);
     result
 }
 
@@ -252,6 +273,26 @@ mod tests {
         super::private_dir("memory root", &fresh).unwrap();
         // Its own directory again (an agent restarted with the same name) is fine.
         super::private_dir("memory root", &fresh).unwrap();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn clearing_the_memory_root_removes_the_jobs_tiers_and_nothing_else() {
+        let root = std::env::temp_dir().join(format!("myriad-agent-clear-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        // A dead agent's job, its live slots among it, beside what a user keeps in the directory.
+        std::fs::create_dir_all(root.join("job-1/live")).unwrap();
+        std::fs::write(root.join("job-1/live/slot-0.bin"), b"stale").unwrap();
+        std::fs::create_dir_all(root.join("job-17/step_00000004")).unwrap();
+        std::fs::create_dir_all(root.join("job-x")).unwrap();
+        std::fs::write(root.join("notes.txt"), b"mine").unwrap();
+        super::clear_memory(&root);
+        let mut left: Vec<String> = std::fs::read_dir(&root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["job-x", "notes.txt"]);
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -201,7 +201,10 @@ pub fn agent(a: AgentArgs) -> Result<(), String> {
     let checkpoint_root = absolute(&a.checkpoint_root.unwrap_or_else(|| work_dir.join("checkpoints")))?;
     let memory_root = match a.memory_dir {
         Some(d) => absolute(&d)?,
-        None => default_memory_dir(&a.name, std::process::id(), &work_dir),
+        None => {
+            remove_dead_agents_memory(Path::new(SHM), &a.name);
+            default_memory_dir(&a.name, std::process::id(), &work_dir)
+        }
     };
     agent::run(agent::AgentConfig {
         controller: a.controller,
@@ -232,14 +235,45 @@ fn secs(flag: &str, s: f64) -> Result<Duration, String> {
         .ok_or(format!("{flag} {s} must be a positive number of seconds"))
 }
 
+/// Where agents keep their memory tiers by default: tmpfs, shared by every process of the host.
+const SHM: &str = "/dev/shm";
+
 /// Memory, not disk: tmpfs when the machine has it. The pid keeps a restarted agent from finding
-/// a memory it is not supposed to have.
+/// a memory it is not supposed to have (and the agent clears what a reused pid leaves it).
 pub fn default_memory_dir(name: &str, pid: u32, work_dir: &Path) -> PathBuf {
-    let shm = Path::new("/dev/shm");
+    let shm = Path::new(SHM);
     if shm.is_dir() {
         shm.join(format!("myriad-agent-{name}-{pid}"))
     } else {
         work_dir.join(format!("memory-{pid}"))
+    }
+}
+
+/// Removes the default memory directories under `shm` of earlier agents of this node's name whose
+/// process is gone: a stopped agent removes its own, a killed one cannot, and its checkpoints would
+/// hold the host's tmpfs until it restarts. Only this user's directories, never through a link;
+/// those of agents still running (other clusters' nodes of the same name on a shared host) stay.
+fn remove_dead_agents_memory(shm: &Path, name: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let prefix = format!("myriad-agent-{name}-");
+    // SAFETY: geteuid(2) has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    for entry in std::fs::read_dir(shm).into_iter().flatten().flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)?.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        let Ok(meta) = std::fs::symlink_metadata(entry.path()) else { continue };
+        if !meta.is_dir() || meta.uid() != me || pid <= 0 {
+            continue;
+        }
+        // SAFETY: signal 0 only asks whether the process exists; ESRCH means no process has the pid.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone || pid as u32 == std::process::id() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -881,4 +915,40 @@ pub fn chaos(a: ChaosArgs) -> Result<(), String> {
         .map_err(|e| format!("chaos: {e}"))?;
     println!("injected {}", a.action);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dead_agents_memory_is_removed_and_a_running_ones_kept() {
+        let shm = std::env::temp_dir().join(format!("myriad-shm-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&shm);
+        // Above any pid_max Linux allows (2^22): no process has it.
+        let dead = 4_194_305;
+        // SAFETY: getppid(2) has no preconditions; the test runner is alive while the test runs.
+        let running = unsafe { libc::getppid() };
+        let dirs = [
+            format!("myriad-agent-n2-{dead}"),
+            format!("myriad-agent-n2-{running}"),
+            // This process's own pid: whatever is there is an earlier process's.
+            format!("myriad-agent-n2-{}", std::process::id()),
+            // Another node's name, one that merely starts with this one's, and no pid at all.
+            format!("myriad-agent-n3-{dead}"),
+            format!("myriad-agent-n2-x-{dead}"),
+            "myriad-agent-n2-".to_string(),
+        ];
+        for d in &dirs {
+            std::fs::create_dir_all(shm.join(d).join("job-1")).unwrap();
+        }
+        // A link named like a dead agent's is not followed, nor removed.
+        std::fs::create_dir_all(shm.join("target")).unwrap();
+        std::os::unix::fs::symlink(shm.join("target"), shm.join("myriad-agent-n2-4194306")).unwrap();
+        remove_dead_agents_memory(&shm, "n2");
+        let gone: Vec<&String> = dirs.iter().filter(|d| !shm.join(d).exists()).collect();
+        assert_eq!(gone, [&dirs[0], &dirs[2]]);
+        assert!(shm.join("target").is_dir() && shm.join("myriad-agent-n2-4194306").exists());
+        std::fs::remove_dir_all(&shm).unwrap();
+    }
 }

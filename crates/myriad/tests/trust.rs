@@ -136,3 +136,78 @@ fn a_controller_whose_state_directory_is_full_exits_naming_it() {
         "{stderr}"
     );
 }
+
+/// A controller (fresh state under `dir/.myriad`, where the CLI finds it) and one agent of two
+/// slots keeping its in-memory tier in `memory`.
+fn controller_and_agent(dir: &Path, memory: &Path) -> (support::Guard, support::Guard) {
+    let state = dir.join(".myriad/controller");
+    let _ = std::fs::remove_dir_all(&state);
+    let controller = support::Guard(Some(
+        Command::new(exe())
+            .args(["controller", "--listen", "127.0.0.1:0", "--heartbeat-ms", "200", "--state"])
+            .arg(&state)
+            .spawn()
+            .unwrap(),
+    ));
+    let url = wait_for("the controller's URL", Duration::from_secs(20), || {
+        std::fs::read_to_string(state.join("controller.url")).ok()
+    });
+    let agent = support::Guard(Some(
+        Command::new(exe())
+            .args(["agent", "--controller", url.trim(), "--name", "a1", "--slots", "2", "--token-file"])
+            .arg(state.join("token"))
+            .arg("--memory-dir")
+            .arg(memory)
+            .arg("--work-dir")
+            .arg(dir.join(format!("agent-{}", std::process::id())))
+            .spawn()
+            .unwrap(),
+    ));
+    wait_for("the agent to join", Duration::from_secs(20), || {
+        (cli_json(dir, &["nodes", "--json"]).as_array()?.len() == 1).then_some(())
+    });
+    (controller, agent)
+}
+
+#[test]
+fn a_fresh_job_never_starts_from_what_a_killed_agent_left_in_memory() {
+    // A killed agent cannot remove its memory tier. The next agent given that directory (a pid
+    // reused in the default /dev/shm/myriad-agent-NAME-PID, or the same --memory-dir) found the
+    // dead job's live slots, and a new cluster's job 1 of the same configuration resumed at the
+    // dead one's step 200 instead of starting at step 1.
+    let dir = scratch("trust-stale-memory");
+    let memory = dir.join("memory");
+    // The same job both times: live slots are taken up only by the configuration that wrote them.
+    let mut job = vec!["--nnodes", "1", "--nproc-per-node", "2", "--", exe(), "train", "--preset", "tiny"];
+    job.extend(["--batch", "8", "--seq", "64", "--peak-gflops", "100", "--steps", "100000"]);
+    let reached = |id: u64, step: u64| {
+        wait_for(&format!("job {id}'s step {step}"), Duration::from_secs(60), || {
+            (support::job_state(&dir, id)["job"]["step"].as_u64()? >= step).then_some(())
+        })
+    };
+    {
+        let (_controller, mut agent) = controller_and_agent(&dir, &memory);
+        let id = submit(&dir, &job);
+        reached(id, 60);
+        agent.kill9();
+    }
+    let live = memory.join("job-1/live");
+    assert!(live.join("slot-0.bin").is_file(), "the killed agent left its job's live slots");
+    // Its memory checkpoints would be reported and purged by the new controller: the slots alone
+    // are what a new job could take up.
+    for entry in std::fs::read_dir(memory.join("job-1")).unwrap() {
+        let path = entry.unwrap().path();
+        if path != live {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+
+    let (_controller, _agent) = controller_and_agent(&dir, &memory);
+    let id = submit(&dir, &job);
+    assert_eq!(id, 1, "a new cluster's first job has the dead one's number");
+    reached(id, 10);
+    let out = support::cli(&dir, &["logs", "1", "--rank", "0", "--stderr"]);
+    let log = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!log.contains("resumed at step"), "{log}");
+    assert!(log.contains("step 1/100000"), "{log}");
+}
