@@ -231,18 +231,24 @@ impl Slurm {
         }
     }
 
-    /// Every agent's log of Slurm job `id`, each under its path.
+    /// Every agent's log of Slurm job `id` and every rank's stderr, each under its path.
     fn agent_logs(&self, cwd: &Path, id: &str) -> String {
-        std::fs::read_dir(cwd.join(format!("myriad-slurm-{id}/agents")))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-            .map(|e| {
-                format!("{}:\n{}", e.path().display(), std::fs::read_to_string(e.path()).unwrap_or_default())
-            })
-            .collect::<Vec<_>>()
-            .join("\n")
+        let mut files = Vec::new();
+        let mut dirs = vec![cwd.join(format!("myriad-slurm-{id}/agents"))];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|x| x == "log" || x == "stderr") {
+                    files.push(path);
+                }
+            }
+        }
+        files.sort();
+        let show =
+            |p: &PathBuf| format!("{}:\n{}", p.display(), std::fs::read_to_string(p).unwrap_or_default());
+        files.iter().map(show).collect::<Vec<_>>().join("\n")
     }
 
     /// The batch script's output (the examples name it `myriad-KIND-ID.out`).
@@ -341,24 +347,32 @@ fn an_sbatch_job_with_a_spare_swaps_in_the_spare_for_a_killed_agent_and_ends_bit
     // Myriad's job 1 on the controller `myriad slurm` started for this Slurm job.
     let job = || slurm.myriad(&cwd, &faulty, &["status", "1", "--json"]);
     slurm.wait_step(&cwd, &faulty, 20);
-    assert_eq!(job()["job"]["nodes"], serde_json::json!(["n1", "n2"]));
+    let before = job();
+    let logs = || slurm.agent_logs(&cwd, &faulty);
+    assert_eq!(before["job"]["nodes"], serde_json::json!(["n1", "n2"]), "{before}\n{}", logs());
+    // Any earlier restart (none is expected) is not the one this test is after.
+    let attempt = before["job"]["attempt"].as_u64().expect("the job's attempt");
     let killed = Instant::now();
     slurm.kill_agent(&faulty, "n2");
     let moved = wait_for("the job to move to the spare", Duration::from_secs(60), || {
         let s = job();
-        (s["job"]["attempt"].as_u64()? >= 1 && s["job"]["state"] == "running").then_some(s)
+        (s["job"]["attempt"].as_u64()? > attempt && s["job"]["state"] == "running").then_some(s)
     });
     eprintln!(
         "n2's agent killed: the job runs again on {} after {:?}",
         moved["job"]["nodes"],
         killed.elapsed()
     );
-    assert_eq!(moved["job"]["nodes"], serde_json::json!(["n1", "n3"]), "{moved}");
+    if attempt > 0 {
+        eprintln!("the job had already restarted before the kill:\n{before}\n{}", logs());
+    }
+    assert_eq!(moved["job"]["nodes"], serde_json::json!(["n1", "n3"]), "{moved}\n{}", logs());
     assert!(moved["job"]["reason"].as_str().unwrap_or("").contains("node n2 was lost"), "{moved}");
     let (state, exit) = slurm.wait_done(&faulty, Duration::from_secs(180));
     let output = slurm.output(&cwd, &faulty);
-    assert_eq!((state.as_str(), exit.as_str()), ("COMPLETED", "0:0"), "{output}");
-    assert!(output.contains("job 1: succeeded (attempt 1)"), "{output}");
+    assert_eq!((state.as_str(), exit.as_str()), ("COMPLETED", "0:0"), "{output}\n{}", logs());
+    let ended = format!("job 1: succeeded (attempt {})", attempt + 1);
+    assert!(output.contains(&ended), "{output}");
     assert_eq!(
         final_state(&cwd.join(format!("final-{clean}"))),
         final_state(&cwd.join(format!("final-{faulty}"))),
