@@ -63,6 +63,20 @@ impl World {
         .unwrap()
     }
 
+    /// Nodes a and b running a job of one rank each that may use the spare s, with these
+    /// restarts.
+    fn running_with_a_spare(max_restarts: u32) -> (World, JobId) {
+        let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
+        let mut spec = World::spec(2, 1, max_restarts);
+        spec.spares = 1;
+        let id = w.core.submit(spec, w.now_ms).unwrap();
+        for _ in 0..3 {
+            w.round();
+        }
+        assert_eq!(w.state(id), JobState::Running);
+        (w, id)
+    }
+
     /// One heartbeat from `name`, then it carries out the reply's commands.
     fn beat(&mut self, name: &str) {
         let agent = self.agents.get_mut(name).unwrap();
@@ -256,13 +270,7 @@ fn a_failed_rank_stops_the_rest_and_restarts_with_a_new_port_until_restarts_run_
 
 #[test]
 fn a_silent_node_is_lost_after_three_heartbeats_and_the_job_moves_to_a_spare() {
-    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
-    let mut spec = World::spec(2, 1, 2);
-    spec.spares = 1;
-    let id = w.core.submit(spec, w.now_ms).unwrap();
-    for _ in 0..3 {
-        w.round();
-    }
+    let (mut w, id) = World::running_with_a_spare(2);
     assert_eq!(w.nodes_of(id), ["a", "b"]);
     // b goes silent: its agent stops heartbeating (and its ranks die with it).
     let dead = w.agents.remove("b").unwrap();
@@ -321,13 +329,7 @@ fn a_lost_nodes_single_node_job_moves_only_once_the_nodes_lease_has_fenced_its_r
 
 #[test]
 fn a_lost_nodes_share_of_a_multi_node_job_is_fenced_by_its_peers_exit_without_waiting_the_lease() {
-    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
-    let mut spec = World::spec(2, 1, 2);
-    spec.spares = 1;
-    let id = w.core.submit(spec, w.now_ms).unwrap();
-    for _ in 0..3 {
-        w.round();
-    }
+    let (mut w, id) = World::running_with_a_spare(2);
     let last_heartbeat_ms = w.core.node("b").unwrap().last_heartbeat_ms;
     let _cut = w.agents.remove("b").unwrap();
     for _ in 0..8 {
@@ -642,14 +644,7 @@ fn a_node_lost_as_its_attempt_ends_and_back_before_its_slots_are_released_is_tol
     // ending the attempt, and were back within a second. The node whose loss ended it was sent
     // no stop (it was lost), held its slots on return, and its ranks ran on: the job stayed
     // stopping for good.
-    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
-    let mut spec = World::spec(2, 1, 2);
-    spec.spares = 1;
-    let id = w.core.submit(spec, w.now_ms).unwrap();
-    for _ in 0..3 {
-        w.round();
-    }
-    assert_eq!(w.state(id), JobState::Running);
+    let (mut w, id) = World::running_with_a_spare(2);
     let busy = w.agents.remove("b").unwrap();
     while w.core.node("b").unwrap().health != Health::Lost {
         assert!(w.now_ms < 1_000_000 + 20_000, "b is never declared lost");
@@ -896,14 +891,7 @@ fn a_rank_computing_well_above_the_jobs_median_is_reported_once_as_a_straggler()
 
 #[test]
 fn a_node_that_keeps_straggling_is_swapped_for_a_spare() {
-    let mut w = World::new(&[("a", 1, false), ("b", 1, false), ("s", 1, true)]);
-    let mut spec = World::spec(2, 1, 3);
-    spec.spares = 1;
-    let id = w.core.submit(spec, w.now_ms).unwrap();
-    for _ in 0..3 {
-        w.round();
-    }
-    assert_eq!(w.state(id), JobState::Running);
+    let (mut w, id) = World::running_with_a_spare(3);
     w.agents.get_mut("a").unwrap().compute_ms.insert((id, 0, 0), 100.0);
     w.agents.get_mut("b").unwrap().compute_ms.insert((id, 0, 0), 250.0);
     // Reported at the first check; evicted at the third in a row (10 s later).
