@@ -214,7 +214,7 @@ async fn run_async(cfg: AgentConfig) -> Result<(), String> {
     // An agent's memory never outlives it: whatever the root holds at start is a dead agent's (one
     // killed before it could remove it, under this name and pid, now reused). Its checkpoints
     // would be reported as this node's, and its live slots taken up by this node's first launch
-    // of a job of the same number: a rank of a fresh attempt 0 exited at once on such slots.
+    // of a job of the same number: a fresh job 1 resumed at the dead job's step (tests/trust.rs).
     clear_memory(&cfg.memory_root);
     let python = python::install(&cfg.work_dir)?;
     let interface = netif::interface_of(&cfg.addr);
